@@ -1,0 +1,31 @@
+# bigvis: `make test` and `make train` are the whole set-up on a fresh machine with Python 3.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXP ?= vit_ti_digits
+WORKDIR ?= runs/$(EXP)
+ARGS ?=
+EXTRAS ?= test
+# Tests use 2 workers on a 2-core machine; override with `make test PYTEST_ARGS=...`.
+PYTEST_ARGS ?= -n 2 --timeout 900
+
+.PHONY: install train test clean-venv
+
+# The stamp is rebuilt when pyproject.toml changes, so `make install` updates the venv.
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(VENV)/.installed-$(EXTRAS)
+
+train: install
+	$(BIN)/bigvis train --config experiments/$(EXP).py --workdir $(WORKDIR) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

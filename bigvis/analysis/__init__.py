@@ -1,0 +1,1 @@
+"""Analyses built on trained towers: image translatability of words across languages (MMID)."""

@@ -1,0 +1,127 @@
+"""The `bigvis` command. Thin: parses arguments, then calls library functions.
+
+A `UserError` anywhere becomes one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", required=True, help="experiments/NAME.py[:arg] or a bare experiment name")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                 help="override a config key (repeatable), e.g. --set batch_size=64")
+
+
+def _distributed_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--coordinator-address", help="HOST:PORT of process 0 for multi-process runs")
+  p.add_argument("--num-processes", type=int)
+  p.add_argument("--process-id", type=int)
+
+
+def init_distributed(args) -> None:
+  """Starts JAX's distributed runtime from flags, or auto-detects it on TPU VMs and under SLURM."""
+  import jax
+  if args.coordinator_address:
+    if args.num_processes is None or args.process_id is None:
+      from bigvis.errors import UserError
+      raise UserError("--coordinator-address needs --num-processes and --process-id.")
+    jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
+
+
+def cmd_train(args) -> int:
+  from bigvis import config as config_lib
+  config = config_lib.load(args.config, args.overrides)
+  init_distributed(args)
+  from bigvis import train
+  final = train.train_and_evaluate(config, args.workdir)
+  summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float) and k.startswith("eval/"))
+  print(f"done: {summary}" if summary else "done.")
+  return 0
+
+
+def cmd_params(args) -> int:
+  from bigvis import config as config_lib
+  from bigvis import params
+  config = config_lib.load(args.config, args.overrides)
+  print(params.format_table(config.model))
+  return 0
+
+
+def cmd_data_write_shards(args) -> int:
+  from data_pipelines import shards
+  report = shards.write_shards(args.input, args.output_dir, shard_size=args.shard_size,
+                               max_pixels=args.max_pixels, prefix=args.prefix)
+  skipped = report.get("skipped", {})
+  print(f"wrote {report.get('written', 0)} examples to {len(report.get('shards', []))} shards in "
+        f"{args.output_dir}; skipped {sum(skipped.values())} {dict(skipped) if skipped else ''}".rstrip())
+  return 0
+
+
+def cmd_data_train_tokenizer(args) -> int:
+  from data_pipelines import tokenizer
+  path = tokenizer.train_tokenizer_from_shards(args.shards, args.model_prefix, args.vocab_size)
+  print(f"tokenizer written to {path}")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="bigvis", description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("train", help="train (or resume) an experiment")
+  _config_args(p)
+  p.add_argument("--workdir", required=True, help="where metrics.jsonl and checkpoints/ go")
+  _distributed_args(p)
+  p.set_defaults(fn=cmd_train)
+
+  p = sub.add_parser("params", help="parameter counts from shapes alone")
+  _config_args(p)
+  p.set_defaults(fn=cmd_params)
+
+  data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+  p = data.add_parser("write-shards", help="image folders / CSV / JSONL / webdataset tars -> TFRecord shards")
+  p.add_argument("input")
+  p.add_argument("output_dir")
+  p.add_argument("--shard-size", type=int, default=1000)
+  p.add_argument("--max-pixels", type=int, default=178956970)
+  p.add_argument("--prefix", default="data")
+  p.set_defaults(fn=cmd_data_write_shards)
+  p = data.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on shards' captions")
+  p.add_argument("--shards", required=True, help="glob of TFRecord shards")
+  p.add_argument("--model-prefix", required=True, help="output path without .model")
+  p.add_argument("--vocab-size", type=int, default=32000)
+  p.set_defaults(fn=cmd_data_train_tokenizer)
+
+  try:
+    from bigvis.analysis import translatability
+    translatability.add_parser(sub)
+  except ImportError:  # the analysis extra is optional
+    pass
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  args = build_parser().parse_args(argv)
+  from bigvis.errors import UserError
+  try:
+    return args.fn(args)
+  except UserError as e:
+    print(f"bigvis: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("bigvis: interrupted; the last complete checkpoint is kept.", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,28 @@
+"""Evaluator registry: `config.evals.<name>.type` picks the class; metrics log as `eval/<name>/<metric>`."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ml_collections
+
+from bigvis.errors import UserError
+
+# type -> module; each module defines `Evaluator` (imported lazily: some need sklearn/matplotlib).
+EVALUATORS = {
+    "classification": "bigvis.evaluators.classification",
+    "zeroshot": "bigvis.evaluators.zeroshot",
+    "retrieval": "bigvis.evaluators.retrieval",
+}
+
+
+def build_evaluators(evals: ml_collections.ConfigDict, **context: Any) -> dict[str, Any]:
+  """name -> Evaluator for every entry of `config.evals`."""
+  out = {}
+  for name, cfg in (evals or {}).items():
+    kind = cfg.get("type", name)
+    if kind not in EVALUATORS:
+      raise UserError(f"evals.{name}.type '{kind}' is not one of {', '.join(sorted(EVALUATORS))}.")
+    module = importlib.import_module(EVALUATORS[kind])
+    out[name] = module.Evaluator(cfg, name=name, **context)
+  return out

@@ -1,0 +1,105 @@
+"""Run metrics: `metrics.jsonl`, TensorBoard event files, the progress line, throughput and MFU.
+
+Only the primary process (index 0) writes; others keep the same object so the
+loop needs no branches.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+
+# Dense bf16 peak FLOP/s per chip, for MFU; unknown devices (CPU) give MFU null.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> Optional[float]:
+  kind = (device or jax.devices()[0]).device_kind
+  for name, flops in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def compiled_flops(compiled: Any) -> Optional[float]:
+  """FLOPs per step per device from XLA's cost analysis of a compiled function."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def truncate_after(path: str, step: int) -> None:
+  """Drops lines logged after `step`: a resumed run rewrites them exactly."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line).get("step", 0) <= step:
+        kept.append(line)
+    except json.JSONDecodeError:
+      continue  # a line torn by a kill
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+  """Appends to metrics.jsonl, mirrors scalars to TensorBoard, prints progress."""
+
+  def __init__(self, workdir: str, *, primary: bool = True, total_steps: int = 0, tensorboard: bool = True):
+    self.primary, self.total_steps = primary, total_steps
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if primary and tensorboard:
+      import tensorflow as tf
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+    self._t0, self._step0 = time.time(), None
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.primary:
+      return
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k.startswith("perf/") else v)
+             for k, v in metrics.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **clean}, allow_nan=True) + "\n")
+    if self._tb is not None:
+      import tensorflow as tf
+      with self._tb.as_default(step=int(step)):
+        for k, v in clean.items():
+          if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
+            tf.summary.scalar(k, v)
+      self._tb.flush()
+
+  def progress(self, step: int, loss: float, examples_per_sec: float) -> None:
+    if not self.primary:
+      return
+    if self._step0 is None:
+      self._step0, self._t0 = step, time.time()
+    done = step - self._step0
+    rate = done / max(time.time() - self._t0, 1e-9)
+    eta = (self.total_steps - step) / rate if rate > 0 and done > 0 else float("nan")
+    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+    print(f"step {step}/{self.total_steps} | loss {loss:.4f} | {examples_per_sec:,.0f} ex/s | ETA {eta_s}",
+          file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

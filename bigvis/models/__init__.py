@@ -1,0 +1,48 @@
+"""Model registry: `model.name` in the config picks the module, the rest are its fields."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from bigvis.config import check_known
+from bigvis.errors import UserError
+from bigvis.models.clip import CLIP
+from bigvis.models.text import TextTransformer
+from bigvis.models.vit import ViT
+
+MODELS = {"vit": ViT, "text": TextTransformer, "clip": CLIP}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _fields(cls) -> list[str]:
+  return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def _resolve_dtypes(kwargs: dict) -> dict:
+  if "dtype" in kwargs:
+    if kwargs["dtype"] not in DTYPES:
+      raise UserError(f"model dtype '{kwargs['dtype']}' is not one of {', '.join(DTYPES)}.")
+    kwargs["dtype"] = DTYPES[kwargs["dtype"]]
+  return kwargs
+
+
+def build_model(model_config: ml_collections.ConfigDict | dict) -> nn.Module:
+  """Config section `model` (with `name`) -> an unbound Flax module.
+
+  Parameters stay float32; `dtype` sets the compute precision (bf16 on
+  accelerators), the usual mixed-precision policy.
+  """
+  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+  name = cfg.pop("name", None)
+  if name not in MODELS:
+    raise UserError(f"model.name '{name}' is not one of {', '.join(MODELS)}.")
+  cls = MODELS[name]
+  check_known(cfg, _fields(cls), "model")
+  if name == "clip":
+    for tower, tower_cls in (("image", ViT), ("text", TextTransformer)):
+      check_known(cfg.get(tower, {}), _fields(tower_cls), f"model.{tower}")
+      cfg[tower] = _resolve_dtypes(dict(cfg.get(tower, {})))
+  return cls(**_resolve_dtypes(cfg))

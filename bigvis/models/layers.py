@@ -1,0 +1,182 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv`, ...)
+and activations are constrained with `act_*` names; `bigvis/sharding.py` maps
+both onto mesh axes through rules in the config, so the same module runs data
+parallel, FSDP or tensor parallel without code changes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param_with_axes(init: Callable, axes: tuple[str | None, ...]) -> Callable:
+  """An initializer that records the parameter's logical axis names."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Activation sharding by logical names; a no-op outside a mesh/rules context."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm whose scale and bias are named on the `embed` axis."""
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm(
+        epsilon=self.epsilon, dtype=self.dtype,
+        scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
+        bias_init=param_with_axes(nn.initializers.zeros, ("norm",)))(x)
+
+
+def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, impl: str):
+  """Attention over [batch, length, heads, head_dim] with a selectable kernel.
+
+  `xla` is plain einsum-softmax (fp32 softmax, runs anywhere); `cudnn` is the
+  fused flash kernel on NVIDIA GPUs; `auto` lets JAX pick.
+  """
+  if impl == "xla":
+    depth = q.shape[-1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(depth).astype(jnp.float32)
+    big_neg = jnp.finfo(jnp.float32).min
+    if causal:
+      n = q.shape[1]
+      logits = jnp.where(jnp.tril(jnp.ones((n, n), bool))[None, None], logits, big_neg)
+    if mask is not None:
+      logits = jnp.where(mask[:, None, None, :], logits, big_neg)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  kv_len = None
+  if mask is not None:
+    kv_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
+  return jax.nn.dot_product_attention(
+      q, k, v, is_causal=causal, key_value_seq_lengths=kv_len,
+      implementation=None if impl == "auto" else impl)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with logical axes on heads and head dims."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  causal: bool = False
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    dense = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, name=name,
+        kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+        bias_init=param_with_axes(nn.initializers.zeros, ("heads", "kv")))
+    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    q = constrain(q, ("act_batch", "act_length", "act_heads", None))
+    k = constrain(k, ("act_batch", "act_length", "act_heads", None))
+    v = constrain(v, ("act_batch", "act_length", "act_heads", None))
+    out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
+    out = nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, name="out",
+        kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        bias_init=param_with_axes(nn.initializers.zeros, ("embed",)))(out)
+    return constrain(out, ("act_batch", "act_length", "act_embed"))
+
+
+class Mlp(nn.Module):
+  """Two dense layers with GELU; the hidden units sit on the `mlp` axis."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  out_dim: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    width = self.out_dim or x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype,
+                 kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+                 bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(x)
+    x = constrain(nn.gelu(x), ("act_batch", "act_length", "act_mlp"))
+    x = nn.Dropout(self.dropout)(x, deterministic)
+    return nn.Dense(width, dtype=self.dtype,
+                    kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                    bias_init=param_with_axes(nn.initializers.normal(1e-6), ("embed",)))(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  causal: bool = False
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    y = LayerNorm(dtype=self.dtype, name="norm_attn")(x)
+    y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal,
+                  impl=self.attention_impl, name="attn")(y, mask)
+    x = x + nn.Dropout(self.dropout)(y, deterministic)
+    y = LayerNorm(dtype=self.dtype, name="norm_mlp")(x)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, name="mlp")(y, deterministic)
+    return x + nn.Dropout(self.dropout)(y, deterministic)
+
+
+class ScannableBlock(nn.Module):
+  """EncoderBlock with the (carry, _) -> (carry, None) signature nn.scan needs."""
+  block_kwargs: dict
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic):
+    return EncoderBlock(**self.block_kwargs, name="block")(x, mask, deterministic), None
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` blocks, optionally rematerialised and scanned over layers.
+
+  Scanning compiles one block instead of `depth` copies (fast compiles for
+  H/14); remat trades recomputation for activation memory.
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  causal: bool = False
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan: bool = False
+
+  @nn.compact
+  def __call__(self, x, mask=None, deterministic: bool = True):
+    kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
+                  dropout=self.dropout, causal=self.causal, attention_impl=self.attention_impl)
+    block = ScannableBlock
+    if self.remat_policy != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))
+    if self.scan:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(kwargs, name="blocks")(x, mask, deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block(kwargs, name=f"block{i:02d}")(x, mask, deterministic)
+    return x

@@ -1,0 +1,94 @@
+"""Optimizer from config: schedule, AdamW with a weight-decay mask, clipping, accumulation, freezing."""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import traverse_util
+
+from bigvis.config import check_known
+from bigvis.errors import UserError
+
+OPTIM_KEYS = ("name", "lr", "b1", "b2", "eps", "weight_decay", "schedule", "warmup_steps",
+              "min_lr_ratio", "grad_clip_norm", "accumulate_steps", "frozen", "no_decay",
+              "momentum")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+
+
+def schedule_fn(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """Linear warmup to `lr`, then cosine/linear decay to `lr*min_lr_ratio`, rsqrt or constant."""
+  lr, warmup = float(cfg.lr), int(cfg.get("warmup_steps", 0))
+  kind, floor = cfg.get("schedule", "cosine"), float(cfg.get("min_lr_ratio", 0.0))
+  if kind not in SCHEDULES:
+    raise UserError(f"optim.schedule '{kind}' is not one of {', '.join(SCHEDULES)}.")
+  if warmup >= total_steps:  # short smoke runs of full recipes: warm up over the whole run
+    logging.warning("optim.warmup_steps=%d >= total_steps=%d; warming up over the whole run.", warmup, total_steps)
+    warmup = total_steps
+
+  def fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = jnp.minimum(1.0, (step + 1) / warmup) if warmup else 1.0
+    progress = jnp.clip((step - warmup) / max(total_steps - warmup, 1), 0.0, 1.0)
+    if kind == "cosine":
+      decay = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    elif kind == "linear":
+      decay = floor + (1 - floor) * (1 - progress)
+    elif kind == "rsqrt":
+      decay = jnp.sqrt(max(warmup, 1) / jnp.maximum(step + 1, max(warmup, 1)))
+    else:
+      decay = 1.0
+    return lr * warm * decay
+  return fn
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def decay_mask(params: Any, no_decay: str) -> Any:
+  """True where weight decay applies: matrices only, and not names matching `no_decay`."""
+  flat = traverse_util.flatten_dict(params)
+  pattern = re.compile(no_decay) if no_decay else None
+  return traverse_util.unflatten_dict({
+      k: (v.ndim > 1 and not (pattern and pattern.search(_path_str(k)))) for k, v in flat.items()})
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any) -> tuple[
+    optax.GradientTransformation, Callable]:
+  """Returns (transformation, schedule). `params` may be abstract (shapes only)."""
+  check_known(cfg, OPTIM_KEYS, "optim")
+  sched = schedule_fn(cfg, total_steps)
+  name = cfg.get("name", "adamw")
+  chain = []
+  if cfg.get("grad_clip_norm"):
+    chain.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
+  if name == "adamw":
+    chain.append(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8)))
+    if cfg.get("weight_decay", 0.0):
+      mask = decay_mask(params, cfg.get("no_decay", ""))
+      chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=mask))
+  elif name == "sgd":
+    chain.append(optax.trace(decay=cfg.get("momentum", 0.9)))
+  else:
+    raise UserError(f"optim.name '{name}' is not one of adamw, sgd.")
+  chain.append(optax.scale_by_learning_rate(sched))
+  tx = optax.chain(*chain)
+
+  frozen = cfg.get("frozen", "")
+  if frozen:
+    pattern = re.compile(frozen)
+    labels = traverse_util.unflatten_dict({
+        k: ("frozen" if pattern.search(_path_str(k)) else "train")
+        for k in traverse_util.flatten_dict(params)})
+    if not any(v == "frozen" for v in traverse_util.flatten_dict(labels).values()):
+      raise UserError(f"optim.frozen '{frozen}' matches no parameter.")
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  accumulate = int(cfg.get("accumulate_steps", 1))
+  if accumulate > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
+  return tx, sched

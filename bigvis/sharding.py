@@ -1,0 +1,138 @@
+"""Device mesh and logical-axis rules: where parameters, optimizer state and batches live.
+
+The mesh has three named axes, `data`, `fsdp` and `tensor`, sized by the config
+(-1 takes the remaining devices). Modules name their parameter and activation
+axes logically; the rules below (overridable by `config.sharding_rules`) map
+logical names to mesh axes. A dimension that does not divide evenly over its
+mesh axes is replicated instead, so small heads and odd vocabularies never
+block a layout.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bigvis.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axes. Parameters: `embed` over fsdp (ZeRO-3 style), heads
+# and MLP units over tensor (Megatron style). Activations (`act_*`): the batch
+# over data and fsdp, hidden units over tensor.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("layers", None),
+    ("norm", None),
+    ("patch", None),
+    ("length", None),
+)
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict | dict, num_devices: int) -> tuple[int, int, int]:
+  """Resolves -1 entries; errors when the sizes don't multiply to the device count."""
+  sizes = [int(mesh_config[a]) for a in MESH_AXES]
+  unknown = [i for i, s in enumerate(sizes) if s == -1]
+  if len(unknown) > 1:
+    raise UserError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"mesh sizes must be positive or -1, got data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if unknown:
+    if num_devices % known:
+      raise UserError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide the {num_devices} devices.")
+    sizes[unknown[0]] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise UserError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {int(np.prod(sizes))} "
+                    f"devices, but {num_devices} are present; set mesh sizes that multiply to {num_devices} "
+                    "or use -1 for one axis.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh, laid out so tensor and fsdp stay within fast links."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config, len(devices))
+  try:
+    arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
+  except Exception:  # topologies mesh_utils does not know (e.g. CPU): plain order
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
+  """Default rules with `config.sharding_rules` ([[logical, mesh_axes], ...]) taking precedence."""
+  overrides = [tuple(r) for r in (config.get("sharding_rules") or ())]
+  for rule in overrides:
+    if len(rule) != 2:
+      raise UserError(f"sharding rule {rule!r} is not a [logical_axis, mesh_axes] pair.")
+    axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
+    for a in axes:
+      if a is not None and a not in MESH_AXES:
+        raise UserError(f"sharding rule {rule!r} names mesh axis '{a}', not one of {MESH_AXES}.")
+  names = {r[0] for r in overrides}
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in overrides) + tuple(
+      r for r in DEFAULT_RULES if r[0] not in names)
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """Drops mesh axes from dimensions they do not divide evenly."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    if axes is None:
+      fitted.append(None)
+      continue
+    group = axes if isinstance(axes, tuple) else (axes,)
+    size = int(np.prod([mesh.shape[a] for a in group]))
+    fitted.append(axes if dim % size == 0 else None)
+  return P(*fitted)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a tree of (possibly boxed) abstract values from `eval_shape(init)`."""
+  specs = nn.get_partition_spec(abstract_tree)
+  mesh_specs = nn.logical_to_mesh(specs, rules)
+  shapes = jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract_tree))
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit_spec(spec, shape, mesh)),
+                      mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data and fsdp, replicated over tensor."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def split_host_features(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:
+  """(numeric arrays that can go to devices, strings and bytes that stay on the host)."""
+  host = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "OSU"}
+  return {k: v for k, v in batch.items() if k not in host}, host
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -1,0 +1,271 @@
+"""The one training loop for every model and objective. Reads top to bottom.
+
+    config -> mesh -> model shapes (eval_shape) -> shardings -> sharded init
+    -> restore latest checkpoint -> data at that step -> compiled step -> loop
+    (log, evaluate, checkpoint) -> final checkpoint and evaluation.
+
+Everything random is derived from (config.seed, step), and the data position is
+the step itself, so a run killed at any moment and restarted with the same
+command reproduces the uninterrupted run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bigvis import checkpoint as ckpt_lib
+from bigvis import config as config_lib
+from bigvis import evaluators as eval_lib
+from bigvis import metrics as metrics_lib
+from bigvis import objectives, optim, sharding
+from bigvis.errors import UserError
+from bigvis.models import build_model
+
+TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
+            "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "model", "objective", "optim",
+            "data", "evals", "nonfinite", "experiment")
+
+
+class NonFiniteLoss(UserError):
+  """The loss became NaN/inf; the run stopped without checkpointing the bad state."""
+
+
+def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> tuple:
+  """The positional inputs `model.init` needs, from a (possibly abstract) batch."""
+  if config.model.name == "clip":
+    return batch["image"][:1], batch["labels"][:1]
+  return (batch["image"][:1],)
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Identifies what a checkpoint holds: the model and objective, not run lengths or paths."""
+  blob = json.dumps({"model": config.model.to_dict(), "objective": config.objective.to_dict()}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bool) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir '{workdir}' is not writable ({e.strerror}).")
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=2, default=str)
+
+
+def create_train_state(config, model, mesh, rules, example_batch):
+  """Plans shapes with eval_shape, then initialises params and optimizer state already sharded."""
+  init_rng = jax.random.fold_in(jax.random.key(config.seed), 0x1417)
+  inputs = model_inputs(config, example_batch)
+  abstract_vars = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), init_rng)
+  abstract_params = abstract_vars["params"]
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.meta.unbox(abstract_params))
+
+  def init_state(rng):
+    params = nn.meta.unbox(model.init(rng, *inputs, train=False)["params"])
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "nonfinite": jnp.zeros((), jnp.int32), "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  # Optimizer moments follow their parameter's sharding; scalars are replicated.
+  param_shardings = sharding.logical_shardings(abstract_params, mesh, rules)
+  state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+  state_shardings["params"] = param_shardings
+  state_shardings["opt_state"] = optax.tree_map_params(
+      tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
+  with mesh:
+    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+  return state, state_shardings, tx, schedule
+
+
+def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
+  """One optimisation step: grads on the global batch, update, non-finite bookkeeping."""
+  skip_nonfinite = config.get("nonfinite", "stop") == "skip"
+  base_rng = jax.random.key(config.seed)
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(base_rng, state["step"])
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:  # keep the old state for this step
+      params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), params, state["params"])
+      opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), opt_state, state["opt_state"])
+    first_bad = jnp.where((state["first_nonfinite_step"] < 0) & ~finite, state["step"],
+                          state["first_nonfinite_step"])
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1,
+                 "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+                 "first_nonfinite_step": first_bad}
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               **{f"train/{k}": v for k, v in aux.items()}}
+    return new_state, metrics
+
+  batch_sh = sharding.batch_sharding(mesh)
+
+  def with_rules(state, batch):
+    with nn.logical_axis_rules(rules):
+      return step_fn(state, batch)
+  return jax.jit(with_rules, in_shardings=(state_shardings, batch_sh),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def _split_private(batch: dict) -> tuple[dict, dict]:
+  """(arrays for the device, host-only features): `_`-prefixed bookkeeping stays on the host."""
+  device, host = sharding.split_host_features(batch)
+  return ({k: v for k, v in device.items() if not k.startswith("_")},
+          {**host, **{k: v for k, v in device.items() if k.startswith("_")}})
+
+
+def _skip_metrics(private: dict) -> dict:
+  """Cumulative skipped-example counts carried by the pipeline -> `data/skipped/<reason>`."""
+  if "_skipped" not in private:
+    return {}
+  from data_pipelines.shards import SKIP_REASONS
+  counts = np.max(private["_skipped"], axis=0)
+  out = {f"data/skipped/{r}": int(c) for r, c in zip(SKIP_REASONS, counts)}
+  out["data/skipped"] = int(np.sum(counts))
+  return out
+
+
+def train_batches(config, start_step: int):
+  """Process-local numpy batches from `data.train`, or synthetic ones."""
+  from data_pipelines import input as data_input
+  if config.data.train.get("source") == "synthetic":
+    batch = data_input.synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
+    while True:
+      yield batch
+  yield from data_input.train_iterator(
+      config.data.train, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in `config`, writing everything under `workdir`."""
+  config_lib.check_known(config, TOP_KEYS, "config")
+  primary = jax.process_index() == 0
+  prepare_workdir(workdir, config, primary)
+
+  # Devices: the mesh and how parameters and activations map onto it.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel devices "
+                    f"(mesh data x fsdp); use a multiple of {dp}.")
+
+  # Model and objective; shapes come from the first batch, so nothing is hard-coded.
+  model = build_model(config.model)
+  loss_fn = objectives.make_objective(config.objective, model)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
+  start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
+  batches = train_batches(config, start_step)
+  first = next(batches)
+  first_device, first_private = _split_private(first)
+  state, state_shardings, tx, schedule = create_train_state(config, model, mesh, rules, first_device)
+  logging.info("parameters: %s", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
+
+  # Resume: newest readable checkpoint; refuse one from another experiment.
+  restored = ckpt.restore_latest(jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings))
+  if restored:
+    step0, state, meta = restored
+    if meta.get("fingerprint") != fingerprint(config):
+      raise UserError(f"workdir '{workdir}' holds a checkpoint of a different experiment "
+                      f"('{meta.get('experiment', '?')}'); use a new --workdir.")
+    if step0 != start_step:  # the newest was damaged: rebuild the data at the restored step
+      batches = train_batches(config, step0)
+      first = next(batches)
+      first_device, first_private = _split_private(first)
+    start_step = step0
+    logging.info("resumed from step %d", start_step)
+  writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
+  if primary:
+    metrics_lib.truncate_after(writer.path, start_step)
+
+  # Compile ahead of time: compile cost and FLOPs are known before the first step.
+  train_step = make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
+  t0 = time.time()
+  with mesh:
+    compiled = train_step.lower(state, sharding.global_batch(first_device, mesh)).compile()
+  compile_s = time.time() - t0
+  flops = metrics_lib.compiled_flops(compiled)
+  peak = metrics_lib.device_peak_flops()
+  evaluators = eval_lib.build_evaluators(config.get("evals"), model=model, mesh=mesh, config=config)
+
+  def evaluate(step: int) -> dict:
+    results = {}
+    with mesh, nn.logical_axis_rules(rules):
+      for name, ev in evaluators.items():
+        for k, v in ev.run(state["params"]).items():
+          results[f"eval/{name}/{k}"] = v
+    if results:
+      writer.write(step, results)
+    return results
+
+  def check_finite() -> None:
+    if config.get("nonfinite", "stop") == "stop" and int(state["first_nonfinite_step"]) >= 0:
+      bad = int(state["first_nonfinite_step"]) + 1
+      last = ckpt.steps()[-1] if ckpt.steps() else None
+      where = f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None else \
+          "no checkpoint was written yet"
+      raise NonFiniteLoss(f"the loss became non-finite at step {bad}; stopped without saving that state "
+                          f"({where}). Lower optim.lr or set nonfinite='skip'.")
+
+  def save(step: int) -> None:
+    check_finite()
+    ckpt.save(step, state, {"step": step, "fingerprint": fingerprint(config),
+                            "experiment": config.get("experiment", "")})
+
+  # The loop.
+  step, last_log_t, last_log_step = start_step, time.time(), start_step
+  pending, last_metrics = first, {}
+  while step < config.total_steps:
+    device_batch, private = _split_private(pending)
+    with mesh:
+      state, step_metrics = compiled(state, sharding.global_batch(device_batch, mesh))
+    step += 1
+    if step < config.total_steps:
+      pending = next(batches)  # host prepares the next batch while the device computes
+
+    if step % config.log_every_steps == 0 or step == config.total_steps:
+      check_finite()
+      now = time.time()
+      ex_s = (step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9)
+      last_log_t, last_log_step = now, step
+      last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+      row = {**last_metrics, "train/lr": float(schedule(step - 1)),
+             "perf/examples_per_sec": ex_s, "perf/examples_per_sec_per_device": ex_s / jax.device_count(),
+             "perf/mfu": (flops * (ex_s / config.batch_size) / peak) if flops and peak else None,
+             "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]),
+             **_skip_metrics(private)}
+      writer.write(step, row)
+      writer.progress(step, last_metrics["train/loss"], ex_s)
+    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < config.total_steps:
+      save(step)
+    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+      evaluate(step)
+
+  if not ckpt.steps() or ckpt.steps()[-1] != step:
+    save(step)
+  final = {**last_metrics, **evaluate(step)}
+  ckpt.close()
+  writer.close()
+  return final

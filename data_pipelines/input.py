@@ -1,0 +1,111 @@
+"""Builds the batched tf.data pipelines the training loop and evaluators consume.
+
+Order matters for exact resume: raw records -> (drop and count bad ones) ->
+repeat + seeded shuffle -> skip what earlier steps consumed -> enumerate ->
+preprocess with a per-example seed from (run seed, process, example index) ->
+batch. Everything is a function of (seed, step), so restarting at step N
+yields exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from bigvis.config import check_known
+from bigvis.errors import UserError
+from data_pipelines import preprocess
+from data_pipelines import tokenizer as _tokenizer  # noqa: F401  registers the `tokenize` op
+from data_pipelines.sources import SOURCE_KEYS, make_source
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def _private(key: str) -> bool:
+  return key.startswith("_")
+
+
+def _drop_bad(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Filters out examples flagged by the source's validator, keeping cumulative counts."""
+  from data_pipelines import shards
+  if "_skip_reason" not in ds.element_spec:
+    return ds
+  return shards.count_skips(ds)
+
+
+def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, process_index: int, start: int = 0) -> tf.data.Dataset:
+  op = preprocess.build(pp)
+  base = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), process_index)
+
+  def apply(index, features):
+    keep = {k: v for k, v in features.items() if _private(k)}
+    example_seed = tf.random.experimental.stateless_fold_in(base, index)
+    out = op({k: v for k, v in features.items() if not _private(k)}, example_seed)
+    return {**out, **keep}
+  # Deterministic parallel map: output order is input order, whatever the thread timing.
+  return ds.enumerate(start=start).map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise UserError(f"batch_size={global_batch_size} does not divide over {process_count} processes.")
+  return global_batch_size // process_count
+
+
+def train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1, where: str = "data.train") -> tf.data.Dataset:
+  """Infinite, shuffled, preprocessed batches for this process, starting at `start_step`."""
+  check_known(cfg, SOURCE_KEYS, where)
+  batch = local_batch_size(global_batch_size, process_count)
+  ds = _drop_bad(make_source(cfg, where, process_index, process_count))
+  if cfg.get("cache", False):
+    ds = ds.cache()
+  ds = ds.repeat()
+  buffer = int(cfg.get("shuffle_buffer", 10_000))
+  if buffer > 1:
+    ds = ds.shuffle(buffer, seed=seed + 7919 * process_index, reshuffle_each_iteration=True)
+  ds = ds.skip(start_step * batch)
+  ds = _preprocess(ds, cfg.get("pp", ""), seed, process_index, start=start_step * batch)
+  return ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def train_iterator(cfg, *, global_batch_size, seed, start_step=0, process_index=0, process_count=1,
+                   where="data.train") -> Iterator[dict[str, np.ndarray]]:
+  """Numpy batches; the pipeline is rebuilt at `start_step` on resume."""
+  ds = train_dataset(cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+                     process_index=process_index, process_count=process_count, where=where)
+  return iter(ds.as_numpy_iterator())
+
+
+def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, where: str = "evals") -> Iterator[dict[str, np.ndarray]]:
+  """One pass over an eval split; the last batch is padded and `_mask` marks real examples."""
+  check_known(cfg, SOURCE_KEYS, where)
+  batch = local_batch_size(global_batch_size, process_count)
+  ds = _drop_bad(make_source(cfg, where, process_index, process_count))
+  ds = _preprocess(ds, cfg.get("pp", ""), 0, process_index)
+  ds = ds.batch(batch, drop_remainder=False).prefetch(AUTOTUNE)
+  for b in ds.as_numpy_iterator():
+    n = len(next(iter(b.values())))
+    b["_mask"] = np.ones(n, bool)
+    if n < batch:
+      b = {k: np.concatenate([v, np.zeros((batch - n,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+    yield b
+
+
+def synthetic_batch(model_cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:
+  """Random model-ready arrays shaped for `model_cfg`: for benchmarks and smoke tests of full-size configs."""
+  rng = np.random.default_rng(seed)
+  image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
+  size = int(image_cfg.get("image_size", 224))
+  out = {"image": rng.standard_normal((batch_size, size, size, 3)).astype(np.float32)}
+  if model_cfg.name == "clip":
+    text = model_cfg.text
+    length, vocab = int(text.get("context_length", 77)), int(text.get("vocab_size", 49408))
+    out["labels"] = rng.integers(1, vocab, (batch_size, length)).astype(np.int32)
+  else:
+    classes = int(model_cfg.get("num_classes", 1000))
+    out["labels"] = np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch_size)]
+  return out

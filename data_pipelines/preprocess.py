@@ -1,0 +1,275 @@
+"""Preprocessing ops chosen by strings such as `"decode|resize(32)|flip_lr|value_range(-1,1)"`.
+
+Each op name maps through a registry to a factory; the factory's arguments come
+from the parenthesised Python literals in the string. A built op is a function
+`(features: dict, seed: tf.Tensor) -> dict`. Random ops take their randomness
+from the per-example `seed` (derived from the run seed and the example's global
+index), so an example is preprocessed identically however the pipeline is
+parallelised, and a resumed run sees exactly the same augmentations.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+from typing import Any, Callable
+
+import tensorflow as tf
+
+from bigvis.errors import UserError
+
+Op = Callable[[dict, tf.Tensor], dict]
+_REGISTRY: dict[str, Callable[..., Op]] = {}
+
+# Channel statistics users ask for by name in `normalize(...)`.
+CHANNEL_STATS = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+
+
+def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
+  """Decorator adding an op factory to the registry under `name`."""
+  def wrap(factory):
+    _REGISTRY[name] = factory
+    return factory
+  return wrap
+
+
+def registered_ops() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def _parse_op(text: str) -> tuple[str, tuple, dict]:
+  text = text.strip()
+  try:
+    node = ast.parse(text, mode="eval").body
+  except SyntaxError:
+    raise UserError(f"preprocessing op '{text}' is not of the form name or name(args).")
+  if isinstance(node, ast.Name):
+    return node.id, (), {}
+  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+    try:
+      args = tuple(ast.literal_eval(a) for a in node.args)
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+    except ValueError:
+      raise UserError(f"preprocessing op '{text}' has arguments that are not literals.")
+    return node.func.id, args, kwargs
+  raise UserError(f"preprocessing op '{text}' is not of the form name or name(args).")
+
+
+def build(spec: str) -> Op:
+  """Parses a `|`-separated op string into one function (features, seed) -> features."""
+  ops = []
+  for part in filter(None, (p.strip() for p in spec.split("|"))):
+    name, args, kwargs = _parse_op(part)
+    if name not in _REGISTRY:
+      match = difflib.get_close_matches(name, registered_ops(), n=1)
+      raise UserError(f"unknown preprocessing op '{name}' in '{spec}'"
+                      + (f"; did you mean '{match[0]}'?" if match else "."))
+    try:
+      ops.append(_REGISTRY[name](*args, **kwargs))
+    except TypeError as e:
+      raise UserError(f"preprocessing op '{part}' got bad arguments: {e}.")
+
+  def apply(features: dict, seed: tf.Tensor) -> dict:
+    features = dict(features)
+    for i, op in enumerate(ops):
+      # One independent stream per op position; fold_in keeps it stateless.
+      op_seed = tf.random.experimental.stateless_fold_in(seed, i)
+      features = op(features, op_seed)
+    return features
+
+  return apply
+
+
+def _image_op(fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor], key: str = "image") -> Op:
+  def op(features, seed):
+    features[key] = fn(features[key], seed)
+    return features
+  return op
+
+
+def _as_size(size) -> tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+@register("decode")
+def decode(channels: int = 3, key: str = "image") -> Op:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, channels] (alpha dropped, 16-bit scaled)."""
+  def fn(data, seed):
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
+    image.set_shape([None, None, channels])
+    return image
+  return _image_op(fn, key)
+
+
+def _resize_like(image: tf.Tensor, size: tuple[int, int], method: str = "bilinear") -> tf.Tensor:
+  dtype = image.dtype
+  out = tf.image.resize(image, size, method=method, antialias=True)
+  if dtype == tf.uint8:
+    out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+  return tf.cast(out, dtype) if out.dtype != dtype else out
+
+
+@register("resize")
+def resize(size, method: str = "bilinear", key: str = "image") -> Op:
+  """Resizes to a fixed `size` (int or (h, w)), ignoring the aspect ratio."""
+  size = _as_size(size)
+  return _image_op(lambda im, seed: _resize_like(im, size, method), key)
+
+
+@register("resize_small")
+def resize_small(smaller_size: int, method: str = "bilinear", key: str = "image") -> Op:
+  """Resizes so the shorter side is `smaller_size`, keeping the aspect ratio."""
+  def fn(image, seed):
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    ratio = tf.cast(smaller_size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * ratio), tf.int32)
+    new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * ratio), tf.int32)
+    return _resize_like(image, (new_h, new_w), method)
+  return _image_op(fn, key)
+
+
+@register("central_crop")
+def central_crop(size, key: str = "image") -> Op:
+  """Crops the centre `size` (int or (h, w)) region."""
+  ch, cw = _as_size(size)
+  def fn(image, seed):
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return tf.image.crop_to_bounding_box(image, top, left, ch, cw)
+  return _image_op(fn, key)
+
+
+@register("random_crop")
+def random_crop(size, key: str = "image") -> Op:
+  """Crops a random `size` region (pads nothing: the image must be large enough)."""
+  ch, cw = _as_size(size)
+  def fn(image, seed):
+    c = image.shape[-1] or tf.shape(image)[-1]
+    return tf.image.stateless_random_crop(image, (ch, cw, c), seed=seed)
+  return _image_op(fn, key)
+
+
+@register("inception_crop")
+def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
+                   method: str = "bilinear", key: str = "image") -> Op:
+  """Random crop of 5%-100% of the area and 3/4-4/3 aspect (Szegedy et al.), then resize."""
+  def fn(image, seed):
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        area_range=(area_min / 100, area_max / 100), min_object_covered=0,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, crop_size)
+    crop.set_shape([None, None, image.shape[-1]])
+    return _resize_like(crop, _as_size(size), method) if size else crop
+  return _image_op(fn, key)
+
+
+@register("decode_jpeg_and_inception_crop")
+def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
+                                   method: str = "bilinear", key: str = "image") -> Op:
+  """Decodes only the cropped window of a JPEG: the fast path of decode|inception_crop."""
+  def fn(data, seed):
+    shape = tf.image.extract_jpeg_shape(data)
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        area_range=(area_min / 100, area_max / 100), min_object_covered=0,
+        use_image_if_no_bounding_boxes=True)
+    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+    crop.set_shape([None, None, 3])
+    return _resize_like(crop, _as_size(size), method) if size else crop
+  return _image_op(fn, key)
+
+
+@register("flip_lr")
+def flip_lr(key: str = "image") -> Op:
+  """Mirrors the image left-right with probability 1/2."""
+  return _image_op(lambda im, seed: tf.image.stateless_random_flip_left_right(im, seed), key)
+
+
+@register("value_range")
+def value_range(vmin: float = -1, vmax: float = 1, in_min: float = 0, in_max: float = 255,
+                clip: bool = False, key: str = "image") -> Op:
+  """Maps pixel values linearly from [in_min, in_max] to float32 [vmin, vmax]."""
+  def fn(image, seed):
+    image = tf.cast(image, tf.float32)
+    image = (image - in_min) / (in_max - in_min)
+    image = vmin + image * (vmax - vmin)
+    return tf.clip_by_value(image, vmin, vmax) if clip else image
+  return _image_op(fn, key)
+
+
+@register("normalize")
+def normalize(mean="imagenet", std=None, key: str = "image") -> Op:
+  """Scales to [0, 1] then standardises per channel (`"imagenet"`, `"clip"` or numbers)."""
+  if isinstance(mean, str):
+    if mean not in CHANNEL_STATS:
+      raise UserError(f"normalize: unknown statistics '{mean}'; use one of {sorted(CHANNEL_STATS)}.")
+    mean, std = CHANNEL_STATS[mean]
+  if std is None:
+    raise UserError("normalize: give std together with a numeric mean.")
+  mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
+  return _image_op(lambda im, seed: (tf.cast(im, tf.float32) / 255.0 - mean_t) / std_t, key)
+
+
+@register("grayscale_to_rgb")
+def grayscale_to_rgb(key: str = "image") -> Op:
+  """Repeats a single channel three times."""
+  return _image_op(lambda im, seed: tf.image.grayscale_to_rgb(im) if im.shape[-1] == 1 else im, key)
+
+
+@register("invert")
+def invert(key: str = "image") -> Op:
+  """255 - pixel: white-on-black becomes black-on-white."""
+  return _image_op(lambda im, seed: tf.cast(255, im.dtype) - im, key)
+
+
+@register("onehot")
+def onehot(depth: int, key: str = "label", key_result: str = "labels",
+           on: float = 1.0, off: float = 0.0) -> Op:
+  """Integer label -> float32 one-hot vector of length `depth` (multi-label ids are summed)."""
+  def op(features, seed):
+    label = tf.cast(features[key], tf.int32)
+    vec = tf.one_hot(label, depth, on_value=on, off_value=off, dtype=tf.float32)
+    if vec.shape.rank == 2:
+      vec = tf.reduce_max(vec, axis=0)
+    features[key_result] = vec
+    return features
+  return op
+
+
+@register("keep")
+def keep(*keys: str) -> Op:
+  """Drops every feature not named."""
+  def op(features, seed):
+    missing = [k for k in keys if k not in features]
+    if missing:
+      raise UserError(f"keep: features {missing} do not exist; have {sorted(features)}.")
+    return {k: features[k] for k in keys}
+  return op
+
+
+@register("copy")
+def copy(inkey: str, outkey: str) -> Op:
+  """Copies feature `inkey` to `outkey`."""
+  def op(features, seed):
+    features[outkey] = features[inkey]
+    return features
+  return op
+
+
+@register("rename")
+def rename(**mapping: str) -> Op:
+  """rename(new=old, ...): renames features."""
+  def op(features, seed):
+    for new, old in mapping.items():
+      features[new] = features.pop(old)
+    return features
+  return op
+
+
+def describe() -> dict[str, Any]:
+  """Op name -> first docstring line, for `bigvis data ops`."""
+  return {k: (v.__doc__ or "").strip().splitlines()[0] for k, v in sorted(_REGISTRY.items())}

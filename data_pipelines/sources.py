@@ -1,0 +1,92 @@
+"""Where examples come from: bundled digits, TFRecord image-text shards, TFDS, or synthetic.
+
+A source returns a tf.data.Dataset of raw feature dicts (`image` as encoded
+bytes, `label`, `text`, ...) holding only this process's slice of the data.
+Shard-backed sources also carry `_skip_reason` so the pipeline can drop and
+count bad examples.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import ml_collections
+import tensorflow as tf
+
+from bigvis.errors import UserError
+
+SOURCE_KEYS = ("source", "split", "shards", "name", "data_dir", "pp", "shuffle_buffer", "cache",
+               "max_pixels", "num_examples", "class_names", "prompts")
+
+
+def shard_files(pattern: str, key: str) -> list[str]:
+  """Sorted files matching a glob (comma-separated globs allowed); an error names the config key."""
+  if not pattern:
+    raise UserError(f"config key '{key}' is empty: set it to a glob of TFRecord shards, e.g. "
+                    f"--set {key}='/data/laion/train-*.tfrecord' (write shards with `bigvis data write-shards`).")
+  files = sorted(f for p in pattern.split(",") for f in tf.io.gfile.glob(p.strip()))
+  if not files:
+    raise UserError(f"config key '{key}'='{pattern}' matches no files; write shards with "
+                    "`bigvis data write-shards INPUT OUTPUT_DIR` or fix the path.")
+  return files
+
+
+def process_slice(files: list[str], process_index: int, process_count: int) -> tuple[list[str], bool]:
+  """Files for this process; (files, True) when records must be split instead (too few files)."""
+  if process_count > 1 and len(files) >= process_count:
+    return files[process_index::process_count], False
+  return files, process_count > 1
+
+
+def _records(files: list[str], cfg: ml_collections.ConfigDict, process_index: int,
+             process_count: int) -> tf.data.Dataset:
+  from data_pipelines import shards
+  mine, split_records = process_slice(files, process_index, process_count)
+  # Captions are only required (and checked) when the pipeline tokenizes them.
+  ds = shards.read_shards(mine, max_pixels=int(cfg.get("max_pixels", shards.DEFAULT_MAX_PIXELS)),
+                          require_text="tokenize" in cfg.get("pp", ""))
+  if split_records:
+    ds = ds.shard(process_count, process_index)
+  return ds
+
+
+def _digits_files(kind: str, split: str) -> list[str]:
+  from data_pipelines import digits
+  return sorted(glob.glob(digits.shard_pattern(kind, split)))
+
+
+def tfds_dataset(cfg: ml_collections.ConfigDict, process_index: int, process_count: int) -> tf.data.Dataset:
+  """A TFDS split (images left encoded, so `decode` in the pp string works as for shards)."""
+  import tensorflow_datasets as tfds
+  name, data_dir = cfg.get("name"), cfg.get("data_dir") or None
+  if not name:
+    raise UserError("config key 'data.<split>.name' must name a TFDS dataset, e.g. 'imagenet2012'.")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # unknown name: TFDS raises DatasetNotFoundError
+    raise UserError(f"TFDS dataset '{name}' is unknown ({type(e).__name__}).")
+  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+    raise UserError(f"TFDS dataset '{name}' is not prepared in data_dir '{data_dir or builder.data_dir}'; "
+                    f"run `tfds build {name} --data_dir=...` (or download it) and set data.<split>.data_dir.")
+  split = tfds.even_splits(cfg.get("split", "train"), n=process_count, drop_remainder=False)[process_index]
+  decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
+              if isinstance(f, tfds.features.Image)}
+  return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
+
+
+def make_source(cfg: ml_collections.ConfigDict, where: str, process_index: int = 0,
+                process_count: int = 1) -> tf.data.Dataset:
+  """Config section `data.train` / `evals.x.data` -> raw examples for this process."""
+  kind = cfg.get("source")
+  if kind == "digits":
+    return _records(_digits_files("classification", cfg.get("split", "train")), cfg, process_index,
+                    process_count)
+  if kind == "digits_captions":
+    return _records(_digits_files("captions", cfg.get("split", "train")), cfg, process_index, process_count)
+  if kind == "shards":
+    return _records(shard_files(cfg.get("shards"), f"{where}.shards"), cfg, process_index, process_count)
+  if kind == "tfds":
+    return tfds_dataset(cfg, process_index, process_count)
+  raise UserError(f"config key '{where}.source' is '{kind}', not one of digits, digits_captions, shards, "
+                  "tfds, synthetic.")

@@ -1,0 +1,16 @@
+"""Every test sees 8 CPU devices, so multi-device behaviour is tested on a real mesh."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path_factory, monkeypatch):
+  """Bundled datasets are generated once per test session into a shared temp folder."""
+  if "BIGVIS_DATA_DIR" not in os.environ:
+    shared = tmp_path_factory.getbasetemp().parent / "bigvis-data"
+    monkeypatch.setenv("BIGVIS_DATA_DIR", str(shared))
