@@ -157,14 +157,18 @@ def train_batches(config, start_step: int):
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the experiment in `config`, writing everything under `workdir`."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in `config`, writing everything under `workdir`.
+
+  `devices` restricts the mesh to a subset (tests compare 1 device with 8).
+  """
   config_lib.check_known(config, TOP_KEYS, "config")
   primary = jax.process_index() == 0
   prepare_workdir(workdir, config, primary)
 
   # Devices: the mesh and how parameters and activations map onto it.
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   dp = sharding.data_parallel_size(mesh)
   if config.batch_size % dp:

@@ -166,4 +166,4 @@ def digits_tokenizer() -> str:
   _, labels = _load()
   texts = [text for split in SPLITS for _, _, text in _captioned(split, labels)]
   texts += zeroshot_prompts()
-  return train_tokenizer(texts, prefix, vocab_size=TOKENIZER_VOCAB)
+  return train_tokenizer(texts, prefix, vocab_size=TOKENIZER_VOCAB, character_coverage=1.0)

@@ -35,6 +35,8 @@ import sys
 import tarfile
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -180,12 +182,12 @@ def _bytes(value: str | bytes) -> bytes:
 
 def serialize_example(example: dict) -> bytes:
   """One dict with image, key and optional text/label -> serialized tf.train.Example."""
-  feature = {
-      "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_bytes(example["image"])])),
-      "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_bytes(example["key"])])),
-  }
+  def bytes_feature(value):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[_bytes(value)]))
+
+  feature = {"image": bytes_feature(example["image"]), "key": bytes_feature(example["key"])}
   if example.get("text") is not None:
-    feature["text"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[_bytes(example["text"])]))
+    feature["text"] = bytes_feature(example["text"])
   if example.get("label") is not None:
     feature["label"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(example["label"])]))
   return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
@@ -357,21 +359,32 @@ def _input_items(input_path: str) -> Iterator[dict]:
     yield from _tar_items(tar_path)
 
 
+def _checked(items: Iterator[dict], max_pixels: int, workers: int) -> Iterator[tuple]:
+  """(item, check_image result, check_text result) in input order, checked on `workers` threads."""
+  def check(item):
+    return item, check_image(item["image"], max_pixels), check_text(item["text"])
+
+  with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding.
+    while chunk := list(islice(items, 64 * workers)):
+      yield from pool.map(check, chunk)
+
+
 def write_shards(input_path: str, output_dir: str, shard_size: int = 1000,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, prefix: str = "data") -> dict:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, prefix: str = "data",
+                 num_workers: int | None = None) -> dict:
   """Converts a captioned image folder or webdataset tars into validated shards; returns a report.
 
   The report has `written`, `skipped` (reason -> count, every reason present),
-  `converted` (kind -> count) and `shards` (paths).
+  `converted` (kind -> count) and `shards` (paths). Output order is input order.
   """
   skipped = dict.fromkeys(SKIP_REASONS, 0)
   converted: dict[str, int] = {}
   keys: dict[str, int] = {}
 
   def examples() -> Iterator[dict]:
-    for item in _input_items(input_path):
-      image, kind = check_image(item["image"], max_pixels)
-      text, text_reason = check_text(item["text"])
+    workers = num_workers or min(8, os.cpu_count() or 1)
+    for item, (image, kind), (text, text_reason) in _checked(_input_items(input_path), max_pixels,
+                                                             workers):
       reason = kind if image is None else text_reason
       if reason:
         skipped[reason] += 1
@@ -405,12 +418,13 @@ def _first(sparse: tf.sparse.SparseTensor, rows: tf.Tensor) -> tuple[tf.Tensor, 
   """First value of each row of a [rows, k] string SparseTensor ("" if none) and its presence."""
   dense = tf.sparse.to_dense(sparse, default_value="")
   value = tf.concat([dense, tf.fill([rows, 1], "")], axis=1)[:, 0]
-  count = tf.math.unsorted_segment_sum(tf.ones_like(sparse.indices[:, 0]), sparse.indices[:, 0], rows)
+  row = sparse.indices[:, 0]
+  count = tf.math.unsorted_segment_sum(tf.ones_like(row), row, rows)
   return value, count > 0
 
 
 def parse_example(serialized: tf.Tensor) -> dict:
-  """Parses serialized Example(s) into image, text, label (-1 if absent), key, and `_has_image`/`_has_text`."""
+  """Parses serialized Example(s): image, text, label (-1 if absent), key, `_has_image`, `_has_text`."""
   spec = {
       "image": tf.io.VarLenFeature(tf.string),
       "text": tf.io.VarLenFeature(tf.string),
@@ -573,13 +587,18 @@ def read_shards(files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
   files = list(files)
   if not files:
     raise UserError("no shard files to read.")
-  missing = [f for f in files if not tf.io.gfile.exists(f)]
+  missing = [f for f in files if "://" not in f and not os.path.exists(f)]
   if missing:
     raise UserError(f"shard file {missing[0]} does not exist.")
 
+  # Plain tensor code with no Python control flow: skip AutoGraph's slow source conversion.
+  no_autograph = tf.autograph.experimental.do_not_convert
+
+  @no_autograph
   def per_file(path):
     return tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
 
+  @no_autograph
   def check(features):
     _, features["_skip_reason"] = validate_example(features, max_pixels, require_text)
     del features["_has_image"], features["_has_text"]
@@ -592,28 +611,31 @@ def read_shards(files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
   else:
     ds = ds.flat_map(per_file)
   # Parsed one by one, so a record that is not an Example costs only itself.
-  ds = ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.map(no_autograph(parse_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True).batch(batch_size)
   ds = ds.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.unbatch()
 
 
 def count_skips(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """Drops examples with `_skip_reason` >= 0; kept ones get cumulative `_skipped` int64 [len(SKIP_REASONS)].
+  """Drops examples with `_skip_reason` >= 0; kept ones get cumulative int64 `_skipped` per reason.
 
   Skips after the last kept example are not reflected (no element carries them).
   """
   num = len(SKIP_REASONS)
 
+  @tf.autograph.experimental.do_not_convert
   def step(counts, features):
     reason = features.pop("_skip_reason")
     counts = counts + tf.one_hot(reason, num, dtype=tf.int64)  # reason -1 adds nothing
     features["_skipped"] = counts
     return counts, (features, reason < 0)
 
+  @tf.autograph.experimental.do_not_convert
   def keep(features, ok):
     return ok
 
+  @tf.autograph.experimental.do_not_convert
   def drop_flag(features, ok):
     return features
 

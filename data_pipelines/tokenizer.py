@@ -32,11 +32,12 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 
 def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int = 32000,
                     model_type: str = "unigram", num_threads: int = 1,
-                    max_sentences: int = 0) -> str:
+                    max_sentences: int = 0, character_coverage: float = 0.9995) -> str:
   """Trains a SentencePiece model on `texts`; writes `<model_prefix>.model`/.vocab atomically.
 
   The vocabulary is a soft limit (`hard_vocab_limit=False`), so tiny corpora work.
-  `max_sentences` > 0 samples that many sentences. Returns the `.model` path.
+  `max_sentences` > 0 samples that many sentences; characters rarer than
+  `character_coverage` of the corpus become unk. Returns the `.model` path.
   """
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
@@ -57,7 +58,7 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int = 3
           sentence_iterator=sentences(), model_prefix=local, vocab_size=vocab_size,
           model_type=model_type, normalization_rule_name="nmt_nfkc_cf",
           pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=EOT_ID, hard_vocab_limit=False,
-          character_coverage=0.9995, input_sentence_size=max_sentences,
+          character_coverage=character_coverage, input_sentence_size=max_sentences,
           shuffle_input_sentence=True, num_threads=num_threads, minloglevel=2)
     except RuntimeError as e:
       raise UserError(f"training tokenizer {model_prefix} failed: {e}.")
@@ -171,7 +172,7 @@ class Tokenizer:
 @register("tokenize")
 def tokenize(max_len: int, model: str, key: str = "text", key_result: str = "labels",
              lower: bool = True) -> Op:
-  """Text -> int32 [max_len] SentencePiece ids ending in EOT, zero-padded (`model` may be bundled:digits)."""
+  """Text -> int32 [max_len] SentencePiece ids, EOT, zero padding (`model` may be bundled:digits)."""
   tokenizer = Tokenizer(model, max_len, lower)
 
   def op(features, seed):

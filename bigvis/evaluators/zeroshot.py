@@ -1,0 +1,207 @@
+"""Zero-shot classification (CLIP, Section 3.1.4): class names x prompt templates -> a text classifier.
+
+Every class name is put into every template ("a photo of a {}."), the texts
+are embedded by the run's text tower, and a class's embedding is the mean of
+its L2-normalised prompt embeddings, renormalised (the paper's prompt
+ensembling). Images of the eval split are classified by cosine similarity to
+those class embeddings. Metrics: `top1`, `top5`, `num_examples`, and, because
+the per-template classifiers come for free from the same text embeddings,
+`top1_template<i>` for each template when there are several.
+
+Config (`evals.<name>`): `data` (the split; labels from an integer `label`
+feature or one-hot `labels`), `class_names` (a list, a comma-separated string,
+or a text file with one name per line), `prompts` (templates containing `{}`),
+`tokenizer` (a SentencePiece model path or `bundled:<name>`) and
+`context_length`; the last two default to the `tokenize` op of `data.train.pp`
+and the text tower's context length.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigvis import sharding
+from bigvis.config import check_known
+from bigvis.errors import UserError
+from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, eval_batch_size, split_batches
+
+# A few of the CLIP paper's ImageNet templates: used when a config names none.
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
+                     "a photo of the small {}.", "itap of a {}.", "art of the {}.", "a photo of one {}.")
+TOP_K = 5
+
+
+def class_names_from(value: Any, where: str) -> list[str]:
+  """Class names from a list, a comma-separated string, or a file with one name per line."""
+  if isinstance(value, str):
+    if os.path.isfile(value):
+      with open(value, encoding="utf-8") as f:
+        names = [line.strip() for line in f]
+    else:
+      names = value.split(",")
+  elif isinstance(value, (list, tuple)):
+    names = [str(v) for v in value]
+  else:
+    raise UserError(f"{where} must be a list of class names, a comma-separated string or a file, "
+                    f"got {type(value).__name__}.")
+  names = [n.strip() for n in names if n and n.strip()]
+  if not names:
+    raise UserError(f"{where} names no classes.")
+  seen = set()
+  for n in names:
+    if n in seen:
+      raise UserError(f"{where} lists the class name '{n}' twice.")
+    seen.add(n)
+  return names
+
+
+def templates_from(value: Any, where: str) -> list[str]:
+  """Prompt templates, each with exactly one `{}` where the class name goes."""
+  if value is None or value == "" or value == ():
+    return list(DEFAULT_TEMPLATES)
+  templates = [value] if isinstance(value, str) else [str(v) for v in value]
+  for t in templates:
+    if t.count("{}") != 1:
+      raise UserError(f"{where} template '{t}' must contain exactly one '{{}}' for the class name.")
+  return templates
+
+
+def train_tokenize_args(config: ml_collections.ConfigDict | None) -> dict:
+  """The arguments of the `tokenize` op in `data.train.pp` (empty when there is none)."""
+  from data_pipelines import tokenizer as tokenizer_lib
+  pp = ""
+  if config is not None and "data" in config and "train" in config.data:
+    pp = config.data.train.get("pp", "") or ""
+  for part in pp.split("|"):
+    part = part.strip()
+    if not part.startswith("tokenize"):
+      continue
+    try:
+      node = ast.parse(part, mode="eval").body
+      args = [ast.literal_eval(a) for a in node.args] if isinstance(node, ast.Call) else []
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords} if isinstance(node, ast.Call) else {}
+      return dict(inspect.signature(tokenizer_lib.tokenize).bind(*args, **kwargs).arguments)
+    except (SyntaxError, ValueError, TypeError):
+      raise UserError(f"cannot read the tokenizer from data.train.pp op '{part}'.")
+  return {}
+
+
+def text_tokenizer(cfg: ml_collections.ConfigDict | dict, config: ml_collections.ConfigDict | None,
+                   where: str):
+  """The Python tokenizer matching training: explicit eval keys first, then data.train.pp's op."""
+  from data_pipelines.tokenizer import Tokenizer
+  train_args = train_tokenize_args(config)
+  model_path = cfg.get("tokenizer") or train_args.get("model")
+  if not model_path:
+    raise UserError(f"{where}.tokenizer is not set and data.train.pp has no tokenize op to take it from; "
+                    "set it to a SentencePiece model path or 'bundled:digits'.")
+  text_cfg = config.model.get("text", {}) if config is not None and "model" in config else {}
+  model_len = int(text_cfg.get("context_length", 0) or 0)
+  length = int(cfg.get("context_length") or train_args.get("max_len") or model_len or 77)
+  if model_len and length > model_len:
+    raise UserError(f"{where}.context_length={length} exceeds the text tower's context length {model_len}.")
+  return Tokenizer(model_path, length, bool(train_args.get("lower", True)))
+
+
+def ensemble(ztxt: np.ndarray) -> np.ndarray:
+  """[classes, templates, dim] L2-normalised prompt embeddings -> [classes, dim] renormalised means."""
+  mean = np.mean(ztxt.astype(np.float64), axis=1)
+  return (mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _rows(tokens: np.ndarray, global_batch: int) -> Iterator[dict]:
+  """This process's slice of fixed-size global batches of token rows, with their indices and a mask."""
+  n, pc, pi = len(tokens), jax.process_count(), jax.process_index()
+  local = global_batch // pc
+  for start in range(0, n, global_batch):
+    lo = start + pi * local
+    idx = np.arange(lo, lo + local)
+    valid = idx < n
+    rows = np.zeros((local, tokens.shape[1]), tokens.dtype)
+    rows[valid] = tokens[idx[valid]]
+    yield {"tokens": rows, "index": np.where(valid, idx, 0).astype(np.int32), "_mask": valid}
+
+
+def embed_texts(embed_fn, params: Any, tokens: np.ndarray, global_batch: int, mesh) -> np.ndarray:
+  """Token rows -> [n, dim] embeddings, computed as sharded global batches on the mesh."""
+  out = batched_outputs(embed_fn, params, _rows(tokens, global_batch), mesh)
+  z = np.zeros((len(tokens), out["z"].shape[-1]), np.float32)
+  z[out["index"]] = out["z"]  # gathered order follows the mesh, so place rows by index
+  return z
+
+
+class Evaluator:
+  """Top-1/top-5 zero-shot accuracy of a CLIP model on a labelled image split."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
+    where = f"evals.{name}"
+    check_known(cfg, EVAL_KEYS, where)
+    if "data" not in cfg:
+      raise UserError(f"{where}.data is not set; give the labelled image split to classify.")
+    self.cfg, self.name, self.mesh = cfg, name, mesh
+    self.class_names = class_names_from(cfg.get("class_names"), f"{where}.class_names")
+    self.templates = templates_from(cfg.get("prompts"), f"{where}.prompts")
+    tokenizer = text_tokenizer(cfg, config, where)
+    self.tokens = tokenizer.encode(prompt_texts(self.class_names, self.templates))
+    num_classes, k = len(self.class_names), min(TOP_K, len(self.class_names))
+
+    @jax.jit
+    def embed_text(params, batch):
+      _, ztxt, _ = model.apply({"params": params}, None, batch["tokens"], train=False)
+      return {"z": ztxt, "index": batch["index"]}
+
+    @jax.jit
+    def classify(params, batch, classifier, per_template):
+      if "label" in batch:
+        labels = batch["label"].astype(jnp.int32)
+      elif "labels" in batch and batch["labels"].ndim == 2 and batch["labels"].shape[1] == num_classes:
+        labels = jnp.argmax(batch["labels"], axis=-1).astype(jnp.int32)
+      else:
+        raise UserError(f"{where}.data has no integer 'label' feature nor one-hot 'labels' of "
+                        f"{num_classes} classes; have {sorted(batch)}.")
+      zimg, _, _ = model.apply({"params": params}, batch["image"], None, train=False)
+      _, top = jax.lax.top_k(zimg @ classifier.T, k)
+      per = jnp.argmax(jnp.einsum("bd,tcd->btc", zimg, per_template), axis=-1)
+      return {"top": top.astype(jnp.int32), "per_template": per.astype(jnp.int32), "label": labels}
+
+    self._embed_text, self._classify = embed_text, classify
+
+  def run(self, params) -> dict[str, float]:
+    batch = eval_batch_size(self.cfg, self.mesh)
+    c, t = len(self.class_names), len(self.templates)
+    ztxt = embed_texts(self._embed_text, params, self.tokens, batch, self.mesh).reshape(c, t, -1)
+    replicated = sharding.replicated(self.mesh)
+    classifier = jax.device_put(ensemble(ztxt), replicated)
+    per_template = jax.device_put(np.ascontiguousarray(ztxt.transpose(1, 0, 2)), replicated)
+    out = batched_outputs(lambda p, b: self._classify(p, b, classifier, per_template), params,
+                          split_batches(self.cfg, self.mesh, f"evals.{self.name}.data"), self.mesh)
+    if not out:
+      raise UserError(f"evals.{self.name}.data yielded no examples.")
+    labels = out["label"]
+    bad = labels[(labels < 0) | (labels >= c)]
+    if len(bad):
+      raise UserError(f"evals.{self.name}.data has label {int(bad[0])}, outside the {c} class names.")
+    hits = out["top"] == labels[:, None]
+    metrics = {"top1": float(np.mean(hits[:, 0])), "top5": float(np.mean(np.any(hits[:, :TOP_K], axis=1))),
+               "num_examples": int(len(labels))}
+    if t > 1:
+      for i in range(t):
+        metrics[f"top1_template{i}"] = float(np.mean(out["per_template"][:, i] == labels))
+    return metrics
+
+
+def zeroshot_logits(zimg: np.ndarray, ztxt: np.ndarray, scale: float = 1.0) -> np.ndarray:
+  """[n, dim] image embeddings x [classes, templates, dim] prompt embeddings -> [n, classes] logits."""
+  return scale * (np.asarray(zimg, np.float32) @ ensemble(np.asarray(ztxt)).T)
+
+
+def prompt_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+  """Class-major list of every template filled with every class name."""
+  return [t.format(c) for c in class_names for t in templates]

@@ -1,0 +1,63 @@
+"""Experiment loading, typed overrides, and one-line errors for the mistakes users make."""
+import pytest
+
+from bigvis import cli, config as config_lib
+from bigvis.errors import UserError
+
+
+def test_loads_experiment_and_applies_typed_overrides():
+  c = config_lib.load("experiments/vit_ti_digits.py", ["batch_size=32", "optim.lr=0.01", "model.variant=Ti/4",
+                                                       "data.train.cache=False"])
+  assert c.batch_size == 32 and isinstance(c.batch_size, int)
+  assert c.optim.lr == 0.01 and c.model.variant == "Ti/4" and c.data.train.cache is False
+  assert config_lib.load("vit_ti_digits").experiment == "vit_ti_digits"  # bare names work too
+
+
+def test_int_given_to_float_key_is_accepted_as_float():
+  assert config_lib.load("vit_ti_digits", ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("batch_sise=8", "closest valid key is 'batch_size'"),
+    ("optim.lrr=0.1", "closest valid key is 'optim.lr'"),
+    ("model.nonsense.x=1", "unknown config key 'model.nonsense.x'"),
+])
+def test_unknown_key_names_the_closest(override, fragment):
+  with pytest.raises(UserError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
+    config_lib.load("vit_ti_digits", [override])
+
+
+def test_wrong_type_is_rejected():
+  with pytest.raises(UserError, match="expected a int"):
+    config_lib.load("vit_ti_digits", ["batch_size=64x"])
+
+
+def test_missing_experiment_suggests_a_name():
+  with pytest.raises(UserError, match="vit_ti_digits"):
+    config_lib.load("experiments/vit_ti_digit.py")
+
+
+def _cli_error(capsys, argv):
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+  return err
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path):
+  w = str(tmp_path / "w")
+  assert "batch_sise" in _cli_error(capsys, ["train", "--config", "experiments/vit_ti_digits.py", "--workdir", w,
+                                             "--set", "batch_sise=8"])
+  assert "does not exist" in _cli_error(capsys, ["train", "--config", "experiments/nope.py", "--workdir", w])
+  # 8 CPU devices (conftest): a batch of 60 does not split over data=8.
+  assert "not divisible" in _cli_error(capsys, ["train", "--config", "vit_ti_digits", "--workdir", w,
+                                                "--set", "batch_size=60"])
+  assert "multiply" in _cli_error(capsys, ["train", "--config", "vit_ti_digits", "--workdir", w,
+                                           "--set", "mesh.data=3", "--set", "mesh.fsdp=2"])
+  assert "optim.nme" in _cli_error(capsys, ["params", "--config", "vit_ti_digits", "--set", "optim.nme=sgd"])
+
+
+def test_component_rejects_keys_it_does_not_read():
+  with pytest.raises(UserError, match="model.pol_type.*'model.pool_type'"):
+    from bigvis.models import build_model
+    build_model({"name": "vit", "pol_type": "gap"})

@@ -1,0 +1,96 @@
+"""ViT variants, pooling, position embeddings, scan/remat and padded sequences."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bigvis import params as params_lib
+from bigvis.errors import UserError
+from bigvis.models import build_model
+from bigvis.models.vit import parse_variant, resize_posemb, sincos2d
+
+
+def _count(model_cfg):
+  return sum(params_lib.count_by_module(params_lib.abstract_params(ml_collections.ConfigDict(model_cfg))).values())
+
+
+@pytest.mark.parametrize("variant, image_size, expected", [
+    ("B/16", 224, 86.6e6), ("L/16", 224, 304.3e6), ("H/14", 224, 632.0e6)])
+def test_paper_parameter_counts_with_1000_class_head(variant, image_size, expected):
+  n = _count(dict(name="vit", variant=variant, num_classes=1000, image_size=image_size))
+  assert abs(n - expected) / expected < 0.005
+
+
+def test_params_table_ends_with_total():
+  cfg = ml_collections.ConfigDict(dict(name="vit", variant="B/16", num_classes=1000, image_size=224))
+  table = params_lib.format_table(cfg)
+  assert table.splitlines()[-1] == f"total_params={_count(cfg.to_dict())}"
+
+
+def test_variant_parsing():
+  assert parse_variant("L/14") == dict(width=1024, depth=24, mlp_dim=4096, num_heads=16, patch_size=14)
+  with pytest.raises(UserError):
+    parse_variant("Q/16")
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap", "map"])
+def test_pooling_shapes(pool):
+  model = build_model(dict(name="vit", variant="mu/4", num_classes=7, pool_type=pool))
+  x = jnp.ones((2, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  logits, aux = model.apply(variables, x)
+  assert logits.shape == (2, 7) and aux["pre_logits"].shape == (2, 128)
+
+
+def test_scan_and_remat_match_the_unrolled_model():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  plain = build_model(dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False))
+  scanned = build_model(dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False,
+                             scan=True, remat_policy="full"))
+  p = nn.meta.unbox(plain.init(jax.random.key(0), x)["params"])
+  # Stack the unrolled blocks into the scanned layout: same function, same numbers.
+  blocks = [p["encoder"][f"block{i:02d}"]["block"] for i in range(4)]
+  sp = dict(p, encoder={"blocks": {"block": jax.tree.map(lambda *a: jnp.stack(a), *blocks)}})
+  a, _ = plain.apply({"params": p}, x)
+  b, _ = scanned.apply({"params": sp}, x)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["tok", "gap"])
+def test_padded_sequence_equals_unpadded(pool):
+  """Padding tokens to a kernel-friendly length (masked) must not change the output."""
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  base = dict(name="vit", variant="mu/4", num_classes=3, pool_type=pool, head_zero_init=False)
+  p = build_model(base).init(jax.random.key(0), x)["params"]
+  a, _ = build_model(base).apply({"params": p}, x)
+  b, _ = build_model(dict(base, seq_pad_multiple=64)).apply({"params": p}, x)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = build_model(dict(name="vit", variant="mu/4", num_classes=3, dtype="bfloat16"))
+  variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(variables))
+  assert model.apply(variables, jnp.ones((1, 16, 16, 3)))[1]["pre_logits"].dtype == jnp.bfloat16
+
+
+def test_sincos2d_is_fixed_and_distinct():
+  emb = sincos2d(4, 4, 32)
+  assert emb.shape == (1, 16, 32)
+  assert len({tuple(np.round(r, 5)) for r in emb[0]}) == 16
+
+
+def test_resize_posemb_keeps_a_constant_embedding_constant():
+  posemb = np.concatenate([np.full((1, 1, 8), 7.0), np.ones((1, 16, 8))], axis=1)
+  out = resize_posemb(posemb, (6, 6), num_prefix_tokens=1)
+  assert out.shape == (1, 37, 8)
+  np.testing.assert_allclose(out[0, 0], 7.0)
+  np.testing.assert_allclose(out[0, 1:], 1.0, rtol=1e-6)
+
+
+def test_learned_posemb_follows_image_size():
+  model = build_model(dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok"))
+  p = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"])
+  assert p["pos_embedding"].shape == (1, 64, 128)

@@ -1,0 +1,81 @@
+"""The op registry and string mini-language, and determinism of random ops."""
+import io
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from bigvis.errors import UserError
+from data_pipelines import preprocess
+
+
+def _png(h=20, w=30, channels=3):
+  arr = (np.arange(h * w * channels) % 256).astype(np.uint8).reshape(h, w, channels)
+  buf = io.BytesIO()
+  Image.fromarray(arr.squeeze() if channels == 1 else arr).save(buf, format="PNG")
+  return arr, buf.getvalue()
+
+
+SEED = tf.constant([1, 2], tf.int64)
+
+
+def test_decode_resize_value_range_onehot():
+  arr, data = _png()
+  op = preprocess.build("decode|resize(16)|value_range(-1,1)|onehot(10)")
+  out = op({"image": tf.constant(data), "label": tf.constant(3, tf.int64)}, SEED)
+  assert out["image"].shape == (16, 16, 3) and out["image"].dtype == tf.float32
+  assert -1.0 <= float(tf.reduce_min(out["image"])) and float(tf.reduce_max(out["image"])) <= 1.0
+  np.testing.assert_array_equal(out["labels"].numpy(), np.eye(10)[3])
+
+
+def test_decode_makes_grayscale_rgb():
+  _, data = _png(channels=1)
+  out = preprocess.build("decode")({"image": tf.constant(data)}, SEED)
+  assert out["image"].shape == (20, 30, 3)
+
+
+def test_value_range_maps_endpoints():
+  op = preprocess.build("value_range(-1,1)")
+  out = op({"image": tf.constant([[[0, 255, 0]]], tf.uint8)}, SEED)["image"].numpy()
+  np.testing.assert_allclose(out, [[[-1, 1, -1]]])
+
+
+def test_random_ops_depend_only_on_the_seed():
+  _, data = _png(64, 80)
+  op = preprocess.build("decode|inception_crop(24)|flip_lr")
+  a = op({"image": tf.constant(data)}, SEED)["image"].numpy()
+  b = op({"image": tf.constant(data)}, SEED)["image"].numpy()
+  others = [op({"image": tf.constant(data)}, tf.constant([1, s], tf.int64))["image"].numpy() for s in range(3, 9)]
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (24, 24, 3) and any(not np.array_equal(a, o) for o in others)
+
+
+def test_jpeg_window_decode_matches_shape():
+  arr = (np.random.default_rng(0).integers(0, 255, (64, 64, 3))).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="JPEG")
+  out = preprocess.build("decode_jpeg_and_inception_crop(32)|normalize('clip')")(
+      {"image": tf.constant(buf.getvalue())}, SEED)
+  assert out["image"].shape == (32, 32, 3) and out["image"].dtype == tf.float32
+
+
+def test_central_crop_and_resize_small():
+  arr, data = _png(40, 60)
+  out = preprocess.build("decode|resize_small(20)|central_crop(20)")({"image": tf.constant(data)}, SEED)
+  assert out["image"].shape == (20, 20, 3)
+
+
+def test_keep_drops_other_features():
+  out = preprocess.build("keep('a')")({"a": tf.constant(1), "b": tf.constant(2)}, SEED)
+  assert set(out) == {"a"}
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("decode|resise(32)", "did you mean 'resize'"),
+    ("decode|resize(", "not of the form"),
+    ("resize(size=x)", "not literals"),
+])
+def test_bad_specs_are_user_errors(spec, fragment):
+  with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+    preprocess.build(spec)
