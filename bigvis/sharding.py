@@ -113,6 +113,18 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
                       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def use_mesh(mesh: Mesh):
+  """Context that makes `mesh` current for flax's logical sharding constraints.
+
+  The classic `with mesh:` context: flax 0.12's constraints mis-handle boxed
+  parameters under `jax.set_mesh` (rank errors with tensor parallelism), so the
+  switch waits for a flax that supports it.
+  """
+  import warnings
+  warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
+  return mesh
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over data and fsdp, replicated over tensor."""
   return NamedSharding(mesh, P(BATCH_AXES))

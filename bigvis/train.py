@@ -89,7 +89,7 @@ def create_train_state(config, model, mesh, rules, example_batch):
   state_shardings["opt_state"] = optax.tree_map_params(
       tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh))
-  with mesh:
+  with sharding.use_mesh(mesh):
     state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
   return state, state_shardings, tx, schedule
 
@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Compile ahead of time: compile cost and FLOPs are known before the first step.
   train_step = make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
   t0 = time.time()
-  with mesh:
+  with sharding.use_mesh(mesh):
     compiled = train_step.lower(state, sharding.global_batch(first_device, mesh)).compile()
   compile_s = time.time() - t0
   flops = metrics_lib.compiled_flops(compiled)
@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def evaluate(step: int) -> dict:
     results = {}
-    with mesh, nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
       for name, ev in evaluators.items():
         for k, v in ev.run(state["params"]).items():
           results[f"eval/{name}/{k}"] = v
@@ -243,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   pending, last_metrics = first, {}
   while step < config.total_steps:
     device_batch, private = _split_private(pending)
-    with mesh:
+    with sharding.use_mesh(mesh):
       state, step_metrics = compiled(state, sharding.global_batch(device_batch, mesh))
     step += 1
     if step < config.total_steps:

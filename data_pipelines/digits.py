@@ -26,7 +26,7 @@ import numpy as np
 
 from bigvis.errors import UserError
 
-VERSION = "v1"
+VERSION = "v1"  # bump when images, split, captions or tokenizer settings change
 KINDS = ("classification", "captions")
 SPLITS = ("train", "test")
 NUM_TRAIN, NUM_TEST = 1497, 300
@@ -166,4 +166,5 @@ def digits_tokenizer() -> str:
   _, labels = _load()
   texts = [text for split in SPLITS for _, _, text in _captioned(split, labels)]
   texts += zeroshot_prompts()
-  return train_tokenizer(texts, prefix, vocab_size=TOKENIZER_VOCAB, character_coverage=1.0)
+  return train_tokenizer(texts, prefix, vocab_size=TOKENIZER_VOCAB, character_coverage=1.0,
+                         num_threads=1)

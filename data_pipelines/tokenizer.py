@@ -31,13 +31,14 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
 
 
 def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int = 32000,
-                    model_type: str = "unigram", num_threads: int = 1,
+                    model_type: str = "unigram", num_threads: int | None = None,
                     max_sentences: int = 0, character_coverage: float = 0.9995) -> str:
   """Trains a SentencePiece model on `texts`; writes `<model_prefix>.model`/.vocab atomically.
 
   The vocabulary is a soft limit (`hard_vocab_limit=False`), so tiny corpora work.
   `max_sentences` > 0 samples that many sentences; characters rarer than
-  `character_coverage` of the corpus become unk. Returns the `.model` path.
+  `character_coverage` of the corpus become unk. `num_threads=1` makes training
+  reproducible (default: up to 16 cores). Returns the `.model` path.
   """
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
@@ -59,7 +60,8 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int = 3
           model_type=model_type, normalization_rule_name="nmt_nfkc_cf",
           pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=EOT_ID, hard_vocab_limit=False,
           character_coverage=character_coverage, input_sentence_size=max_sentences,
-          shuffle_input_sentence=True, num_threads=num_threads, minloglevel=2)
+          shuffle_input_sentence=True, minloglevel=2,
+          num_threads=num_threads or min(16, os.cpu_count() or 1))
     except RuntimeError as e:
       raise UserError(f"training tokenizer {model_prefix} failed: {e}.")
     parent = os.path.dirname(model_prefix)
@@ -154,15 +156,20 @@ class Tokenizer:
     ids = ids[:ids.index(self.eot_id)] if self.eot_id in ids else ids
     return self.sp.decode([i for i in ids if i != PAD_ID])
 
+  def tf_tokenizer(self):
+    """The tensorflow_text SentencePiece op wrapper, created once (eagerly, outside traces)."""
+    if self._tf is None:
+      import tensorflow_text as tf_text
+      with tf.init_scope():
+        self._tf = tf_text.SentencepieceTokenizer(model=self.proto, out_type=tf.int32)
+    return self._tf
+
   def tf_encode(self, text: tf.Tensor) -> tf.Tensor:
     """In-graph `encode` of a string tensor of any shape -> int32 [..., max_len]."""
-    import tensorflow_text as tf_text
-    if self._tf is None:
-      self._tf = tf_text.SentencepieceTokenizer(model=self.proto, out_type=tf.int32)
     if self.lower:
       text = tf.strings.lower(text, encoding="utf-8")
     flat = tf.reshape(text, [-1])
-    ids = self._tf.tokenize(flat)[:, :self.max_len - 1]
+    ids = self.tf_tokenizer().tokenize(flat)[:, :self.max_len - 1]
     eot = tf.fill([tf.shape(flat)[0], 1], tf.constant(self.eot_id, tf.int32))
     ids = tf.concat([ids, eot], axis=1).to_tensor(default_value=PAD_ID)
     ids = tf.pad(ids, [[0, 0], [0, self.max_len - tf.shape(ids)[1]]], constant_values=PAD_ID)
@@ -174,6 +181,7 @@ def tokenize(max_len: int, model: str, key: str = "text", key_result: str = "lab
              lower: bool = True) -> Op:
   """Text -> int32 [max_len] SentencePiece ids, EOT, zero padding (`model` may be bundled:digits)."""
   tokenizer = Tokenizer(model, max_len, lower)
+  tokenizer.tf_tokenizer()
 
   def op(features, seed):
     ids = tokenizer.tf_encode(features[key])

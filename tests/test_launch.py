@@ -90,8 +90,9 @@ def test_tpu_dry_run_runs_every_step_in_order():
   assert _opt(install, "--worker") == "all" and "make install EXTRAS=tpu" in _opt(install, "--command")
   assert _opt(train, "--worker") == "all"
   remote = _opt(train, "--command")
+  # Multi-host: each worker appends its coordinator/process flags, read from the metadata server.
   assert _make_train_argv(remote) == ["make", "train", "EXTRAS=tpu", "EXP=vit_ti_digits",
-                                      "WORKDIR=gs://b/runs/x", f"ARGS={USER_ARGS}"]
+                                      "WORKDIR=gs://b/runs/x", f"ARGS={USER_ARGS} $dist"]
   assert "| tee ~/bigvis-logs/vit_ti_digits-" in remote and "pipefail" in remote
   # One log per host (v5p-32 = 16 chips = 4 hosts), fetched from each worker in turn.
   downloads = [c for c in cmds if _kind(c) == "scp-down"]
@@ -100,6 +101,13 @@ def test_tpu_dry_run_runs_every_step_in_order():
   assert len({c[6] for c in downloads}) == 4
   assert cmds[-1][:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "pod"] and "--quiet" in cmds[-1]
   assert "warning" not in result.stderr  # gs:// workdir on a multi-host slice
+
+
+def test_tpu_single_host_passes_args_unchanged():
+  _, cmds = _tpu("--accelerator-type", "v6e-8", "--args", USER_ARGS)
+  remote = _opt(cmds[-1], "--command")
+  assert _make_train_argv(remote) == ["make", "train", "EXTRAS=tpu", "EXP=vit_ti_digits", f"ARGS={USER_ARGS}"]
+  assert "metadata" not in remote
 
 
 def test_tpu_dry_run_queued_resource():
@@ -252,12 +260,36 @@ def fake(tmp_path):
   _stub(bin_dir, "gcloud", FAKE_GCLOUD)
   _stub(bin_dir, "make", FAKE_MAKE)
   _stub(bin_dir, "sudo", shell_source='echo "sudo $*" >> "$FAKE_ROOT/sudo.log"\n')
+  _stub(bin_dir, "curl", shell_source=textwrap.dedent("""\
+      case ${*: -1} in  # the TPU VM metadata server
+        */worker-network-endpoints) echo -n "${FAKE_ENDPOINTS:-w-0:0:10.0.0.1,w-1:1:10.0.0.2}" ;;
+        */agent-worker-number) echo -n "${HOME##*worker}" ;;
+        *) exit 22 ;;
+      esac
+      """))
   env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_ROOT": str(tmp_path), "FAKE_WORKERS": "2"}
 
   def read(name):
     path = tmp_path / name
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
   return tmp_path, env, read
+
+
+@pytest.mark.parametrize("endpoints, coordinator", [
+    ("t1v-n-0:0:10.0.0.7,t1v-n-1:1:10.0.0.8,t1v-n-2:2:10.0.0.9", "10.0.0.7"),  # NAME:ID:IP
+    ("t1v-n-a-w-0,t1v-n-a-w-1,t1v-n-a-w-2", "t1v-n-a-w-0"),                    # HOST
+])
+def test_tpu_remote_train_command_finds_its_place_in_the_slice(fake, endpoints, coordinator):
+  root, env, read = fake
+  _, cmds = _tpu("--accelerator-type", "v4-24", "--workdir", "gs://b/x", "--args", USER_ARGS)
+  worker = root / "worker1"
+  (worker / "bigvis").mkdir(parents=True)
+  subprocess.run(["bash", "-c", _opt(cmds[-1], "--command")], cwd=worker, check=True, capture_output=True,
+                 env={**os.environ, **env, "HOME": str(worker), "FAKE_ENDPOINTS": endpoints})
+  [call] = read("make.jsonl")
+  assert call["argv"] == ["train", "EXTRAS=tpu", "EXP=vit_ti_digits", "WORKDIR=gs://b/x",
+                          f"ARGS={USER_ARGS} --coordinator-address={coordinator}:8482 "
+                          "--num-processes=3 --process-id=1"]
 
 
 def test_tpu_run_copies_installs_trains_collects_and_deletes(fake):
@@ -273,8 +305,12 @@ def test_tpu_run_copies_installs_trains_collects_and_deletes(fake):
     assert not (code / ".venv").exists() and not (code / "runs").exists()
   calls = read("make.jsonl")
   assert [c["argv"][:2] for c in calls] == [["install", "EXTRAS=tpu"]] * 2 + [["train", "EXTRAS=tpu"]] * 2
-  train = [c for c in calls if c["argv"][0] == "train"]
-  assert all(c["argv"][2:] == ["EXP=vit_ti_digits", "WORKDIR=gs://b/x", f"ARGS={USER_ARGS}"] for c in train)
+  train = sorted((c for c in calls if c["argv"][0] == "train"), key=lambda c: c["home"])
+  for i, call in enumerate(train):
+    assert call["home"] == str(root / f"worker{i}")
+    assert call["argv"][2:] == ["EXP=vit_ti_digits", "WORKDIR=gs://b/x",
+                                f"ARGS={USER_ARGS} --coordinator-address=10.0.0.1:8482 "
+                                f"--num-processes=2 --process-id={i}"]
   assert {pathlib.Path(c["cwd"]).name for c in calls} == {"bigvis"}
   fetched = sorted(logs.iterdir())
   assert [p.name.rsplit(".", 2)[-2] for p in fetched] == ["worker0", "worker1"]

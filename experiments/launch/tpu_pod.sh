@@ -244,6 +244,24 @@ printf -v q_log '%q' "$REMOTE_LOG_DIR/$LOG_NAME"
 printf -v q_logdir '%q' "$REMOTE_LOG_DIR"
 make_args="EXTRAS=tpu EXP=$(printf %q "$EXP")"
 if [[ -n $WORKDIR ]]; then make_args+=" WORKDIR=$(printf %q "$WORKDIR")"; fi
-if [[ -n $ARGS ]]; then make_args+=" ARGS=$(printf %q "$ARGS")"; fi
+train="set -o pipefail; "
+if (( NUM_WORKERS > 1 )); then
+  # Each worker finds its place in the slice from the TPU VM metadata server (as
+  # jax.distributed.initialize() does) and passes it to bigvis explicitly; process 0
+  # (the first listed worker) hosts the coordinator on jax's TPU port, 8482.
+  # Entries of worker-network-endpoints are HOST or NAME:ID:IP.
+  # shellcheck disable=SC2016  # expands on the worker
+  train+='md() { curl -sf -H Metadata-Flavor:Google "http://metadata.google.internal/computeMetadata/v1/instance/attributes/$1"; }; '
+  # shellcheck disable=SC2016
+  train+='eps=$(md worker-network-endpoints) && id=$(md agent-worker-number) || { echo "cannot read the TPU worker list from the metadata server" >&2; exit 1; }; '
+  # shellcheck disable=SC2016
+  train+='first=${eps%%,*}; host=$(echo "$first" | cut -s -d: -f3); host=${host:-$first}; n=$(echo "$eps" | tr , "\n" | grep -c .); '
+  # shellcheck disable=SC2016
+  train+='dist="--coordinator-address=$host:8482 --num-processes=$n --process-id=$id"; '
+  make_args+=" ARGS=$(printf %q "${ARGS:+$ARGS }")\"\$dist\""
+elif [[ -n $ARGS ]]; then
+  make_args+=" ARGS=$(printf %q "$ARGS")"
+fi
+train+="mkdir -p $q_logdir && cd $q_dir && PYTHONUNBUFFERED=1 make train $make_args 2>&1 | tee ~/$q_log"
 TRAIN_STARTED=1
-on_all_workers "set -o pipefail; mkdir -p $q_logdir && cd $q_dir && PYTHONUNBUFFERED=1 make train $make_args 2>&1 | tee ~/$q_log"
+on_all_workers "$train"
