@@ -95,8 +95,8 @@ def _parse_value(text: str) -> Any:
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
   """Checks an override's type against the value it replaces."""
-  if current is None or isinstance(current, ml_collections.ConfigDict):
-    return value
+  if current is None or value is None or isinstance(current, ml_collections.ConfigDict):
+    return value  # None unsets an optional key (e.g. model.representation_size=None)
   if isinstance(current, bool):
     if isinstance(value, bool):
       return value

@@ -123,18 +123,23 @@ def _examples(kind: str, split: str, images: np.ndarray, labels: np.ndarray) -> 
       yield {"image": pngs[i], "text": text, "label": int(labels[i]), "key": f"{i:04d}-{t}"}
 
 
-def ensure_digits(kind: str) -> str:
-  """Folder holding the shards of digits set `kind`, built once (atomically, race-safe)."""
-  from data_pipelines.shards import write_examples
-  _check(kind)
+def _writable_root() -> str:
   root = data_dir()
-  final = os.path.join(root, f"digits-{kind}-{VERSION}")
-  if os.path.isdir(final):
-    return final
   try:
     os.makedirs(root, exist_ok=True)
   except OSError as e:
     raise UserError(f"cannot create the dataset folder {root} ({e.strerror}); set BIGVIS_DATA_DIR.")
+  return root
+
+
+def ensure_digits(kind: str) -> str:
+  """Folder holding the shards of digits set `kind`, built once (atomically, race-safe)."""
+  from data_pipelines.shards import write_examples
+  _check(kind)
+  final = os.path.join(data_dir(), f"digits-{kind}-{VERSION}")
+  if os.path.isdir(final):
+    return final
+  root = _writable_root()
   tmp = tempfile.mkdtemp(prefix=f".digits-{kind}.tmp-", dir=root)
   try:
     images, labels = _load()
@@ -163,6 +168,7 @@ def digits_tokenizer() -> str:
   prefix = os.path.join(data_dir(), f"digits-tokenizer-{VERSION}")
   if os.path.isfile(prefix + ".model"):
     return prefix + ".model"
+  _writable_root()
   _, labels = _load()
   texts = [text for split in SPLITS for _, _, text in _captioned(split, labels)]
   texts += zeroshot_prompts()

@@ -1,0 +1,38 @@
+"""ViT-B/16 trained from scratch on ImageNet-1k (TFDS `imagenet2012`), the ViT paper's setting.
+
+Batch 4096, Adam(0.9, 0.999), lr 3e-3 with 10k warmup steps and cosine decay,
+weight decay 0.1 (decoupled), 300 epochs, class-token pooling, bf16 compute.
+    make train EXP=vit_b16_i1k ARGS="--set data.train.data_dir=/data/tfds"
+"""
+import ml_collections
+
+from bigvis.config import base_config
+
+IMAGES_PER_EPOCH = 1_281_167
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.experiment = "vit_b16_i1k"
+  c.batch_size = 4096
+  c.total_steps = 300 * IMAGES_PER_EPOCH // c.batch_size
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 2000
+  c.model = ml_collections.ConfigDict(dict(
+      name="vit", variant="B/16", num_classes=1000, image_size=224, pool_type="tok", posemb="learn",
+      dropout=0.0, dtype="bfloat16", remat_policy="none", scan=False, attention_impl="xla"))
+  c.objective = ml_collections.ConfigDict(dict(name="classification", loss="softmax", label_smoothing=0.1))
+  c.optim.update(dict(lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.1, warmup_steps=10_000, grad_clip_norm=1.0))
+  c.data.train = ml_collections.ConfigDict(dict(
+      source="tfds", name="imagenet2012", split="train[:99%]", data_dir="", shuffle_buffer=250_000,
+      pp="decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot(1000)|keep('image','labels')"))
+  c.evals.val = ml_collections.ConfigDict(dict(
+      type="classification", batch_size=1024,
+      data=dict(source="tfds", name="imagenet2012", split="train[99%:]", data_dir="",
+                pp="decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot(1000)|keep('image','labels')")))
+  c.evals.test = ml_collections.ConfigDict(dict(
+      type="classification", batch_size=1024,
+      data=dict(source="tfds", name="imagenet2012", split="validation", data_dir="",
+                pp="decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot(1000)|keep('image','labels')")))
+  return c
