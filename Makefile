@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 EXP ?= vit_ti_digits
 WORKDIR ?= runs/$(EXP)
 ARGS ?=
-EXTRAS ?= test
+# Reuse the extras the venv was installed with (e.g. `make install EXTRAS=gpu`), else test.
+EXTRAS ?= $(or $(patsubst $(VENV)/.installed-%,%,$(firstword $(wildcard $(VENV)/.installed-*))),test)
 # Tests use 2 workers on a 2-core machine; override with `make test PYTEST_ARGS=...`.
 PYTEST_ARGS ?= -n 2 --timeout 900
 

@@ -40,12 +40,16 @@ class Checkpointer:
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
     """(step, state, meta) of the newest checkpoint that restores cleanly, or None."""
+    damaged = []
     for step in reversed(self.steps()):
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        for bad in damaged:  # so the resumed run can write those steps again
+          self._mngr.delete(bad)
         return step, out["state"], out["meta"]
       except Exception as e:  # damaged or incomplete: fall back to the previous one
+        damaged.append(step)
         logging.warning("checkpoint at step %d in %s is damaged (%s: %s); trying the previous one.",
                         step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
     return None

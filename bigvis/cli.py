@@ -30,8 +30,19 @@ def init_distributed(args) -> None:
       from bigvis.errors import UserError
       raise UserError("--coordinator-address needs --num-processes and --process-id.")
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_multihost_tpu():
     jax.distributed.initialize()
+
+
+def _on_multihost_tpu() -> bool:
+  """True on a Cloud TPU VM (or GKE TPU pod) slice, where JAX discovers the other hosts itself."""
+  if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    return True
+  try:
+    from jax._src import cloud_tpu_init  # private, but the check JAX itself uses
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return False
 
 
 def cmd_train(args) -> int:

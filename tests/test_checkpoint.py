@@ -1,0 +1,47 @@
+"""Orbax round trip, keep-N, and falling back past a damaged newest checkpoint."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bigvis.checkpoint import Checkpointer
+
+
+def _state(v):
+  return {"params": {"w": jnp.full((4, 3), v, jnp.float32)}, "step": jnp.asarray(int(v), jnp.int32)}
+
+
+def _abstract():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0))
+
+
+def test_round_trip_and_keep_n(tmp_path):
+  ck = Checkpointer(str(tmp_path), keep=2)
+  for step in (1, 2, 3):
+    ck.save(step, _state(step), {"step": step, "fingerprint": "x"})
+  ck.wait()
+  assert ck.steps() == [2, 3]
+  step, state, meta = ck.restore_latest(_abstract())
+  assert step == 3 and meta == {"step": 3, "fingerprint": "x"}
+  np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 3.0))
+  ck.close()
+
+
+def test_damaged_newest_falls_back_to_previous(tmp_path, caplog):
+  ck = Checkpointer(str(tmp_path), keep=3)
+  ck.save(1, _state(1), {"step": 1})
+  ck.save(2, _state(2), {"step": 2})
+  ck.close()
+  # Damage step 2: truncate every data file of its state.
+  for root, _, files in os.walk(tmp_path / "2" / "state"):
+    for f in files:
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(0)
+  ck = Checkpointer(str(tmp_path))
+  step, state, _ = ck.restore_latest(_abstract())
+  assert step == 1 and ck.steps() == [1]  # the damaged one is removed so step 2 can be rewritten
+  ck.save(2, _state(2), {"step": 2})
+  ck.close()
+  np.testing.assert_array_equal(state["params"]["w"], np.ones((4, 3)))
+  assert "damaged" in caplog.text
