@@ -68,20 +68,24 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bo
       json.dump(config.to_dict(), f, indent=2, default=str)
 
 
-def create_train_state(config, model, mesh, rules, example_batch):
-  """Plans shapes with eval_shape, then initialises params and optimizer state already sharded."""
+def plan_train_state(config, model, mesh, rules, example_batch):
+  """Shapes and shardings of the train state, without allocating it (`jax.eval_shape`).
+
+  Returns (init_fn, abstract_state, state_shardings, tx, schedule); `bigvis aot`
+  and `bigvis bench` use the same plan as training.
+  """
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0x1417)
   inputs = model_inputs(config, example_batch)
   abstract_vars = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), init_rng)
   abstract_params = abstract_vars["params"]
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.meta.unbox(abstract_params))
 
-  def init_state(rng):
-    params = nn.meta.unbox(model.init(rng, *inputs, train=False)["params"])
+  def init_fn():
+    params = nn.meta.unbox(model.init(init_rng, *inputs, train=False)["params"])
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
             "nonfinite": jnp.zeros((), jnp.int32), "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
 
-  abstract_state = jax.eval_shape(init_state, init_rng)
+  abstract_state = jax.eval_shape(init_fn)
   # Optimizer moments follow their parameter's sharding; scalars are replicated.
   param_shardings = sharding.logical_shardings(abstract_params, mesh, rules)
   state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
@@ -89,8 +93,14 @@ def create_train_state(config, model, mesh, rules, example_batch):
   state_shardings["opt_state"] = optax.tree_map_params(
       tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh))
+  return init_fn, abstract_state, state_shardings, tx, schedule
+
+
+def create_train_state(config, model, mesh, rules, example_batch):
+  """Initialises params and optimizer state already sharded: no full copy on any one device."""
+  init_fn, _, state_shardings, tx, schedule = plan_train_state(config, model, mesh, rules, example_batch)
   with sharding.use_mesh(mesh):
-    state = jax.jit(init_state, out_shardings=state_shardings)(init_rng)
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
   return state, state_shardings, tx, schedule
 
 
