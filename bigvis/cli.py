@@ -29,6 +29,8 @@ def init_distributed(args) -> None:
     if args.num_processes is None or args.process_id is None:
       from bigvis.errors import UserError
       raise UserError("--coordinator-address needs --num-processes and --process-id.")
+    # CPU-only runs (tests, laptops) need a collectives backend across processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or _on_multihost_tpu():
     jax.distributed.initialize()
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--vocab-size", type=int, default=32000)
   p.set_defaults(fn=cmd_data_train_tokenizer)
 
+  from bigvis import bench; bench.add_parser(sub)  # noqa: E702  (stdlib-only import; jax loads on use)
+  from bigvis import zeroshot_cli; zeroshot_cli.add_parser(sub)  # noqa: E702  (numpy-only import; jax loads on use)
   try:
     from bigvis.analysis import translatability
     translatability.add_parser(sub)

@@ -150,6 +150,9 @@ def _skip_metrics(private: dict) -> dict:
     return {}
   from data_pipelines.shards import SKIP_REASONS
   counts = np.max(private["_skipped"], axis=0)
+  if jax.process_count() > 1:  # every process logs at the same steps, so this collective lines up
+    from jax.experimental import multihost_utils
+    counts = np.sum(multihost_utils.process_allgather(counts), axis=0)
   out = {f"data/skipped/{r}": int(c) for r, c in zip(SKIP_REASONS, counts)}
   out["data/skipped"] = int(np.sum(counts))
   return out

@@ -54,21 +54,49 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1, where: str = "data.train") -> tf.data.Dataset:
-  """Infinite, shuffled, preprocessed batches for this process, starting at `start_step`."""
-  check_known(cfg, SOURCE_KEYS, where)
-  batch = local_batch_size(global_batch_size, process_count)
-  ds = _drop_bad(make_source(cfg, where, process_index, process_count))
+def _reader_stream(cfg, where: str, reader: int, num_readers: int, *, batch: int, seed: int,
+                   start_step: int) -> tf.data.Dataset:
+  """Batches of one reader: its slice of the files, its own shuffle and augmentation seeds."""
+  ds = _drop_bad(make_source(cfg, where, reader, num_readers))
   if cfg.get("cache", False):
     ds = ds.cache()
   ds = ds.repeat()
   buffer = int(cfg.get("shuffle_buffer", 10_000))
   if buffer > 1:
-    ds = ds.shuffle(buffer, seed=seed + 7919 * process_index, reshuffle_each_iteration=True)
+    ds = ds.shuffle(buffer, seed=seed + 7919 * reader, reshuffle_each_iteration=True)
   ds = ds.skip(start_step * batch)
-  ds = _preprocess(ds, cfg.get("pp", ""), seed, process_index, start=start_step * batch)
-  return ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE)
+  ds = _preprocess(ds, cfg.get("pp", ""), seed, reader, start=start_step * batch)
+  return ds.batch(batch, drop_remainder=True)
+
+
+def _concat_readers(*batches: dict) -> dict:
+  out = {k: tf.concat([b[k] for b in batches], axis=0) for k in batches[0] if k != "_skipped"}
+  if "_skipped" in batches[0]:  # per-reader running counts add up
+    total = tf.add_n([tf.reduce_max(b["_skipped"], axis=0) for b in batches])
+    out["_skipped"] = tf.tile(total[None], [tf.shape(out[next(iter(out))])[0], 1])
+  return out
+
+
+def train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1, where: str = "data.train") -> tf.data.Dataset:
+  """Infinite, shuffled, preprocessed batches for this process, starting at `start_step`.
+
+  The global batch is made of `num_readers` equal parts (default: one per
+  process), each from its own slice of the files. A process builds only its
+  readers, so it reads only its files, and the global batches depend on the
+  reader count alone: 1 process x 8 devices and 2 processes x 4 devices see
+  the same data when they use the same `num_readers`.
+  """
+  check_known(cfg, SOURCE_KEYS, where)
+  readers = int(cfg.get("num_readers") or process_count)
+  if readers % process_count or global_batch_size % readers:
+    raise UserError(f"{where}.num_readers={readers} must be a multiple of the {process_count} processes "
+                    f"and divide batch_size={global_batch_size}.")
+  mine = range(process_index * readers // process_count, (process_index + 1) * readers // process_count)
+  streams = [_reader_stream(cfg, where, r, readers, batch=global_batch_size // readers, seed=seed,
+                            start_step=start_step) for r in mine]
+  ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(_concat_readers)
+  return ds.prefetch(AUTOTUNE)
 
 
 def train_iterator(cfg, *, global_batch_size, seed, start_step=0, process_index=0, process_count=1,
@@ -81,18 +109,23 @@ def train_iterator(cfg, *, global_batch_size, seed, start_step=0, process_index=
 
 def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1, where: str = "evals") -> Iterator[dict[str, np.ndarray]]:
-  """One pass over an eval split; the last batch is padded and `_mask` marks real examples."""
+  """One pass over an eval split as this process's part of each global batch; `_mask` marks real examples.
+
+  Every process walks the same padded sequence of global batches (so all take
+  part in the same number of collective steps) but decodes only its own part.
+  """
   check_known(cfg, SOURCE_KEYS, where)
   batch = local_batch_size(global_batch_size, process_count)
-  ds = _drop_bad(make_source(cfg, where, process_index, process_count))
-  ds = _preprocess(ds, cfg.get("pp", ""), 0, process_index)
-  ds = ds.batch(batch, drop_remainder=False).prefetch(AUTOTUNE)
-  for b in ds.as_numpy_iterator():
-    n = len(next(iter(b.values())))
-    b["_mask"] = np.ones(n, bool)
-    if n < batch:
-      b = {k: np.concatenate([v, np.zeros((batch - n,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-    yield b
+  raw = _drop_bad(make_source(cfg, where, 0, 1))
+  n = int(raw.reduce(np.int64(0), lambda c, _: c + 1))
+  if n == 0:
+    raise UserError(f"{where} has no usable examples.")
+  raw = raw.map(lambda x: {**x, "_mask": tf.constant(True)})
+  pad = (-n) % global_batch_size
+  padded = raw.concatenate(raw.take(1).map(lambda x: {**x, "_mask": tf.constant(False)}).repeat(pad))
+  mine = padded.enumerate().filter(lambda i, x: (i % global_batch_size) // batch == process_index)
+  ds = _preprocess(mine.map(lambda i, x: x), cfg.get("pp", ""), 0, 0)
+  yield from ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator()
 
 
 def synthetic_batch(model_cfg: ml_collections.ConfigDict, batch_size: int, seed: int = 0) -> dict:

@@ -17,7 +17,7 @@ import tensorflow as tf
 from bigvis.errors import UserError
 
 SOURCE_KEYS = ("source", "split", "shards", "name", "data_dir", "pp", "shuffle_buffer", "cache",
-               "max_pixels", "num_examples", "class_names", "prompts")
+               "max_pixels", "num_examples", "class_names", "prompts", "num_readers")
 
 
 def shard_files(pattern: str, key: str) -> list[str]:

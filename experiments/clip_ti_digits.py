@@ -22,10 +22,10 @@ TOKENIZER = "bundled:digits"
 def get_config(arg=None):
   c = base_config()
   c.experiment = "clip_ti_digits"
-  c.total_steps = 1000
+  c.total_steps = 500
   c.batch_size = 128
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 500
+  c.checkpoint_every_steps = 250
   c.model = ml_collections.ConfigDict(dict(
       name="clip", embed_dim=128, temperature_init=1 / 0.07,
       image=dict(variant="mu/4", image_size=16, pool_type="gap", posemb="learn", dtype="float32"),

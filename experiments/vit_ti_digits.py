@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4
   c.data.train = ml_collections.ConfigDict(dict(
-      source="digits", split="train", shuffle_buffer=2000, cache=True,
+      source="digits", split="train", shuffle_buffer=2000, cache=True, num_readers=0,  # 0: one per process
       pp="decode|resize(18)|random_crop(16)|value_range(-1,1)|onehot(10)"))
   c.evals.test = ml_collections.ConfigDict(dict(
       type="classification", batch_size=304,

@@ -31,10 +31,13 @@ def _short(overrides=()):
 
 
 def test_same_loss_on_one_device_and_on_8_device_meshes(tmp_path):
+  """Data parallel, FSDP and tensor parallel layouts compute the same training run."""
   runs = {
       "1dev": (_short(["mesh.data=1"]), jax.devices()[:1]),
       "data8": (_short(["mesh.data=8"]), None),
       "data2_fsdp4": (_short(["mesh.data=2", "mesh.fsdp=4"]), None),
+      "data2_fsdp2_tensor2": (_short(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), None),
+      "fsdp2_tensor4": (_short(["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=4"]), None),
   }
   losses = {}
   for name, (cfg, devices) in runs.items():
@@ -42,7 +45,7 @@ def test_same_loss_on_one_device_and_on_8_device_meshes(tmp_path):
     losses[name] = _losses(str(tmp_path / name))
   ref = np.array([losses["1dev"][s] for s in range(1, 31)])
   assert ref[-1] < ref[0]  # it trains
-  for name in ("data8", "data2_fsdp4"):
+  for name in ("data8", "data2_fsdp4", "data2_fsdp2_tensor2", "fsdp2_tensor4"):
     got = np.array([losses[name][s] for s in range(1, 31)])
     np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=name)
 

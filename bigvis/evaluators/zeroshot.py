@@ -32,9 +32,10 @@ from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, eval_batch_size, split_batches
 
-# A few of the CLIP paper's ImageNet templates: used when a config names none.
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
-                     "a photo of the small {}.", "itap of a {}.", "art of the {}.", "a photo of one {}.")
+# The 7 of CLIP's 80 ImageNet templates its authors found to ensemble best (openai/CLIP,
+# "Prompt Engineering for ImageNet"): used when a config names none.
+DEFAULT_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                     "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
 TOP_K = 5
 
 

@@ -1,0 +1,407 @@
+"""`bigvis aot`: compiles the real train step for a TPU slice from any host and checks that it fits.
+
+    bigvis aot --config experiments/vit_h14_i21k.py --topology v5p-256 [--set k=v]...
+
+libtpu (the `aot` extra) describes a TPU slice as compile-only devices
+(`jax.experimental.topologies`), so the mesh, the sharded train state and the
+jitted step are built by the same functions training uses (`bigvis.train`) and
+XLA:TPU compiles them here, on a CPU. Nothing is allocated: the state and the
+global batch are `jax.ShapeDtypeStruct`s.
+
+Reported per chip: memory (XLA's buffer assignment: arguments, outputs that
+are not donated back into them, temporaries, program) against the chip's HBM;
+FLOPs per step; and a step time estimated from an assumed hardware
+utilisation, with the MFU that step time means.
+
+FLOPs are counted on the step's jaxpr (matmuls and convolutions; a scanned
+layer loop counts `length` times), because XLA's cost analysis counts the body
+of a scanned loop once. `flops_per_chip` includes remat recomputation (what the
+chip executes, the basis of the step time); `model_flops_per_chip` is the same
+step traced without remat (the usual basis of MFU).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import TYPE_CHECKING, Any, Iterator
+
+from bigvis.errors import UserError
+
+if TYPE_CHECKING:  # jax loads lazily, so `bigvis --help` stays fast
+  import jax
+  import ml_collections
+
+GIB = 2**30
+# The fraction of peak FLOP/s a well-tuned large transformer step sustains on TPU; the step-time assumption.
+ASSUMED_UTILIZATION = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """One TPU generation: how libtpu names it, what a chip holds and computes, how slice names count."""
+  libtpu: str            # prefix libtpu's topology names use, e.g. "v5p" in "v5p:4x4x8"
+  device_kind: str       # jax's device_kind of its chips
+  dims: int              # 3: a 3-D torus (v4, v5p); 2: a 2-D grid (v5e, v6e)
+  cores_per_chip: int    # TensorCores per chip; one JAX device per chip (megacore)
+  names_count_cores: bool  # v4-8 / v5p-8 are 8 TensorCores = 4 chips; v5e-8 / v6e-8 are 8 chips
+  hbm_bytes: int
+  peak_flops: float      # dense bf16 FLOP/s per chip
+  chip_config: str | None = None  # libtpu chip_config_name; v4 needs "megacore" for one device per chip
+
+
+GENERATIONS = {
+    "v4": Generation("v4", "TPU v4", 3, 2, True, 32 * GIB, 275e12, chip_config="megacore"),
+    "v5p": Generation("v5p", "TPU v5", 3, 2, True, 95 * GIB, 459e12),
+    "v5e": Generation("v5e", "TPU v5 lite", 2, 1, False, 16 * GIB, 197e12),
+    "v6e": Generation("v6e", "TPU v6 lite", 2, 1, False, 32 * GIB, 918e12),
+}
+ALIASES = {"v5litepod": "v5e"}
+VALID_FORMS = ("GEN-N with GEN one of v4, v5p, v5e (or v5litepod), v6e and N a power of two "
+               "(TensorCores for v4/v5p, e.g. v4-8, v5p-256; chips for v5e/v6e, e.g. v5e-16, v6e-64), "
+               "or GEN:SHAPE giving the chip grid (e.g. v5p:4x4x12, v4:2x2x1, v5e:4x8, v6e:2x2)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice: its generation and chip grid."""
+  name: str
+  generation: Generation
+  shape: tuple[int, ...]
+
+  @property
+  def chips(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def libtpu_name(self) -> str:
+    return f"{self.generation.libtpu}:{'x'.join(map(str, self.shape))}"
+
+
+def _default_shape(chips: int, dims: int) -> tuple[int, ...]:
+  """Cloud TPU's chip grid for a power-of-two slice: 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ... or 1x1, 1x2, 2x2, 2x4, ..."""
+  shape = [2, 2, 1] if dims == 3 else [1, 1]
+  while math.prod(shape) < chips:
+    smallest = min(shape)
+    i = max(j for j, s in enumerate(shape) if s == smallest)
+    shape[i] *= 2
+  return tuple(sorted(shape)) if dims == 2 else tuple(shape)
+
+
+def parse_topology(name: str) -> Topology:
+  """`v5p-256`, `v5e-16`, `v5p:4x4x8`, ... -> Topology; anything else is a UserError listing the valid forms."""
+  text = name.strip().lower()
+  counted = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text)
+  explicit = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)[:=](\d+(?:x\d+)+)", text)
+  if counted:
+    gen = GENERATIONS[ALIASES.get(counted.group(1), counted.group(1))]
+    n = int(counted.group(2))
+    chips = n // gen.cores_per_chip if gen.names_count_cores else n
+    if n <= 0 or n & (n - 1) or (gen.names_count_cores and (n % gen.cores_per_chip or chips < 4)):
+      raise UserError(f"unknown TPU topology '{name}'; use {VALID_FORMS}.")
+    return Topology(name, gen, _default_shape(chips, gen.dims))
+  if explicit:
+    gen = GENERATIONS[ALIASES.get(explicit.group(1), explicit.group(1))]
+    shape = tuple(int(s) for s in explicit.group(2).split("x"))
+    if len(shape) != gen.dims or min(shape) < 1:
+      raise UserError(f"TPU topology '{name}' needs a {gen.dims}-D chip grid for {gen.libtpu} "
+                      f"(e.g. {'v5p:4x4x8' if gen.dims == 3 else 'v5e:4x4'}).")
+    return Topology(name, gen, shape)
+  raise UserError(f"unknown TPU topology '{name}'; use {VALID_FORMS}.")
+
+
+def topology_devices(topology: Topology) -> list[jax.Device]:
+  """libtpu's compile-only devices for the slice, one per chip; nothing on this host is touched."""
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    raise UserError("compiling for TPU needs libtpu, which is not installed; "
+                    "install it with: pip install -e '.[aot]'.") from None
+  # Not on a Cloud TPU VM: tell libtpu not to look for one (metadata server, worker hostnames).
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.generation.libtpu}-{topology.chips}")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel test workers each load it
+  import jax
+  from jax.experimental import topologies
+  kwargs: dict[str, Any] = {}
+  if topology.generation.chip_config:
+    kwargs["chip_config_name"] = topology.generation.chip_config
+  if topology.generation.dims == 2 and min(topology.shape) < 2:  # slices smaller than one 2x2 host
+    kwargs["chips_per_host_bounds"] = [min(s, 2) for s in topology.shape] + [1]
+  try:
+    devices = list(topologies.get_topology_desc(topology_name=topology.libtpu_name, platform="tpu",
+                                                **kwargs).devices)
+  except (jax.errors.JaxRuntimeError, RuntimeError) as e:
+    raise UserError(f"libtpu cannot describe TPU topology '{topology.name}' ({topology.libtpu_name}): "
+                    f"{str(e).splitlines()[0]}") from None
+  if len(devices) != topology.chips:
+    raise UserError(f"libtpu gave {len(devices)} devices for '{topology.name}', expected one per chip "
+                    f"({topology.chips}); this libtpu does not match bigvis's table of TPU generations.")
+  return devices
+
+
+def _subjaxprs(params: dict) -> Iterator[Any]:
+  from jax.extend.core import ClosedJaxpr, Jaxpr
+  for value in params.values():
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(v, ClosedJaxpr):
+        yield v.jaxpr
+      elif isinstance(v, Jaxpr):
+        yield v
+
+
+def jaxpr_flops(jaxpr: Any) -> float:
+  """FLOPs of the matmuls and convolutions in a jaxpr (global shapes), a scan body counted `length` times.
+
+  XLA's cost analysis counts a scanned layer loop once, so this is what step
+  times and MFU of scanned models are based on.
+  """
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+      lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+      rhs_free = math.prod(d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch)
+      total += 2.0 * math.prod(lhs) * rhs_free
+    elif name == "conv_general_dilated":
+      rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
+      out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+      total += 2.0 * math.prod(out) * math.prod(rhs) / out_features
+    subs = [jaxpr_flops(j) for j in _subjaxprs(eqn.params)]
+    if not subs:
+      continue
+    if name == "scan":
+      total += eqn.params["length"] * sum(subs)
+    elif name == "cond":
+      total += max(subs)
+    elif name == "shard_map":  # the body sees one shard; every device runs it
+      mesh = eqn.params["mesh"]
+      manual = eqn.params.get("manual_axes") or mesh.axis_names
+      total += math.prod(mesh.shape[a] for a in manual) * sum(subs)
+    else:  # jit, remat, custom_jvp/vjp, while (trip count unknown: once)
+      total += sum(subs)
+  return total
+
+
+def _without_remat(section: Any) -> Any:
+  """A model config (dict) with every `remat_policy` set to "none", towers included."""
+  if isinstance(section, dict):
+    return {k: ("none" if k == "remat_policy" else _without_remat(v)) for k, v in section.items()}
+  return section
+
+
+def _oom_bytes(message: str) -> int | None:
+  """Bytes XLA:TPU needed, from its 'Ran out of memory in memory space hbm. Used 123.4G of 95.7G hbm' error."""
+  m = re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
+                         assumed_utilization: float = ASSUMED_UTILIZATION) -> dict[str, Any]:
+  """Compiles `config`'s train step for a TPU slice and returns per-chip memory, FLOPs and fit.
+
+  The mesh is `config.mesh` over the slice's chips, the state and batch are
+  shapes with the shardings training would give them, and the step is
+  `bigvis.train.make_train_step`, so the figures are those of the real run.
+  """
+  import jax
+  import ml_collections
+  from bigvis import config as config_lib
+  from bigvis import objectives, sharding, train
+  from bigvis.models import build_model
+  from data_pipelines import input as data_input
+
+  topo = parse_topology(topology)
+  gen = topo.generation
+  config_lib.check_known(config, train.TOP_KEYS, "config")
+  devices = topology_devices(topo)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_from_config(config)
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel chips of "
+                    f"{topo.name} (mesh data x fsdp); use a multiple of {dp}.")
+
+  # Shapes only: one example fixes the feature shapes, the global batch is a ShapeDtypeStruct.
+  example, _ = sharding.split_host_features(data_input.synthetic_batch(config.model, 1, config.seed))
+  example = {k: v for k, v in example.items() if not k.startswith("_")}
+  batch_sh = sharding.batch_sharding(mesh)
+  batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sh)
+           for k, v in example.items()}
+
+  model = build_model(config.model)
+  loss_fn = objectives.make_objective(config.objective, model)
+  _, abstract_state, state_shardings, tx, _ = train.plan_train_state(config, model, mesh, rules, example)
+  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                       abstract_state, state_shardings)
+  n_params = int(sum(x.size for x in jax.tree.leaves(abstract_state["params"])))
+  step = train.make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
+
+  # The same step without remat: what the model needs, not what the chip recomputes.
+  plain = ml_collections.ConfigDict({**config.to_dict(), "model": _without_remat(config.model.to_dict())})
+  plain_step = train.make_train_step(plain, objectives.make_objective(plain.objective, build_model(plain.model)),
+                                     tx, state_shardings, mesh, rules)
+
+  t0 = time.time()
+  memory: dict[str, int] | None = None
+  needed: int | None = None
+  with sharding.use_mesh(mesh):
+    traced = step.trace(state, batch)
+    hw_flops = jaxpr_flops(traced.jaxpr)
+    model_flops = jaxpr_flops(plain_step.trace(state, batch).jaxpr)
+    try:
+      compiled = traced.lower().compile()
+    except jax.errors.JaxRuntimeError as e:
+      needed = _oom_bytes(str(e))
+      if needed is None:
+        raise
+      compiled = None
+  compile_s = time.time() - t0
+
+  xla_flops = None
+  if compiled is not None:
+    m = compiled.memory_analysis()
+    memory = {"argument_bytes": int(m.argument_size_in_bytes),
+              "output_bytes": int(m.output_size_in_bytes),
+              "alias_bytes": int(m.alias_size_in_bytes),
+              "temp_bytes": int(m.temp_size_in_bytes),
+              "generated_code_bytes": int(m.generated_code_size_in_bytes)}
+    # Donated state: outputs written into their inputs' buffers need no memory of their own.
+    needed = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
+              + memory["temp_bytes"] + memory["generated_code_bytes"])
+    memory["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0) or None
+    from bigvis import metrics as metrics_lib
+    xla_flops = metrics_lib.compiled_flops(compiled)
+
+  chips = topo.chips
+  flops_chip, model_chip = hw_flops / chips, model_flops / chips
+  step_s = flops_chip / (gen.peak_flops * assumed_utilization) if flops_chip else None
+  fits = needed is not None and needed <= gen.hbm_bytes and compiled is not None
+  return {
+      "experiment": config.get("experiment", ""),
+      "topology": topo.name,
+      "libtpu_topology": topo.libtpu_name,
+      "device_kind": devices[0].device_kind,
+      "chips": chips,
+      "cores_per_chip": gen.cores_per_chip,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "batch_size": int(config.batch_size),
+      "batch_per_chip": config.batch_size / dp,
+      "params": n_params,
+      "memory": memory,
+      "total_bytes_per_chip": needed,
+      "hbm_bytes_per_chip": gen.hbm_bytes,
+      "fits": bool(fits),
+      "flops_per_chip": flops_chip,
+      "model_flops_per_chip": model_chip,
+      "xla_flops_per_chip": xla_flops,
+      "peak_flops_per_chip": gen.peak_flops,
+      "assumed_utilization": assumed_utilization,
+      "step_s": step_s,
+      "examples_per_sec": config.batch_size / step_s if step_s else None,
+      "mfu": model_chip / (step_s * gen.peak_flops) if step_s else None,
+      "compile_s": compile_s,
+      "jax": jax.__version__,
+      "libtpu": _libtpu_version(),
+  }
+
+
+def _libtpu_version() -> str | None:
+  from importlib import metadata
+  try:
+    return metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def format_report(r: dict[str, Any]) -> str:
+  """The human-readable table `bigvis aot` prints above its JSON line."""
+  gib = lambda b: f"{b / GIB:8.2f}" if b is not None else "       ?"  # noqa: E731
+  mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  lines = [
+      f"{r['experiment'] or 'config'} on {r['topology']} ({r['libtpu_topology']}: {r['chips']} chips of "
+      f"{r['device_kind']}, {r['cores_per_chip']} TensorCore{'s' if r['cores_per_chip'] > 1 else ''} each)",
+      f"  mesh {mesh} | batch {r['batch_size']:,} ({r['batch_per_chip']:g} per data-parallel chip) | "
+      f"{r['params'] / 1e6:,.1f}M params | compiled in {r['compile_s']:.0f} s",
+      "  memory per chip                    GiB",
+  ]
+  m = r["memory"]
+  if m:
+    lines += [
+        f"    arguments (state + batch)   {gib(m['argument_bytes'])}",
+        f"    outputs not donated         {gib(m['output_bytes'] - m['alias_bytes'])}",
+        f"    temporaries                 {gib(m['temp_bytes'])}",
+        f"    program                     {gib(m['generated_code_bytes'])}",
+    ]
+  else:
+    lines.append("    (XLA:TPU stopped: the program does not fit; total is what it reported needing)")
+  total, hbm = r["total_bytes_per_chip"], r["hbm_bytes_per_chip"]
+  share = f"{100 * total / hbm:5.1f}%" if total is not None else "    ?"
+  lines += [
+      f"    total                       {gib(total)}  of {hbm / GIB:.2f} HBM ({share})  "
+      f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+      "  compute per chip and step",
+      f"    FLOPs (with remat)          {r['flops_per_chip']:.3e}",
+      f"    model FLOPs (no remat)      {r['model_flops_per_chip']:.3e}",
+  ]
+  if r["step_s"]:
+    lines += [
+        f"    est. step time              {r['step_s']:8.3f} s  (assumes {100 * r['assumed_utilization']:.0f}% of "
+        f"the {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 peak is sustained)",
+        f"    est. throughput             {r['examples_per_sec']:,.0f} examples/s",
+        f"    MFU at that step time       {100 * r['mfu']:8.1f}%",
+    ]
+  return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+  """Registers `bigvis aot` on the CLI's subparsers."""
+  p = subparsers.add_parser(
+      "aot", help="compile the train step for a TPU slice from this host; memory, FLOPs, fit",
+      description="Compiles the real train step for a TPU topology (needs the `aot` extra: libtpu) and "
+                  "reports per-chip memory against HBM, FLOPs and an estimated step time; exit 1 if it "
+                  "does not fit.")
+  p.add_argument("--config", required=True, help="experiments/NAME.py[:arg] or a bare experiment name")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                 help="override a config key (repeatable), e.g. --set mesh.fsdp=8")
+  p.add_argument("--topology", required=True, metavar="NAME",
+                 help="TPU slice: v4-8 .. v4-4096, v5p-8 .. (TensorCores), v5e-1 .. v5e-256, v6e-1 .. v6e-256 "
+                      "(chips), or a chip grid such as v5p:4x4x8 or v5e:2x4")
+  p.add_argument("--assumed-utilization", type=float, default=ASSUMED_UTILIZATION, metavar="U",
+                 help=f"fraction of peak FLOP/s assumed for the step-time estimate (default {ASSUMED_UTILIZATION})")
+  p.set_defaults(fn=main)
+
+
+def main(args: argparse.Namespace) -> int:
+  """Prints the report and a final JSON line; 0 when it fits in HBM, 1 (one line on stderr) when not."""
+  import jax
+  from bigvis import config as config_lib
+  if not 0 < args.assumed_utilization <= 1:
+    raise UserError(f"--assumed-utilization must be in (0, 1], got {args.assumed_utilization}.")
+  parse_topology(args.topology)  # a bad name fails before the config is loaded
+  config = config_lib.load(args.config, args.overrides)
+  try:  # never touch this host's accelerators: everything runs for the target topology
+    jax.config.update("jax_platforms", "cpu")
+  except RuntimeError:  # backends already up (e.g. in tests): they are not used anyway
+    pass
+  r = compile_for_topology(config, args.topology, args.assumed_utilization)
+  print(format_report(r))
+  print(json.dumps(r), flush=True)
+  if not r["fits"]:
+    total = r["total_bytes_per_chip"]
+    need = f"{total / GIB:.1f} GiB per chip" if total is not None else "more than a chip holds"
+    print(f"bigvis: {r['experiment'] or 'the config'} does not fit on {r['topology']}: it needs {need} of "
+          f"{r['hbm_bytes_per_chip'] / GIB:.0f} GiB HBM; shard more (--set mesh.fsdp=N), remat more, "
+          "or lower batch_size.", file=sys.stderr)
+    return 1
+  return 0

@@ -1,0 +1,219 @@
+"""`bigvis bench`: times the real train step on a synthetic batch and prints one JSON line.
+
+The mesh, model, sharded state and jitted step are built by the same functions
+training uses (`bigvis.train`), so a figure measured here is the figure a run
+of that config gets, minus input-pipeline stalls. Steps are dispatched
+back to back and timed with one `block_until_ready` at the end, as in the loop.
+
+FLOP counts. `model_flops_per_example` is 3x the forward FLOPs of the same model
+built unrolled, unpadded, without remat and with XLA attention (HLO cost
+analysis at batch 1): the usual "model FLOPs" behind MFU, independent of
+implementation tricks. `xla_flops_per_example` is XLA's cost analysis of the
+compiled step (per device on this JAX, so x devices / batch): it also counts
+remat recomputation, padded tokens and the optimizer, but counts a scanned
+layer loop once and omits custom calls such as cuDNN attention, so it is a
+sanity check, not the basis of MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from typing import TYPE_CHECKING, Any
+
+from bigvis.errors import UserError
+
+if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fast
+  import jax
+  import ml_collections
+
+# Fields that change how a model is computed but not what: reset for the model-FLOP reference.
+_REFERENCE_FIELDS = {"scan": False, "remat_policy": "none", "attention_impl": "xla", "seq_pad_multiple": 0}
+
+
+def _reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
+  """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention."""
+  from bigvis.models import MODELS
+  cfg = model_cfg.to_dict()
+
+  def plain(section: dict, cls) -> dict:
+    return {**section, **{k: v for k, v in _REFERENCE_FIELDS.items() if hasattr(cls, k)}}
+  if cfg.get("name") == "clip":
+    cfg["image"] = plain(dict(cfg.get("image", {})), MODELS["vit"])
+    cfg["text"] = plain(dict(cfg.get("text", {})), MODELS["text"])
+    return cfg
+  return plain(cfg, MODELS.get(cfg.get("name"), object))
+
+
+def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:
+  """3 x forward FLOPs of one example through the plain model (HLO cost analysis, nothing compiled)."""
+  import jax
+  import ml_collections
+  import numpy as np
+  from bigvis import train
+  from bigvis.models import build_model
+  ref_cfg = ml_collections.ConfigDict(_reference_model_config(config.model))
+  model = build_model(ref_cfg)
+  ref_config = ml_collections.ConfigDict({**config.to_dict(), "model": ref_cfg.to_dict()})
+  inputs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in train.model_inputs(ref_config, batch)]
+  variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False), *inputs)
+  try:
+    cost = jax.jit(lambda v, *xs: model.apply(v, *xs, train=False)).lower(variables, *inputs).cost_analysis()
+  except Exception:  # a backend without HLO cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return 3.0 * float(flops) if flops and flops > 0 else None
+
+
+def describe_model(model_cfg: ml_collections.ConfigDict) -> str:
+  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=cudnn pool=gap`."""
+  def tower(c: dict) -> str:
+    parts = [str(c.get("variant", "?"))]
+    if "image_size" in c:
+      parts.append(f"{c['image_size']}px")
+    if "context_length" in c:
+      parts.append(f"ctx{c['context_length']}")
+    parts.append(str(c.get("dtype", "float32")))
+    for key, short in (("attention_impl", "attn"), ("pool_type", "pool"), ("seq_pad_multiple", "pad"),
+                       ("remat_policy", "remat"), ("scan", "scan")):
+      if key in c:
+        parts.append(f"{short}={c[key]}")
+    return " ".join(parts)
+  cfg = model_cfg.to_dict()
+  if cfg.get("name") == "clip":
+    return f"clip image[{tower(cfg.get('image', {}))}] text[{tower(cfg.get('text', {}))}]"
+  return f"{cfg.get('name')} {tower(cfg)}"
+
+
+def _peak_memory(compiled: Any, devices: list[jax.Device]) -> tuple[float | None, str]:
+  """(peak bytes per device, where the figure came from): the allocator's peak, else XLA's plan."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:
+      stats = None
+    if stats and stats.get("peak_bytes_in_use"):
+      peaks.append(stats["peak_bytes_in_use"])
+  if peaks:
+    return float(max(peaks)), "memory_stats.peak_bytes_in_use"
+  try:
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return float(total), "compiled.memory_analysis"
+  except Exception:
+    return None, "unavailable"
+
+
+def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
+              devices: list[jax.Device] | None = None) -> dict[str, Any]:
+  """Times `steps` train steps of `config` on a synthetic batch after `warmup` steps; returns the figures."""
+  import jax
+  from bigvis import config as config_lib
+  from bigvis import metrics as metrics_lib
+  from bigvis import objectives, sharding, train
+  from bigvis.models import build_model
+  from data_pipelines import input as data_input
+  if steps < 1 or warmup < 0:
+    raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got steps={steps}, warmup={warmup}.")
+  config_lib.check_known(config, train.TOP_KEYS, "config")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_from_config(config)
+  dp = sharding.data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel devices "
+                    f"(mesh data x fsdp); use a multiple of {dp}.")
+  mesh_devices = list(mesh.devices.flat)
+  n_dev = len(mesh_devices)
+
+  model = build_model(config.model)
+  loss_fn = objectives.make_objective(config.objective, model)
+  local = data_input.synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
+  local, _ = sharding.split_host_features(local)
+
+  state, state_shardings, tx, _ = train.create_train_state(config, model, mesh, rules, local)
+  n_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
+  step_fn = train.make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
+  batch = sharding.global_batch(local, mesh)
+
+  t0 = time.perf_counter()
+  with sharding.use_mesh(mesh):
+    lowered = step_fn.lower(state, batch)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+
+  metrics = None
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / steps
+  loss = float(jax.device_get(metrics["train/loss"]))
+
+  ex_s = config.batch_size / step_s
+  model_flops = model_flops_per_example(config, local)
+  xla_flops_dev = metrics_lib.compiled_flops(compiled)  # per device: verified against 1 device in tests
+  xla_flops = xla_flops_dev * n_dev / config.batch_size if xla_flops_dev else None
+  peak = metrics_lib.device_peak_flops(mesh_devices[0])
+  tflops = model_flops * ex_s / 1e12 if model_flops else None
+  tflops_xla = xla_flops * ex_s / 1e12 if xla_flops else None
+  mem, mem_source = _peak_memory(compiled, mesh_devices)
+  return {
+      "model": describe_model(config.model),
+      "experiment": config.get("experiment", ""),
+      "params": n_params,
+      "batch_size": int(config.batch_size),
+      "devices": n_dev,
+      "device_kind": mesh_devices[0].device_kind,
+      "platform": mesh_devices[0].platform,
+      "mesh": dict(mesh.shape),
+      "steps": int(steps),
+      "warmup": int(warmup),
+      "step_ms": step_s * 1e3,
+      "examples_per_sec": ex_s,
+      "examples_per_sec_per_device": ex_s / n_dev,
+      "tflops_per_sec": tflops,
+      "tflops_per_sec_per_device": tflops / n_dev if tflops else None,
+      "mfu": (tflops * 1e12 / n_dev / peak) if tflops and peak else None,
+      "tflops_per_sec_xla": tflops_xla,
+      "mfu_xla": (tflops_xla * 1e12 / n_dev / peak) if tflops_xla and peak else None,
+      "model_flops_per_example": model_flops,
+      "xla_flops_per_example": xla_flops,
+      "peak_flops_per_device": peak,
+      "peak_memory_gib": mem / 2**30 if mem is not None else None,
+      "peak_memory_source": mem_source,
+      "lower_s": lower_s,
+      "compile_s": compile_s,
+      "final_loss": loss,
+      "jax": jax.__version__,
+      "host": platform.node(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+  """Registers `bigvis bench` on the CLI's subparsers."""
+  p = subparsers.add_parser("bench", help="time the train step on synthetic data; prints one JSON line")
+  p.add_argument("--config", required=True, help="experiments/NAME.py[:arg] or a bare experiment name")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                 help="override a config key (repeatable), e.g. --set batch_size=256")
+  p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+  p.set_defaults(fn=main)
+
+
+def main(args: argparse.Namespace) -> int:
+  """Loads the config, benchmarks it and prints the result as one JSON line on stdout."""
+  from bigvis import config as config_lib
+  config = config_lib.load(args.config, args.overrides)
+  result = benchmark(config, steps=args.steps, warmup=args.warmup)
+  print(json.dumps(result), flush=True)
+  return 0

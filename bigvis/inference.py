@@ -1,0 +1,210 @@
+"""Using a trained run: its config, model and parameters from a workdir, and image/text embedders.
+
+    config, model, params = load_run("runs/clip_ti_digits")
+    embed = load_image_embedder("runs/clip_ti_digits")   # list of uint8 HxWx3 -> [n, dim]
+
+Only the parameters are read from the orbax checkpoint (a partial restore: no
+optimizer state is allocated), onto one device, so a run trained on a pod can
+be used on a laptop as long as its parameters fit in memory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigvis.errors import UserError
+
+# Deterministic ops that only reshape or rescale the image; everything else in a pp string
+# (decoding, random augmentation, labels, text) does not apply to already-decoded images.
+GEOMETRY_OPS = ("resize", "resize_small", "central_crop")
+VALUE_OPS = ("value_range", "normalize", "invert", "grayscale_to_rgb")
+EMBED_BATCH = 64
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run was trained with, from `workdir/config.json`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise UserError(f"workdir '{workdir}' has no config.json; is it the --workdir of a bigvis train run?")
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (json.JSONDecodeError, OSError) as e:
+    raise UserError(f"{path} is not readable JSON ({e}).")
+
+
+def _restore_params(directory: str, abstract: Any, step: int | None) -> tuple[int, Any]:
+  """(step, params) from the newest readable (or the given) checkpoint, restoring params only."""
+  import orbax.checkpoint as ocp
+  if not os.path.isdir(directory):
+    raise UserError(f"'{directory}' does not exist: the run has written no checkpoint yet.")
+  # Never saves; not `read_only`, which only adds warnings. A run still training may share the folder.
+  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, enable_async_checkpointing=False), item_names=("state", "meta"))
+  try:
+    steps = sorted(mngr.all_steps())
+    if not steps:
+      raise UserError(f"'{directory}' holds no complete checkpoint yet.")
+    if step is not None and step not in steps:
+      raise UserError(f"there is no checkpoint at step {step} in '{directory}'; have steps "
+                      f"{', '.join(map(str, steps))}.")
+    item = {"params": abstract}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    for s in ([step] if step is not None else reversed(steps)):
+      try:
+        return s, mngr.restore(s, args=args)["state"]["params"]
+      except Exception as e:  # damaged, or another model's checkpoint
+        if step is not None or s == steps[0]:
+          raise UserError(f"the checkpoint at step {s} in '{directory}' cannot be restored into this run's "
+                          f"model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).")
+        logging.warning("checkpoint at step %d in %s is not readable (%s); trying the previous one.",
+                        s, directory, type(e).__name__)
+  finally:
+    mngr.close()
+  raise AssertionError("unreachable")
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
+  """(config, model, params) of the run in `workdir` at `step` (default: the newest checkpoint)."""
+  from bigvis import params as params_lib
+  from bigvis.models import build_model
+  config = load_config(workdir)
+  if "model" not in config:
+    raise UserError(f"{os.path.join(workdir, 'config.json')} has no 'model' section.")
+  model = build_model(config.model)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          params_lib.abstract_params(config.model))
+  restored_step, params = _restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+  logging.info("restored %s at step %d", workdir, restored_step)
+  return config, model, params
+
+
+def _op_name(part: str) -> str:
+  return part.split("(", 1)[0].strip()
+
+
+def image_pp(config: ml_collections.ConfigDict) -> str:
+  """The preprocessing for already-decoded images: the run's eval geometry and value scaling.
+
+  Taken from the first eval pp string (dropping decode, labels, text and anything
+  random); without evals, the image is resized to the model's size and scaled as
+  in the training pp (or to [-1, 1] when that says nothing).
+  """
+  image_cfg = config.model.image if config.model.name == "clip" else config.model
+  size = int(image_cfg.get("image_size", 224))
+  eval_pps = [ev.data.pp for ev in (config.get("evals") or {}).values()
+              if "data" in ev and ev.data.get("pp")]
+  if eval_pps:
+    parts = [p.strip() for p in eval_pps[0].split("|") if _op_name(p) in GEOMETRY_OPS + VALUE_OPS]
+  else:
+    train_pp = config.data.train.get("pp", "") if "data" in config and "train" in config.data else ""
+    parts = [f"resize({size})"] + [p.strip() for p in train_pp.split("|") if _op_name(p) in VALUE_OPS]
+  if not any(_op_name(p) in ("value_range", "normalize") for p in parts):
+    parts.append("value_range(-1, 1)")
+  return "|".join(parts)
+
+
+def _as_rgb_uint8(image: Any, index: int) -> np.ndarray:
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    if image.dtype.kind not in "iub":
+      raise UserError(f"image {index} has dtype {image.dtype}; the embedder takes uint8 HxWx3 arrays.")
+    image = np.clip(image, 0, 255).astype(np.uint8)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:
+    raise UserError(f"image {index} has shape {image.shape}; the embedder takes HxWx3 arrays.")
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  return image[..., :3]
+
+
+def make_preprocessor(config: ml_collections.ConfigDict) -> Callable[[np.ndarray], np.ndarray]:
+  """uint8 HxWx3 of any size -> float32 [size, size, 3] as the model saw images in evaluation."""
+  import tensorflow as tf
+  from data_pipelines import preprocess
+  image_cfg = config.model.image if config.model.name == "clip" else config.model
+  size = int(image_cfg.get("image_size", 224))
+  op = preprocess.build(image_pp(config))
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)], reduce_retracing=True)
+  def run(image):
+    out = op({"image": image}, tf.constant([0, 0], tf.int64))["image"]
+    out = tf.cast(out, tf.float32)
+    if out.shape[0] != size or out.shape[1] != size:  # e.g. resize_small without a crop
+      out = tf.image.resize(out, (size, size), antialias=True)
+    return out
+
+  return lambda image: run(tf.constant(image)).numpy()
+
+
+def make_image_embedder(config: ml_collections.ConfigDict, model, params,
+                        batch_size: int = EMBED_BATCH) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+  """An embedder for a loaded run: CLIP's image-tower embedding, or a ViT's pre-logits, L2-normalised."""
+  is_clip = config.model.name == "clip"
+  preprocess = make_preprocessor(config)
+
+  @jax.jit
+  def embed(p, images):
+    if is_clip:
+      z, _, _ = model.apply({"params": p}, images, None, train=False)
+    else:
+      _, aux = model.apply({"params": p}, images, train=False)
+      z = aux["pre_logits"].astype(jnp.float32)
+    return z / jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-12)
+
+  def embedder(images: Sequence[np.ndarray]) -> np.ndarray:
+    arrays = [preprocess(_as_rgb_uint8(im, i)) for i, im in enumerate(images)]
+    if not arrays:
+      raise UserError("no images to embed.")
+    out = []
+    for lo in range(0, len(arrays), batch_size):
+      chunk = np.stack(arrays[lo:lo + batch_size])
+      n = len(chunk)
+      if n < batch_size:  # one compiled shape for every batch
+        chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+      out.append(np.asarray(embed(params, chunk))[:n])
+    return np.concatenate(out)
+
+  return embedder
+
+
+def load_image_embedder(workdir: str, step: int | None = None,
+                        batch_size: int = EMBED_BATCH) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+  """list of uint8 HxWx3 images (any size) -> L2-normalised float32 embeddings [n, dim], from a run."""
+  config, model, params = load_run(workdir, step)
+  return make_image_embedder(config, model, params, batch_size)
+
+
+def make_text_embedder(model, params, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
+  """Token ids [n, length] -> a CLIP run's L2-normalised text embeddings [n, dim]."""
+  @jax.jit
+  def embed(p, tokens):
+    _, z, _ = model.apply({"params": p}, None, tokens, train=False)
+    return z
+
+  def embedder(tokens: np.ndarray) -> np.ndarray:
+    out = []
+    for lo in range(0, len(tokens), batch_size):
+      chunk = tokens[lo:lo + batch_size]
+      n = len(chunk)
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), chunk.dtype)])
+      out.append(np.asarray(embed(params, chunk))[:n])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+  return embedder
+
+
+def logit_scale(params) -> float:
+  """A CLIP run's learned temperature exp(t), clamped as in training."""
+  from bigvis.models.clip import MAX_LOGIT_SCALE
+  return float(min(np.exp(float(np.asarray(params["t"]).reshape(-1)[0])), MAX_LOGIT_SCALE))
