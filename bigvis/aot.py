@@ -199,8 +199,15 @@ def _without_remat(section: Any) -> Any:
 
 
 def _oom_bytes(message: str) -> int | None:
-  """Bytes XLA:TPU needed, from its 'Ran out of memory in memory space hbm. Used 123.4G of 95.7G hbm' error."""
-  m = re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", message)
+  """Bytes XLA:TPU said it needs when it refuses to compile a program that does not fit HBM, else None.
+
+  Two phrasings: "... required for HLO temporaries (1.75T) exceeds available HBM (15.75G)" and
+  "Ran out of memory in memory space hbm. Used 123.4G of 95.7G hbm".
+  """
+  if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():
+    return None
+  m = (re.search(r"\(([\d.]+)([KMGT]?)i?B?\)\s+exceeds available HBM", message)
+       or re.search(r"Used\s+([\d.]+)([KMGT]?)i?B?\s+of\s+[\d.]+[KMGT]?i?B?\s+hbm", message))
   if not m:
     return None
   return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
@@ -255,6 +262,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   t0 = time.time()
   memory: dict[str, int] | None = None
   needed: int | None = None
+  xla_error: str | None = None
   with sharding.use_mesh(mesh):
     traced = step.trace(state, batch)
     hw_flops = jaxpr_flops(traced.jaxpr)
@@ -265,7 +273,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       needed = _oom_bytes(str(e))
       if needed is None:
         raise
-      compiled = None
+      compiled, xla_error = None, str(e).strip().splitlines()[0]
   compile_s = time.time() - t0
 
   xla_flops = None
@@ -302,6 +310,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "total_bytes_per_chip": needed,
       "hbm_bytes_per_chip": gen.hbm_bytes,
       "fits": bool(fits),
+      "xla_error": xla_error,
       "flops_per_chip": flops_chip,
       "model_flops_per_chip": model_chip,
       "xla_flops_per_chip": xla_flops,
@@ -324,14 +333,18 @@ def _libtpu_version() -> str | None:
     return None
 
 
+def _seconds(s: float) -> str:
+  return f"{s:8.3f} s " if s >= 1 else f"{s * 1e3:8.3f} ms"
+
+
 def format_report(r: dict[str, Any]) -> str:
   """The human-readable table `bigvis aot` prints above its JSON line."""
   gib = lambda b: f"{b / GIB:8.2f}" if b is not None else "       ?"  # noqa: E731
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   lines = [
-      f"{r['experiment'] or 'config'} on {r['topology']} ({r['libtpu_topology']}: {r['chips']} chips of "
+      f"{r['experiment'] or 'config'} on {r['topology']} ({r['libtpu_topology']}: {r['chips']} chip{'s' if r['chips'] > 1 else ''} of "
       f"{r['device_kind']}, {r['cores_per_chip']} TensorCore{'s' if r['cores_per_chip'] > 1 else ''} each)",
-      f"  mesh {mesh} | batch {r['batch_size']:,} ({r['batch_per_chip']:g} per data-parallel chip) | "
+      f"  mesh {mesh} | batch {r['batch_size']:,} ({r['batch_per_chip']:,.6g} per data-parallel chip) | "
       f"{r['params'] / 1e6:,.1f}M params | compiled in {r['compile_s']:.0f} s",
       "  memory per chip                    GiB",
   ]
@@ -344,7 +357,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"    program                     {gib(m['generated_code_bytes'])}",
     ]
   else:
-    lines.append("    (XLA:TPU stopped: the program does not fit; total is what it reported needing)")
+    lines.append(f"    XLA:TPU refused to compile: {r['xla_error']}")
+    lines.append("    (the total below is the part XLA reported; the whole program needs more)")
   total, hbm = r["total_bytes_per_chip"], r["hbm_bytes_per_chip"]
   share = f"{100 * total / hbm:5.1f}%" if total is not None else "    ?"
   lines += [
@@ -356,7 +370,7 @@ def format_report(r: dict[str, Any]) -> str:
   ]
   if r["step_s"]:
     lines += [
-        f"    est. step time              {r['step_s']:8.3f} s  (assumes {100 * r['assumed_utilization']:.0f}% of "
+        f"    est. step time              {_seconds(r['step_s'])}  (assumes {100 * r['assumed_utilization']:.0f}% of "
         f"the {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 peak is sustained)",
         f"    est. throughput             {r['examples_per_sec']:,.0f} examples/s",
         f"    MFU at that step time       {100 * r['mfu']:8.1f}%",

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -52,6 +53,19 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   """Identifies what a checkpoint holds: the model and objective, not run lengths or paths."""
   blob = json.dumps({"model": config.model.to_dict(), "objective": config.objective.to_dict()}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose checkpoints hold another model or objective."""
+  for step in reversed(ckpt.steps()):
+    try:
+      meta = ckpt.read_meta(step)
+    except Exception:  # damaged: restore_latest reports and skips it
+      continue
+    if meta.get("fingerprint") != fingerprint(config):
+      raise UserError(f"workdir '{workdir}' holds checkpoints of a different experiment "
+                      f"('{meta.get('experiment') or '?'}', another model or objective); use a new --workdir.")
+    return
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bool) -> None:
@@ -112,7 +126,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree_utils.tree_l2_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -144,12 +158,18 @@ def _split_private(batch: dict) -> tuple[dict, dict]:
           {**host, **{k: v for k, v in device.items() if k.startswith("_")}})
 
 
-def _skip_metrics(private: dict) -> dict:
-  """Cumulative skipped-example counts carried by the pipeline -> `data/skipped/<reason>`."""
+def _local_skip_counts(private: dict) -> np.ndarray | None:
+  """This process's running count of skipped examples per reason, carried by the pipeline."""
   if "_skipped" not in private:
+    return None
+  return np.max(private["_skipped"], axis=0)
+
+
+def _skip_row(counts: np.ndarray | None) -> dict:
+  """Counts summed over processes -> `data/skipped` and `data/skipped/<reason>`."""
+  if counts is None:
     return {}
   from data_pipelines.shards import SKIP_REASONS
-  counts = np.max(private["_skipped"], axis=0)
   if jax.process_count() > 1:  # every process logs at the same steps, so this collective lines up
     from jax.experimental import multihost_utils
     counts = np.sum(multihost_utils.process_allgather(counts), axis=0)
@@ -192,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = build_model(config.model)
   loss_fn = objectives.make_objective(config.objective, model)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
+  check_same_experiment(ckpt, config, workdir)  # before any heavy work
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
   first = next(batches)
@@ -204,9 +225,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings))
   if restored:
     step0, state, meta = restored
-    if meta.get("fingerprint") != fingerprint(config):
-      raise UserError(f"workdir '{workdir}' holds a checkpoint of a different experiment "
-                      f"('{meta.get('experiment', '?')}'); use a new --workdir.")
     if step0 != start_step:  # the newest was damaged: rebuild the data at the restored step
       batches = train_batches(config, step0)
       first = next(batches)
@@ -251,38 +269,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.save(step, state, {"step": step, "fingerprint": fingerprint(config),
                             "experiment": config.get("experiment", "")})
 
+  # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step.
+  stop = {"signal": None}
+  previous_handler = _install_sigterm(stop)
+
   # The loop.
   step, last_log_t, last_log_step = start_step, time.time(), start_step
-  pending, last_metrics = first, {}
-  while step < config.total_steps:
-    device_batch, private = _split_private(pending)
-    with sharding.use_mesh(mesh):
-      state, step_metrics = compiled(state, sharding.global_batch(device_batch, mesh))
-    step += 1
-    if step < config.total_steps:
-      pending = next(batches)  # host prepares the next batch while the device computes
+  pending, last_metrics, skipped = first, {}, None
+  try:
+    while step < config.total_steps:
+      device_batch, private = _split_private(pending)
+      with sharding.use_mesh(mesh):
+        state, step_metrics = compiled(state, sharding.global_batch(device_batch, mesh))
+      step += 1
+      if step < config.total_steps:
+        pending = next(batches)  # host prepares the next batch while the device computes
+      # Counts restart with each pass over the data: the most seen in one pass is the total.
+      counts = _local_skip_counts(private)
+      skipped = counts if skipped is None else np.maximum(skipped, counts)
 
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      check_finite()
-      now = time.time()
-      ex_s = (step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9)
-      last_log_t, last_log_step = now, step
-      last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-      row = {**last_metrics, "train/lr": float(schedule(step - 1)),
-             "perf/examples_per_sec": ex_s, "perf/examples_per_sec_per_device": ex_s / jax.device_count(),
-             "perf/mfu": (flops * (ex_s / config.batch_size) / peak) if flops and peak else None,
-             "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]),
-             **_skip_metrics(private)}
-      writer.write(step, row)
-      writer.progress(step, last_metrics["train/loss"], ex_s)
-    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < config.total_steps:
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        check_finite()
+        now = time.time()
+        ex_s = (step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9)
+        last_log_t, last_log_step = now, step
+        last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        row = {**last_metrics, "train/lr": float(schedule(step - 1)),
+               "perf/examples_per_sec": ex_s, "perf/examples_per_sec_per_device": ex_s / jax.device_count(),
+               "perf/mfu": (flops * (ex_s / config.batch_size) / peak) if flops and peak else None,
+               "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}
+        writer.write(step, row)
+        writer.progress(step, last_metrics["train/loss"], ex_s)
+      if stop["signal"] is not None:
+        save(step)
+        logging.warning("stopped by signal %s at step %d; checkpoint saved, rerun the command to resume.",
+                        stop["signal"], step)
+        return last_metrics
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < config.total_steps:
+        save(step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+        evaluate(step)
+
+    if not ckpt.steps() or ckpt.steps()[-1] != step:
       save(step)
-    if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-      evaluate(step)
+    return {**last_metrics, **evaluate(step)}
+  finally:
+    # Waits for in-flight async saves, so the last good checkpoint is complete even on an error.
+    _restore_sigterm(previous_handler)
+    ckpt.close()
+    writer.close()
 
-  if not ckpt.steps() or ckpt.steps()[-1] != step:
-    save(step)
-  final = {**last_metrics, **evaluate(step)}
-  ckpt.close()
-  writer.close()
-  return final
+
+def _restore_sigterm(handler) -> None:
+  try:
+    signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread
+    pass
+
+
+def _install_sigterm(stop: dict):
+  """Records SIGTERM instead of dying mid-step; returns the previous handler."""
+  def handler(signum, frame):
+    stop["signal"] = signum
+  try:
+    return signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread (e.g. called from a notebook worker): leave it alone
+    return signal.getsignal(signal.SIGTERM)

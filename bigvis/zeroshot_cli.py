@@ -84,6 +84,8 @@ def classify(workdir: str, folder: str, labels: str, templates: list[str] | None
   if batch_size < 1:
     raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
   class_names = zeroshot.class_names_from(labels, "--labels")
+  if templates:  # usage errors before the (slow) restore
+    zeroshot.templates_from(templates, "--templates")
   names, images = read_images(folder)
   config, model, params = inference.load_run(workdir, step)
   if config.model.get("name") != "clip":

@@ -16,8 +16,28 @@ import tensorflow as tf
 
 from bigvis.errors import UserError
 
-SOURCE_KEYS = ("source", "split", "shards", "name", "data_dir", "pp", "shuffle_buffer", "cache",
-               "max_pixels", "num_examples", "class_names", "prompts", "num_readers")
+# Every key a data section may hold, with its default; `data_config` fills them all in so
+# `--set data.train.shards=...` works on any experiment.
+SOURCE_DEFAULTS = dict(
+    source="digits",        # digits | digits_captions | shards | tfds | synthetic
+    split="train",          # digits/TFDS split (TFDS slicing syntax allowed)
+    shards="",              # shards: glob(s) of TFRecord files, comma-separated
+    name="",                # tfds: dataset name
+    data_dir="",            # tfds: where prepared datasets live
+    pp="",                  # preprocessing ops, data_pipelines/preprocess.py
+    shuffle_buffer=10_000,  # training only
+    cache=False,            # keep decoded records in memory after the first pass (small sets)
+    max_pixels=178_956_970, # larger images are skipped as `too_large`
+    num_readers=0,          # parts of the global batch read independently; 0 = one per process
+)
+SOURCE_KEYS = tuple(SOURCE_DEFAULTS)
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """A data section with every key present; unknown keys are an error naming the closest one."""
+  from bigvis.config import check_known
+  check_known(overrides, SOURCE_KEYS, "data")
+  return ml_collections.ConfigDict({**SOURCE_DEFAULTS, **overrides})
 
 
 def shard_files(pattern: str, key: str) -> list[str]:

@@ -7,6 +7,7 @@ weight decay 0.1 (decoupled), 300 epochs, class-token pooling, bf16 compute.
 import ml_collections
 
 from bigvis.config import base_config
+from data_pipelines.sources import data_config
 
 IMAGES_PER_EPOCH = 1_281_167
 
@@ -24,15 +25,15 @@ def get_config(arg=None):
       dropout=0.0, dtype="bfloat16", remat_policy="none", scan=False, attention_impl="xla"))
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="softmax", label_smoothing=0.1))
   c.optim.update(dict(lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.1, warmup_steps=10_000, grad_clip_norm=1.0))
-  c.data.train = ml_collections.ConfigDict(dict(
+  c.data.train = data_config(
       source="tfds", name="imagenet2012", split="train[:99%]", data_dir="", shuffle_buffer=250_000,
-      pp="decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot(1000)|keep('image','labels')"))
+      pp="decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot(1000)|keep('image','labels')")
   c.evals.val = ml_collections.ConfigDict(dict(
       type="classification", batch_size=1024,
-      data=dict(source="tfds", name="imagenet2012", split="train[99%:]", data_dir="",
+      data=data_config(source="tfds", name="imagenet2012", split="train[99%:]", data_dir="",
                 pp="decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot(1000)|keep('image','labels')")))
   c.evals.test = ml_collections.ConfigDict(dict(
       type="classification", batch_size=1024,
-      data=dict(source="tfds", name="imagenet2012", split="validation", data_dir="",
+      data=data_config(source="tfds", name="imagenet2012", split="validation", data_dir="",
                 pp="decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot(1000)|keep('image','labels')")))
   return c

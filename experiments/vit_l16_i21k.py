@@ -7,6 +7,7 @@ pre-logits layer, bf16 compute, FSDP over 4 devices per data replica.
 import ml_collections
 
 from bigvis.config import base_config
+from data_pipelines.sources import data_config
 
 IMAGES_PER_EPOCH = 13_000_000
 NUM_CLASSES = 21843
@@ -27,13 +28,13 @@ def get_config(arg=None):
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="sigmoid", label_smoothing=0.0))
   c.optim.update(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.03, warmup_steps=10_000, schedule="linear",
                       grad_clip_norm=1.0))
-  c.data.train = ml_collections.ConfigDict(dict(
+  c.data.train = data_config(
       source="tfds", name="imagenet21k", split="full[51200:]", data_dir="", shuffle_buffer=250_000,
       pp=f"decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot({NUM_CLASSES})"
-         "|keep('image','labels')"))
+         "|keep('image','labels')")
   c.evals.val = ml_collections.ConfigDict(dict(
       type="classification", batch_size=1024,
-      data=dict(source="tfds", name="imagenet21k", split="full[:51200]", data_dir="",
+      data=data_config(source="tfds", name="imagenet21k", split="full[:51200]", data_dir="",
                 pp=f"decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot({NUM_CLASSES})"
                    "|keep('image','labels')")))
   return c

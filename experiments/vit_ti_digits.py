@@ -6,6 +6,7 @@
 import ml_collections
 
 from bigvis.config import base_config
+from data_pipelines.sources import data_config
 
 
 def get_config(arg=None):
@@ -22,10 +23,10 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4
-  c.data.train = ml_collections.ConfigDict(dict(
-      source="digits", split="train", shuffle_buffer=2000, cache=True, num_readers=0,  # 0: one per process
-      pp="decode|resize(18)|random_crop(16)|value_range(-1,1)|onehot(10)"))
+  c.data.train = data_config(
+      source="digits", split="train", shuffle_buffer=2000, cache=True,
+      pp="decode|resize(18)|random_crop(16)|value_range(-1,1)|onehot(10)")
   c.evals.test = ml_collections.ConfigDict(dict(
       type="classification", batch_size=304,
-      data=dict(source="digits", split="test", pp="decode|resize(16)|value_range(-1,1)|onehot(10)")))
+      data=data_config(source="digits", split="test", pp="decode|resize(16)|value_range(-1,1)|onehot(10)")))
   return c

@@ -57,23 +57,28 @@ def _bigvis(args, workdir, **kw):
                           stderr=subprocess.PIPE, text=True, **kw)
 
 
+def _kill_after_checkpoint(proc, ckpts: str, at_least: int) -> None:
+  """SIGKILL `proc` as soon as a checkpoint of step >= `at_least` is complete."""
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = os.listdir(ckpts) if os.path.isdir(ckpts) else []
+    if any(d.isdigit() and int(d) >= at_least for d in done):
+      break
+    time.sleep(0.1)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
 def test_killed_run_resumes_with_identical_losses(tmp_path):
+  """Killed with SIGKILL twice and restarted: the losses of an uninterrupted run, step for step."""
   args = ["--set", "total_steps=40", "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=10",
           "--set", "batch_size=32", "--set", "optim.warmup_steps=5", "--set", "evals={}"]
   ref_dir, killed_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
   assert _bigvis(args, ref_dir).wait() == 0
-  # Kill -9 once a checkpoint beyond step 10 exists, then rerun the same command.
-  proc = _bigvis(args, killed_dir)
   ckpts = os.path.join(killed_dir, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    done = [d for d in os.listdir(ckpts)] if os.path.isdir(ckpts) else []
-    if any(d.isdigit() and int(d) >= 20 for d in done):
-      break
-    time.sleep(0.2)
-  assert proc.poll() is None, "the run finished before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  _kill_after_checkpoint(_bigvis(args, killed_dir), ckpts, 10)
+  _kill_after_checkpoint(_bigvis(args, killed_dir), ckpts, 30)
   resumed = _bigvis(args, killed_dir)
   out, err = resumed.communicate()
   assert resumed.returncode == 0, err

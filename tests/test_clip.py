@@ -1,0 +1,305 @@
+"""CLIP: paper configs, the contrastive loss on every mesh, zero-shot and retrieval evals, inference."""
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bigvis import config as config_lib
+from bigvis import objectives, sharding
+from bigvis.evaluators import retrieval, zeroshot
+from bigvis.models import build_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _experiment(name, overrides=()):
+  return config_lib.load(os.path.join(REPO, "experiments", f"{name}.py"), list(overrides))
+
+
+@pytest.mark.parametrize("name,total,image,text", [
+    ("clip_vitb16", 149.6, 86.2, 63.4),
+    ("clip_vitl14", 427.6, None, None),
+    ("clip_vith14", 986.1, None, None),
+])
+def test_paper_parameter_counts(name, total, image, text):
+  from bigvis import params
+  counts = params.count_by_module(params.abstract_params(_experiment(name).model))  # shapes only
+  assert round(sum(counts.values()) / 1e6, 1) == total
+  if image is not None:
+    assert (round(counts["img"] / 1e6, 1), round(counts["txt"] / 1e6, 1)) == (image, text)
+
+
+# A CLIP small enough to compile in seconds; widths divide the 4-way fsdp axis.
+TINY = dict(name="clip", embed_dim=32,
+            image=dict(variant="mu/4", image_size=8, pool_type="gap"),
+            text=dict(variant="mu", vocab_size=64, context_length=8))
+
+
+def _tiny_batch(n=16, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 64, (n, 8)).astype(np.int32)
+  tokens[np.arange(n), rng.integers(2, 8, n)] = 2  # an EOT somewhere, padding after it
+  tokens = np.where(np.arange(8)[None] > np.argmax(tokens == 2, axis=1)[:, None], 0, tokens)
+  return {"image": rng.standard_normal((n, 8, 8, 3)).astype(np.float32), "labels": tokens}
+
+
+def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None):
+  """The `clip` objective's loss and gradients on the global batch, jitted over the given mesh."""
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  rules = sharding.DEFAULT_RULES
+  param_sh = sharding.logical_shardings(boxed, mesh, rules)
+  params = jax.device_put(nn.meta.unbox(boxed), param_sh)
+  loss_fn = objectives.make_objective(ml_collections.ConfigDict(dict(name="clip")), model)
+
+  def f(p, b):
+    with nn.logical_axis_rules(rules):
+      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, b, jax.random.key(0))
+    return loss, grads
+
+  with sharding.use_mesh(mesh):
+    step = jax.jit(f, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=(sharding.replicated(mesh), param_sh))
+    loss, grads = step(params, sharding.global_batch(batch, mesh))
+  return float(loss), jax.tree.map(np.asarray, grads), param_sh
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = build_model(TINY)
+  batch = _tiny_batch()
+  boxed = model.init(jax.random.key(1), batch["image"][:1], batch["labels"][:1])["params"]
+  ref = _loss_and_grads(model, boxed, batch, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  return model, boxed, batch, ref
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)],
+                         ids=["data8", "data2_fsdp4"])
+def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_cfg):
+  """Every image is contrasted with every text of the global batch, whatever the layout."""
+  model, boxed, batch, (ref_loss, ref_grads, _) = tiny
+  loss, grads, param_sh = _loss_and_grads(model, boxed, batch, mesh_cfg)
+  if mesh_cfg["fsdp"] > 1:  # the parameters really are split
+    assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(param_sh))
+  assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+  flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
+  flat = jax.tree.leaves(grads)
+  total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for _, g in flat_ref))
+  diff = np.sqrt(sum(np.sum((g - g_ref).astype(np.float64) ** 2) for (_, g_ref), g in zip(flat_ref, flat)))
+  assert diff <= 1e-5 * total
+  # Per parameter too; the floor covers gradients that are zero but for rounding (attention key biases).
+  for (path, g_ref), g in zip(flat_ref, flat):
+    err = np.linalg.norm(g - g_ref)
+    assert err <= 1e-5 * np.linalg.norm(g_ref) + 1e-7 * total, (jax.tree_util.keystr(path), err)
+
+
+def _numpy_clip_loss(zimg, ztxt, scale):
+  logits = scale * zimg.astype(np.float64) @ ztxt.astype(np.float64).T
+  def xent(l):
+    m = l.max(axis=1, keepdims=True)
+    logp = l - m - np.log(np.exp(l - m).sum(axis=1, keepdims=True))
+    return -np.mean(np.diag(logp))
+  return 0.5 * (xent(logits) + xent(logits.T))
+
+
+def test_clip_loss_matches_numpy_reference():
+  rng = np.random.default_rng(0)
+  z = rng.standard_normal((2, 12, 16)).astype(np.float32)
+  zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in z)
+  for scale in (1.0, 14.3, 100.0):
+    got = float(objectives.clip_loss(jnp.asarray(zimg), jnp.asarray(ztxt), jnp.float32(scale)))
+    np.testing.assert_allclose(got, _numpy_clip_loss(zimg, ztxt, scale), rtol=1e-5)
+
+
+def test_temperature_is_clamped_at_100(tiny):
+  _, _, batch, _ = tiny
+  model = build_model({**TINY, "temperature_init": 1000.0})
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch["image"][:1], batch["labels"][:1])["params"])
+  _, _, aux = model.apply({"params": params}, batch["image"], batch["labels"])
+  assert float(aux["logit_scale"]) == pytest.approx(100.0)
+  loss_fn = objectives.make_objective(ml_collections.ConfigDict(dict(name="clip")), model)
+  grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(0))[0]))(params)
+  assert float(grads["t"][0]) == 0.0  # clamped: the temperature no longer moves
+
+
+def test_ensemble_of_identical_templates_equals_one_template():
+  rng = np.random.default_rng(0)
+  one = rng.standard_normal((5, 1, 8)).astype(np.float32)
+  one /= np.linalg.norm(one, axis=-1, keepdims=True)
+  np.testing.assert_allclose(zeroshot.ensemble(np.repeat(one, 3, axis=1)), one[:, 0], atol=1e-6)
+  # Two templates: the class vector is the normalised mean of its prompts.
+  two = np.array([[[1, 0], [0, 1]], [[-1, 0], [0, -1]]], np.float32)
+  np.testing.assert_allclose(zeroshot.ensemble(two), np.array([[1, 1], [-1, -1]]) / np.sqrt(2), atol=1e-6)
+  images = np.array([[0.6, 0.8], [-1.0, 0.1]], np.float32)
+  assert list(np.argmax(zeroshot.zeroshot_logits(images, two), axis=1)) == [0, 1]
+
+
+def test_zeroshot_inputs_are_checked():
+  from bigvis.errors import UserError
+  assert zeroshot.class_names_from("cat, dog,,car", "x") == ["cat", "dog", "car"]
+  with pytest.raises(UserError, match="twice"):
+    zeroshot.class_names_from(["cat", "cat"], "evals.z.class_names")
+  with pytest.raises(UserError, match=r"evals.z.prompts template 'a photo'"):
+    zeroshot.templates_from(["a photo"], "evals.z.prompts")
+
+
+def test_zeroshot_evaluator_on_the_mesh_matches_a_direct_computation(tiny):
+  """Sharded evaluator == embedding everything on one device and taking the argmax; ensembling copies is a no-op."""
+  from data_pipelines import digits
+  from data_pipelines import input as data_input
+  from data_pipelines.tokenizer import Tokenizer
+  model, boxed, _, _ = tiny
+  params = nn.meta.unbox(boxed)
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  data = dict(source="digits", split="test", pp="decode|resize(8)|value_range(-1,1)")
+
+  def evaluate(prompts):
+    cfg = ml_collections.ConfigDict(dict(type="zeroshot", batch_size=64, data=data, prompts=prompts,
+                                         class_names=list(digits.ZEROSHOT_CLASSNAMES),
+                                         tokenizer="bundled:digits", context_length=8))
+    ev = zeroshot.Evaluator(cfg, name="z", model=model, mesh=mesh, config=None)
+    with sharding.use_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      return ev.run(jax.device_put(params, sharding.replicated(mesh)))
+
+  templates = list(digits.ZEROSHOT_TEMPLATES)
+  got = evaluate(templates)
+  assert got["num_examples"] == 300 and got["top1"] <= got["top5"]
+  assert set(got) >= {"top1", "top5", "top1_template0", "top1_template2"}
+  # The direct computation.
+  rows = list(data_input.eval_batches(ml_collections.ConfigDict(data), global_batch_size=300))
+  images = np.concatenate([r["image"] for r in rows])
+  labels = np.concatenate([r["label"] for r in rows])
+  tokens = Tokenizer("bundled:digits", 8).encode(zeroshot.prompt_texts(digits.ZEROSHOT_CLASSNAMES, templates))
+  zimg, _, _ = model.apply({"params": params}, images, None)
+  _, ztxt, _ = model.apply({"params": params}, None, tokens)
+  logits = zeroshot.zeroshot_logits(np.asarray(zimg), np.asarray(ztxt).reshape(10, len(templates), -1))
+  assert got["top1"] == pytest.approx(np.mean(np.argmax(logits, 1) == labels), abs=1e-9)
+  single = evaluate(templates[:1])
+  assert evaluate(templates[:1] * 2)["top1"] == single["top1"]
+  assert single["top1"] == pytest.approx(got["top1_template0"])
+
+
+def _argsort_recall(zimg, ztxt, k):
+  """The textbook definition for distinct items: the partner is among the k most similar."""
+  sims = zimg @ ztxt.T
+  i2t = np.mean([i in np.argsort(-sims[i])[:k] for i in range(len(sims))])
+  t2i = np.mean([i in np.argsort(-sims[:, i])[:k] for i in range(len(sims))])
+  return i2t, t2i
+
+
+def test_retrieval_recall_on_constructed_embeddings():
+  eye = np.eye(12, dtype=np.float32)
+  assert set(retrieval.recall_at_k(eye, eye).values()) == {1.0}
+  rng = np.random.default_rng(0)
+  zimg = rng.standard_normal((40, 8)).astype(np.float32)
+  ztxt = zimg + 1.5 * rng.standard_normal((40, 8)).astype(np.float32)  # noisy partners
+  got = retrieval.recall_at_k(zimg, ztxt, chunk=7)
+  for k in (1, 5, 10):
+    i2t, t2i = _argsort_recall(zimg, ztxt, k)
+    assert got[f"i2t_r{k}"] == pytest.approx(i2t) and got[f"t2i_r{k}"] == pytest.approx(t2i)
+  assert 0 < got["i2t_r1"] < got["i2t_r5"] < got["i2t_r10"] < 1
+
+
+def test_retrieval_counts_only_the_partner_among_identical_captions():
+  # Images 0 and 1 have the same caption (tokens equal); either text is as good as the other.
+  zimg = np.array([[1, 0, 0], [1, 0, 0.01], [0, 1, 0], [0, 0, 1]], np.float32)
+  ztxt = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+  tokens = np.array([[5, 2], [5, 2], [6, 2], [7, 2]])
+  got = retrieval.recall_at_k(zimg, ztxt, ks=(1, 2), text_ids=tokens)
+  assert got["i2t_r1"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)  # a coin flip between the two copies
+  assert got["i2t_r2"] == 1.0
+  # Text 0 and text 1 are the same query, but their partners differ: image 1 scores higher for both.
+  assert got["t2i_r1"] == pytest.approx((0 + 1 + 1 + 1) / 4)
+
+
+def test_paper_config_without_shards_stops_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "bigvis.cli", "train", "--config", "experiments/clip_vitb16.py",
+       "--workdir", str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("bigvis: error:")]
+  assert len(errors) == 1 and "data.train.shards" in errors[0]
+
+
+def _digit_pngs(folder, sizes):
+  """A few real digits as PNGs of assorted sizes (the embedder must resize them)."""
+  from PIL import Image
+  from sklearn.datasets import load_digits
+  folder.mkdir()
+  d = load_digits()
+  for i, size in enumerate(sizes):
+    im = np.round(d.images[i] * 255 / 16).astype(np.uint8)
+    Image.fromarray(im).resize(size, Image.NEAREST).save(folder / f"digit{i}.png")
+  (folder / "notes.txt").write_text("not an image")
+  return d.target[:len(sizes)]
+
+
+def _short_run(name, workdir, steps):
+  """A few steps on one device (inference does not care where a run trained)."""
+  from bigvis import train
+  c = _experiment(name, [f"total_steps={steps}", "batch_size=32", "log_every_steps=10",
+                         "checkpoint_every_steps=0", "optim.warmup_steps=2", "mesh.data=1"])
+  c.evals = ml_collections.ConfigDict()  # the embedders fall back to the training pp
+  train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
+
+
+def test_zeroshot_command_and_embedder_on_a_short_clip_run(tmp_path, capsys):
+  from bigvis import cli, inference
+  _short_run("clip_ti_digits", tmp_path / "run", 10)
+  _digit_pngs(tmp_path / "imgs", [(8, 8), (40, 40), (33, 50)])
+  names = "zero,one,two,three,four,five,six,seven,eight,nine"
+  capsys.readouterr()
+  assert cli.main(["zeroshot", "--workdir", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"),
+                   "--labels", names, "--templates", "an image of a {}.", "{}, drawn in ink.",
+                   "--top-k", "3"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split()[0] for line in lines] == ["digit0.png", "digit1.png", "digit2.png"]
+  for line in lines:
+    top = [part.split() for part in line.split("  ", 1)[1].split(" | ")]
+    assert len(top) == 3 and all(c in names.split(",") for c, _ in top)
+    probs = [float(p) for _, p in top]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-3
+
+  config, model, params = inference.load_run(str(tmp_path / "run"))
+  assert config.experiment == "clip_ti_digits" and params["t"].shape == (1,)
+  embed = inference.load_image_embedder(str(tmp_path / "run"))
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(16, 16), (7, 30), (64, 64)]]
+  z = embed(images + [images[0][..., 0]])  # grayscale is accepted too
+  assert z.shape == (4, 128)
+  np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+  np.testing.assert_allclose(z[0], embed(images[:1])[0], atol=1e-5)  # independent of the batch
+
+  assert cli.main(["zeroshot", "--workdir", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"),
+                   "--labels", "a,b", "--step", "3"]) == 2
+  assert "no checkpoint at step 3" in capsys.readouterr().err
+
+
+def test_image_embedder_of_a_vit_run(tmp_path, capsys):
+  from bigvis import cli, inference
+  _short_run("vit_ti_digits", tmp_path / "vit", 2)
+  z = inference.load_image_embedder(str(tmp_path / "vit"))([np.zeros((20, 20, 3), np.uint8)] * 2)
+  assert z.shape == (2, 128)  # mu's pre-logits width
+  np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+  _digit_pngs(tmp_path / "imgs", [(8, 8)])
+  capsys.readouterr()
+  assert cli.main(["zeroshot", "--workdir", str(tmp_path / "vit"), "--images", str(tmp_path / "imgs"),
+                   "--labels", "a,b"]) == 2
+  assert "needs a CLIP run" in capsys.readouterr().err
+
+
+def test_image_pp_keeps_only_deterministic_image_ops():
+  from bigvis import inference
+  c = _experiment("vit_ti_digits")
+  assert inference.image_pp(c) == "resize(16)|value_range(-1,1)"
+  c.evals = ml_collections.ConfigDict()
+  assert inference.image_pp(c) == "resize(16)|value_range(-1,1)"  # from the training pp, crop dropped
+  c = _experiment("clip_vitb16", [])
+  c.data.train.pp = "decode_jpeg_and_inception_crop(224)|normalize('clip')|tokenize(77, model='x')"
+  assert inference.image_pp(c) == "resize(224)|normalize('clip')"

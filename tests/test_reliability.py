@@ -1,0 +1,75 @@
+"""Runs that go wrong: non-finite losses, wrong workdirs, missing data — one line each, nothing lost."""
+import json
+import os
+
+import pytest
+
+from bigvis import cli
+from bigvis.checkpoint import Checkpointer
+
+FAST = ["--set", "batch_size=16", "--set", "log_every_steps=1", "--set", "evals={}",
+        "--set", "optim.warmup_steps=0"]
+
+
+def _train(tmp_path, *sets, workdir="w", config="vit_ti_digits"):
+  args = ["train", "--config", config, "--workdir", str(tmp_path / workdir), *FAST]
+  for s in sets:
+    args += ["--set", s]
+  return cli.main(args)
+
+
+def _one_line_error(capsys):
+  err = capsys.readouterr().err.strip().splitlines()
+  errors = [l for l in err if l.startswith("bigvis: error:")]
+  assert len(errors) == 1 and not any("Traceback" in l for l in err), err
+  return errors[0]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  # lr 1e30 with a constant schedule: step 1 is finite, its update blows the weights up.
+  assert _train(tmp_path, "total_steps=6", "checkpoint_every_steps=1", "optim.lr=1e30",
+                "optim.schedule='constant'", "optim.grad_clip_norm=0.0") == 2
+  line = _one_line_error(capsys)
+  assert "non-finite at step 2" in line and "last good checkpoint is step 1" in line
+  assert Checkpointer(str(tmp_path / "w" / "checkpoints")).steps() == [1]
+
+
+def test_nonfinite_skip_mode_counts_and_finishes(tmp_path):
+  assert _train(tmp_path, "total_steps=4", "checkpoint_every_steps=0", "optim.lr=1e30",
+                "optim.schedule='constant'", "optim.grad_clip_norm=0.0", "nonfinite='skip'") == 0
+  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
+  assert rows[-1]["train/nonfinite_steps"] == 3  # steps 2-4 were dropped
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path, capsys):
+  assert _train(tmp_path, "total_steps=2") == 0
+  capsys.readouterr()
+  assert _train(tmp_path, "total_steps=2", "model.variant='Ti/4'") == 2
+  assert "different experiment" in _one_line_error(capsys)
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+  (tmp_path / "file").write_text("x")
+  assert _train(tmp_path, "total_steps=2", workdir="file/sub") == 2
+  assert "not writable" in _one_line_error(capsys)
+
+
+def test_missing_shards_name_the_key(tmp_path, capsys):
+  assert _train(tmp_path, "total_steps=2", "data.train.source='shards'",
+                f"data.train.shards='{tmp_path}/nothing-*.tfrecord'") == 2
+  line = _one_line_error(capsys)
+  assert "data.train.shards" in line and "matches no files" in line
+
+
+def test_unprepared_tfds_dataset_names_it_and_the_folder(tmp_path, capsys):
+  empty = tmp_path / "tfds"
+  empty.mkdir()
+  assert _train(tmp_path, "total_steps=2", "data.train.source='tfds'", "data.train.name='mnist'",
+                f"data.train.data_dir='{empty}'") == 2
+  line = _one_line_error(capsys)
+  assert "'mnist' is not prepared" in line and str(empty) in line
+
+
+def test_wrong_type(tmp_path, capsys):
+  assert _train(tmp_path, "total_steps=two") == 2
+  assert "total_steps" in _one_line_error(capsys)
