@@ -3,6 +3,7 @@
     python benchmarks/peers.py                       # ViT-B/16 and CLIP B/16, batch 256, on the GPU
     python benchmarks/peers.py --large               # adds ViT-L/16 (batch 128) and H/14 (batch 64)
     python benchmarks/peers.py --only vit --steps 50 --out runs/peers.jsonl
+    python benchmarks/peers.py --large --dry-run     # load and trace every run's config; time nothing
     python benchmarks/peers.py --cpu-smoke --skip-torch   # tiny models on the CPU (what the tests run)
 
 Every measurement runs in its own subprocess, one after another, so no run
@@ -45,12 +46,12 @@ CLIP_VARIANTS = (
 )
 # L/16 and H/14 as timm builds them (1,000 classes, no pre-logits layer, no dropout), unrolled and
 # without remat: one 80 GB card holds them at these batches, and remat would spend FLOPs on recompute.
+# (The i21k experiments have no `attention_impl` key, hence an added key.)
 _AS_TIMM = ("model.num_classes=1000", "model.representation_size=None", "model.dropout=0.0",
-            "objective.loss=softmax", "model.pool_type=gap", "model.attention_impl=cudnn",
-            "model.remat_policy=none", "model.scan=False")
+            "objective.loss=softmax", "model.pool_type=gap", "model.remat_policy=none", "model.scan=False")
 LARGE_VARIANTS = (
-    ("bigvis_vit_l16_gap_cudnn", "experiments/vit_l16_i21k.py", _AS_TIMM, {}),
-    ("bigvis_vit_h14_gap_cudnn", "experiments/vit_h14_i21k.py", _AS_TIMM, {}),
+    ("bigvis_vit_l16_gap_cudnn", "experiments/vit_l16_i21k.py", _AS_TIMM, {"model.attention_impl": "cudnn"}),
+    ("bigvis_vit_h14_gap_cudnn", "experiments/vit_h14_i21k.py", _AS_TIMM, {"model.attention_impl": "cudnn"}),
 )
 # Tiny stand-ins for the CPU smoke test: the same code paths (extra keys, padding, CLIP) in seconds.
 SMOKE_VARIANTS = (
@@ -112,8 +113,8 @@ def _set_key(config, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _worker_bigvis(spec: dict) -> dict:
-  from bigvis import bench
+def bigvis_config(spec: dict):
+  """The config a bigvis spec runs: the experiment, its overrides, the dtype and the added keys."""
   from bigvis import config as config_lib
   overrides = [f"batch_size={spec['batch']}", *spec["overrides"]]
   config = config_lib.load(spec["config"], overrides)
@@ -124,7 +125,34 @@ def _worker_bigvis(spec: dict) -> dict:
         section.dtype = spec["dtype"]
   for key, value in spec["extra"].items():
     _set_key(config, key, value)
-  return bench.benchmark(config, steps=spec["steps"], warmup=spec["warmup"])
+  return config
+
+
+def _worker_bigvis(spec: dict) -> dict:
+  from bigvis import bench
+  return bench.benchmark(bigvis_config(spec), steps=spec["steps"], warmup=spec["warmup"])
+
+
+def check_specs(specs: list[dict]) -> list[str]:
+  """Loads every bigvis spec's config and traces its model's shapes: catches typos before a GPU is held."""
+  import jax
+  import ml_collections
+  from bigvis import bench, params
+  lines = []
+  for spec in specs:
+    if spec["kind"] != "bigvis":
+      lines.append(f"{spec['name']}: {spec.get('model', spec['kind'])} batch {spec.get('batch', '-')}")
+      continue
+    config = bigvis_config(spec)
+    # Shapes only; cuDNN attention cannot even be traced without a GPU, and XLA's has the same shapes.
+    shapes_cfg = config.model.to_dict()
+    for section in (shapes_cfg.get("image"), shapes_cfg.get("text"), shapes_cfg):
+      if isinstance(section, dict) and "attention_impl" in section:
+        section["attention_impl"] = "xla"
+    n = sum(x.size for x in jax.tree.leaves(params.abstract_params(ml_collections.ConfigDict(shapes_cfg))))
+    lines.append(f"{spec['name']}: {bench.describe_model(config.model)}, {n / 1e6:.1f}M params, "
+                 f"batch {config.batch_size}")
+  return lines
 
 
 def _worker_jax_matmul(spec: dict) -> dict:
@@ -267,6 +295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, for tests")
   p.add_argument("--timeout", type=float, default=900, help="seconds per run")
   p.add_argument("--out", help="also append the JSON lines to this file")
+  p.add_argument("--dry-run", action="store_true", help="check every run's config and list the runs; time nothing")
   args = p.parse_args(argv)
   args.only = [s.strip() for s in args.only.split(",") if s.strip()]
   if args.cpu_smoke:
@@ -283,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
       filter(None, [REPO, os.environ.get("PYTHONPATH", "")])))
   if args.cpu_smoke:
     env["JAX_PLATFORMS"] = "cpu"
+  if args.dry_run:
+    sys.path.insert(0, REPO)
+    print("\n".join(check_specs(_run_specs(args))), flush=True)
+    return 0
+  if args.out and os.path.dirname(args.out):
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
   results = []
   for spec in _run_specs(args):
     print(f"peers: running {spec['name']} ...", file=sys.stderr, flush=True)

@@ -109,8 +109,8 @@ def parse_topology(name: str) -> Topology:
     gen = GENERATIONS[ALIASES.get(explicit.group(1), explicit.group(1))]
     shape = tuple(int(s) for s in explicit.group(2).split("x"))
     if len(shape) != gen.dims or min(shape) < 1:
-      raise UserError(f"TPU topology '{name}' needs a {gen.dims}-D chip grid for {gen.libtpu} "
-                      f"(e.g. {'v5p:4x4x8' if gen.dims == 3 else 'v5e:4x4'}).")
+      raise UserError(f"TPU topology '{name}' is not a {gen.dims}-D chip grid, which {gen.libtpu} has; "
+                      f"use {VALID_FORMS}.")
     return Topology(name, gen, shape)
   raise UserError(f"unknown TPU topology '{name}'; use {VALID_FORMS}.")
 

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   from bigvis import bench; bench.add_parser(sub)  # noqa: E702  (stdlib-only import; jax loads on use)
   from bigvis import zeroshot_cli; zeroshot_cli.add_parser(sub)  # noqa: E702  (numpy-only import; jax loads on use)
+  from bigvis import eval_cli; eval_cli.add_parser(sub)  # noqa: E702  (stdlib-only import; jax loads on use)
   from bigvis import aot; aot.add_parser(sub)  # noqa: E702  (stdlib-only import; jax and libtpu load on use)
   try:
     from bigvis.analysis import translatability

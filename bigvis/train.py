@@ -35,7 +35,7 @@ from bigvis.models import build_model
 
 TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "model", "objective", "optim",
-            "data", "evals", "nonfinite", "experiment")
+            "data", "evals", "reports", "nonfinite", "experiment")
 
 
 class NonFiniteLoss(UserError):

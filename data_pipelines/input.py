@@ -18,6 +18,7 @@ from bigvis.config import check_known
 from bigvis.errors import UserError
 from data_pipelines import preprocess
 from data_pipelines import tokenizer as _tokenizer  # noqa: F401  registers the `tokenize` op
+from data_pipelines import shifts as _shifts  # noqa: F401  registers the distribution-shift ops
 from data_pipelines.sources import SOURCE_KEYS, make_source
 
 AUTOTUNE = tf.data.AUTOTUNE

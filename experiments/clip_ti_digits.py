@@ -9,6 +9,14 @@ Trains on the 1,497 train digits, each captioned with 8 templates ("number 3",
              over the names "zero".."nine"; these prompts never occur in training
   retrieval  Recall@k between the 300 test images and their captions
              (identical captions tie: see bigvis/evaluators/retrieval.py)
+and, with `bigvis eval --workdir W` after training (the `reports` section; not run while training),
+  linear_probe  logistic regression on frozen image embeddings, 1..16 shots per class and all
+                1,497 train digits, against the zero-shot line
+  robustness    zero-shot on the test digits and shifted copies made by pp ops
+                (data_pipelines/shifts.py): inverted, blurred, rotated, noisy, thick, occluded, pixelated
+  bias_audit    a demonstration of the method on made-up categories: test digits as drawn ('thin') and
+                with dilated strokes ('thick') classified over the digit names + flagged categories,
+                then with 'bold digit' added (the CLIP paper's 'child' experiment)
 """
 import ml_collections
 
@@ -22,10 +30,10 @@ TOKENIZER = "bundled:digits"
 def get_config(arg=None):
   c = base_config()
   c.experiment = "clip_ti_digits"
-  c.total_steps = 500
+  c.total_steps = 400
   c.batch_size = 128
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 250
+  c.checkpoint_every_steps = 200
   c.model = ml_collections.ConfigDict(dict(
       name="clip", embed_dim=128, temperature_init=1 / 0.07,
       image=dict(variant="mu/4", image_size=16, pool_type="gap", posemb="learn", dtype="float32"),
@@ -33,7 +41,7 @@ def get_config(arg=None):
       text=dict(variant="mu", vocab_size=128, context_length=CONTEXT, dtype="float32")))
   c.objective = ml_collections.ConfigDict(dict(name="clip"))
   c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
+  c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.05
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
@@ -48,4 +56,20 @@ def get_config(arg=None):
       type="retrieval", batch_size=304,
       data=dict(source="digits_captions", split="test",
                 pp=f"decode|resize(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{TOKENIZER}')")))
+
+  # `bigvis eval` reports. Class names, prompts and the tokenizer come from evals.zeroshot.
+  def test(shift=""):
+    return dict(source="digits", split="test", pp=f"decode|resize(16)|{shift + '|' if shift else ''}value_range(-1,1)")
+  c.reports = ml_collections.ConfigDict()
+  c.reports.linear_probe = ml_collections.ConfigDict(dict(
+      type="linear_probe", batch_size=304, shots=[1, 2, 4, 8, 16], seeds=3, val_fraction=0.2,
+      train_data=dict(source="digits", split="train", pp="decode|resize(16)|value_range(-1,1)")))
+  c.reports.robustness = ml_collections.ConfigDict(dict(
+      type="robustness", batch_size=304, reference="clean",
+      sets=dict(clean=test(), inverted=test("invert"), blurred=test("gaussian_blur(1.0)"),
+                rotated=test("rotate(30)"), noisy=test("gaussian_noise(64)"), thick=test("thicken(3)"),
+                occluded=test("occlude(6)"), pixelated=test("pixelate(4)"))))
+  c.reports.bias_audit = ml_collections.ConfigDict(dict(
+      type="bias_audit", batch_size=304, groups=dict(thin=test(), thick=test("thicken(3)")),
+      flagged=["ink blot", "scribble", "smudge"], added=["bold digit"]))
   return c

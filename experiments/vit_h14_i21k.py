@@ -1,40 +1,16 @@
-"""ViT-H/14 pre-trained on ImageNet-21k (TFDS `imagenet21k`), the ViT paper's recipe.
+"""ViT-H/14 pre-trained on ImageNet-21k: the L/16 recipe (vit_l16_i21k.py) with the H/14 tower.
 
-Batch 4096, Adam(0.9, 0.999), lr 1e-3, 10k warmup, linear decay, weight decay
-0.03, 90 epochs, sigmoid cross-entropy (i21k is multi-label), a 1280-wide
-pre-logits layer, bf16 compute, remat and scan over layers.
+A 1280-wide pre-logits layer, remat and scan over layers; on pods shard
+parameters and Adam state with --set mesh.fsdp=8 (or more).
 """
-import ml_collections
+import os
 
-from bigvis.config import base_config
-from data_pipelines.sources import data_config
-
-IMAGES_PER_EPOCH = 13_000_000
-NUM_CLASSES = 21843
+from bigvis.config import load_experiment
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = load_experiment(os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_l16_i21k.py"))
   c.experiment = "vit_h14_i21k"
-  c.batch_size = 4096
-  c.total_steps = 90 * IMAGES_PER_EPOCH // c.batch_size
-  c.log_every_steps = 100
-  c.eval_every_steps = 10_000
-  c.checkpoint_every_steps = 2000
-  c.mesh.data, c.mesh.fsdp = -1, 1   # on pods: --set mesh.fsdp=4 (or 8) shards params + Adam state
-  c.model = ml_collections.ConfigDict(dict(
-      name="vit", variant="H/14", num_classes=NUM_CLASSES, image_size=224, pool_type="tok", posemb="learn",
-      representation_size=1280, dropout=0.1, dtype="bfloat16", remat_policy="dots_no_batch", scan=True))
-  c.objective = ml_collections.ConfigDict(dict(name="classification", loss="sigmoid", label_smoothing=0.0))
-  c.optim.update(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.03, warmup_steps=10_000, schedule="linear",
-                      grad_clip_norm=1.0))
-  c.data.train = data_config(
-      source="tfds", name="imagenet21k", split="full[51200:]", data_dir="", shuffle_buffer=250_000,
-      pp=f"decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot({NUM_CLASSES})"
-         "|keep('image','labels')")
-  c.evals.val = ml_collections.ConfigDict(dict(
-      type="classification", batch_size=1024,
-      data=data_config(source="tfds", name="imagenet21k", split="full[:51200]", data_dir="",
-                pp=f"decode|resize_small(256)|central_crop(224)|value_range(-1,1)|onehot({NUM_CLASSES})"
-                   "|keep('image','labels')")))
+  c.model.variant = "H/14"
+  c.model.representation_size = 1280
   return c

@@ -13,6 +13,9 @@ EVALUATORS = {
     "classification": "bigvis.evaluators.classification",
     "zeroshot": "bigvis.evaluators.zeroshot",
     "retrieval": "bigvis.evaluators.retrieval",
+    "linear_probe": "bigvis.evaluators.linear_probe",
+    "robustness": "bigvis.evaluators.robustness",
+    "bias_audit": "bigvis.evaluators.bias_audit",
 }
 
 

@@ -1,0 +1,174 @@
+"""`bigvis eval`: run evaluators on a trained run's checkpoint, without training, and write their reports.
+
+    bigvis eval --workdir runs/clip_ti_digits                      # every evaluator of the run
+    bigvis eval --workdir runs/clip_ti_digits --evaluator linear_probe robustness --step 250
+    bigvis eval --workdir runs/clip_ti_digits --set reports.linear_probe.seeds=5
+
+What runs: by default every entry of the run's `evals` (those the training loop
+runs too) and of its `reports`, a config section of the same shape
+(`name -> {type: ..., ...}`) for evaluations too slow or too detailed to repeat
+during training: the linear probe, robustness and bias-audit tables. Both
+come from `WORKDIR/config.json` (the config the run trained with), with
+`--set key=value` overrides applied on top, so an evaluation is a function of
+the run and the command line alone. `--evaluator` picks entries by name.
+
+What it writes: for each evaluator `WORKDIR/reports/<name>.csv` and `.md` (and
+`.png` where a picture helps): its own report if it has one (`report()`, see
+bigvis/evaluators/reports.py), the per-template table for zero-shot, else its
+metrics as a table. Headline metrics are appended to `WORKDIR/metrics.jsonl`
+as `eval/<name>/<metric>` at the checkpoint's step (and to TensorBoard).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import time
+from typing import Any, Sequence
+
+from bigvis.errors import UserError
+
+REPORTS_DIR = "reports"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+  """Registers `bigvis eval` on the CLI's subparsers."""
+  p = subparsers.add_parser(
+      "eval", help="run evaluators on a trained run and write reports (csv, md, png)",
+      description="Runs the evaluators of a trained run (its config's evals and reports) on a checkpoint "
+                  "and writes WORKDIR/reports/<name>.{csv,md,png}.")
+  p.add_argument("--workdir", required=True, help="the --workdir of a `bigvis train` run")
+  p.add_argument("--evaluator", nargs="+", action="extend", dest="evaluators", metavar="NAME",
+                 help="entries of the run's evals/reports to run (default: all of them)")
+  p.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the newest readable one)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                 help="override a key of the run's config (repeatable), e.g. --set reports.linear_probe.seeds=5")
+  p.add_argument("--no-tensorboard", action="store_true", help="log metrics to metrics.jsonl only")
+  p.set_defaults(fn=main)  # bigvis/cli.py dispatches on args.fn
+
+
+def sections(config, names: Sequence[str] | None = None) -> dict[str, Any]:
+  """name -> evaluator config for the chosen entries of `evals` then `reports` (all by default)."""
+  evals = dict(config.get("evals") or {})
+  extra = dict(config.get("reports") or {})
+  both = sorted(set(evals) & set(extra))
+  if both:
+    raise UserError(f"'{both[0]}' names an entry of both evals and reports; rename one of them.")
+  available = {**dict(sorted(evals.items())), **dict(sorted(extra.items()))}
+  if not names:
+    if not available:
+      raise UserError("the run's config has no evals and no reports entries to run.")
+    return available
+  chosen = {}
+  for n in names:
+    if n not in available:
+      match = difflib.get_close_matches(n, list(available), n=1, cutoff=0.0)
+      raise UserError(f"--evaluator '{n}' is not an entry of the run's evals or reports"
+                      + (f"; the closest is '{match[0]}'." if match else " (it has none)."))
+    chosen[n] = available[n]
+  return chosen
+
+
+def eval_mesh(config):
+  """The run's mesh if it fits the devices here, else pure data parallelism over all of them."""
+  from bigvis import sharding
+  try:
+    return sharding.make_mesh(config.mesh)
+  except UserError as e:
+    logging.info("the run's mesh does not fit these devices (%s); evaluating data-parallel instead.", e)
+    return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+
+
+def restore_params(workdir: str, config, model, mesh, rules, step: int | None) -> tuple[int, Any]:
+  """(step, params) of the run, restored straight into their shardings on `mesh`."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from bigvis import inference, sharding
+  image_cfg = config.model.image if config.model.name == "clip" else config.model
+  size = int(image_cfg.get("image_size", 224))
+  inputs = [jnp.zeros((1, size, size, 3), jnp.float32)]
+  if config.model.name == "clip":
+    inputs.append(jnp.zeros((1, int(config.model.text.get("context_length", 77))), jnp.int32))
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))["params"]
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  # The partial, params-only restore `bigvis.inference` uses, here onto the mesh.
+  return inference._restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+
+
+def build_report(name: str, cfg, evaluator, metrics: dict[str, Any]):
+  """The evaluator's own report, the zero-shot template table, or its metrics as a table."""
+  from bigvis.evaluators import reports
+  if hasattr(evaluator, "report"):
+    return evaluator.report()
+  if cfg.get("type", name) == "zeroshot" and hasattr(evaluator, "templates"):
+    return reports.zeroshot_report(name, metrics, list(evaluator.templates),
+                                   list(getattr(evaluator, "class_names", ()) or ()))
+  return reports.metrics_report(name, metrics, intro=f"Metrics of the `{cfg.get('type', name)}` evaluator.")
+
+
+def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | None = None,
+                 overrides: Sequence[str] = (), tensorboard: bool = True) -> dict[str, dict[str, Any]]:
+  """Runs the chosen evaluators on a checkpoint of `workdir`; returns name -> {step, metrics, paths}."""
+  import flax.linen as nn
+  import jax
+  from bigvis import config as config_lib
+  from bigvis import evaluators as eval_lib
+  from bigvis import inference, sharding
+  from bigvis import metrics as metrics_lib
+  from bigvis.evaluators import reports
+  from bigvis.models import build_model
+
+  config = config_lib.apply_overrides(inference.load_config(workdir), overrides)
+  if "model" not in config:
+    raise UserError(f"{os.path.join(workdir, 'config.json')} has no 'model' section.")
+  chosen = sections(config, names)
+  for name, cfg in chosen.items():  # a wrong type fails before the (slow) restore
+    kind = cfg.get("type", name)
+    if kind not in eval_lib.EVALUATORS:
+      raise UserError(f"evaluator '{name}' has type '{kind}', not one of {', '.join(sorted(eval_lib.EVALUATORS))}.")
+
+  mesh = eval_mesh(config)
+  rules = sharding.rules_from_config(config)
+  model = build_model(config.model)
+  restored_step, params = restore_params(workdir, config, model, mesh, rules, step)
+  logging.info("evaluating %s at step %d on %d device(s)", workdir, restored_step, mesh.size)
+  evaluators = eval_lib.build_evaluators(chosen, model=model, mesh=mesh, config=config)
+
+  primary = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(workdir, primary=primary, tensorboard=tensorboard)
+  out_dir = os.path.join(workdir, REPORTS_DIR)
+  results = {}
+  try:
+    for name, ev in evaluators.items():
+      t0 = time.time()
+      with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+        metrics = ev.run(params)
+      writer.write(restored_step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
+      paths = []
+      if primary:
+        paths = reports.write_report(out_dir, name, build_report(name, chosen[name], ev, metrics))
+      logging.info("%s done in %.1fs", name, time.time() - t0)
+      results[name] = {"step": restored_step, "metrics": metrics, "paths": paths}
+  finally:
+    writer.close()
+  return results
+
+
+def _headline(metrics: dict[str, Any], limit: int = 6) -> str:
+  shown = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+           if isinstance(v, (int, float)) and not k.startswith("num_")]
+  return ", ".join(shown[:limit]) + (", ..." if len(shown) > limit else "")
+
+
+def main(args: argparse.Namespace) -> int:
+  """Runs `bigvis eval` and prints one line per evaluator: headline metrics and its report."""
+  results = evaluate_run(args.workdir, args.evaluators, args.step, args.overrides,
+                         tensorboard=not args.no_tensorboard)
+  for name, r in results.items():
+    where = next((p for p in r["paths"] if p.endswith(".md")), "")
+    print(f"{name} (step {r['step']}): {_headline(r['metrics'])}" + (f"  -> {where}" if where else ""))
+  return 0

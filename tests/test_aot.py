@@ -1,0 +1,80 @@
+"""`bigvis aot`: TPU slice names, scan-aware FLOP counts, and compiling a tiny ViT for a TPU slice on CPU.
+
+The compiling tests need libtpu (the `aot` extra) and are skipped without it.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from bigvis import aot, cli, config as config_lib
+from bigvis.errors import UserError
+
+needs_libtpu = pytest.mark.skipif(aot._libtpu_version() is None,
+                                  reason="libtpu is not installed (pip install -e '.[aot]')")
+
+
+@pytest.mark.parametrize("name, libtpu_name, chips", [
+    ("v5p-256", "v5p:4x4x8", 128),      # v5p and v4 names count TensorCores, two per chip
+    ("v5p-8", "v5p:2x2x1", 4),
+    ("v4-32", "v4:2x2x4", 16),
+    ("v4-1024", "v4:8x8x8", 512),
+    ("v5e-16", "v5e:4x4", 16),          # v5e and v6e names count chips
+    ("v5litepod-8", "v5e:2x4", 8),
+    ("v6e-1", "v6e:1x1", 1),
+    ("v6e-256", "v6e:16x16", 256),
+    ("v5p:4x4x12", "v5p:4x4x12", 192),  # a chip grid as given
+])
+def test_topology_names(name, libtpu_name, chips):
+  topo = aot.parse_topology(name)
+  assert (topo.libtpu_name, topo.chips) == (libtpu_name, chips)
+
+
+@pytest.mark.parametrize("name", ["v7-8", "v5p-12", "v5p-2", "v5e:2x2x1", "tpu", "v5e-0"])
+def test_unknown_topology_names_the_valid_forms(name):
+  with pytest.raises(UserError, match="v5p-256"):
+    aot.parse_topology(name)
+
+
+def test_unknown_topology_is_one_line_on_the_cli(capsys):
+  assert cli.main(["aot", "--config", "vit_ti_digits", "--topology", "v9-8"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "unknown TPU topology 'v9-8'" in err and "v5e-16" in err
+
+
+def test_flops_count_a_scanned_loop_length_times():
+  w, x = jnp.ones((6, 32, 32)), jnp.ones((8, 32))
+
+  def scanned(w, x):
+    return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0].sum()
+
+  def unrolled(w, x):
+    for i in range(w.shape[0]):
+      x = jnp.tanh(x @ w[i])
+    return x.sum()
+
+  one_layer = 2 * 8 * 32 * 32
+  for f in (scanned, unrolled):
+    assert aot.jaxpr_flops(jax.make_jaxpr(f)(w, x)) == 6 * one_layer
+    # forward, plus the gradients for activations and weights: 3x
+    assert aot.jaxpr_flops(jax.make_jaxpr(jax.grad(f))(w, x)) == pytest.approx(3 * 6 * one_layer, rel=0.2)
+
+
+@needs_libtpu
+def test_tiny_vit_compiles_for_a_tpu_slice_and_fits():
+  config = config_lib.load("vit_ti_digits", ["batch_size=32", "model.scan=True", "model.remat_policy='full'"])
+  r = aot.compile_for_topology(config, "v4-8")  # 4 chips, 2x2x1
+  assert r["chips"] == 4 and r["device_kind"] == "TPU v4" and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert r["fits"] and 0 < r["total_bytes_per_chip"] < r["hbm_bytes_per_chip"]
+  assert all(v > 0 for k, v in r["memory"].items() if k in ("argument_bytes", "temp_bytes"))
+  # remat recomputes part of the forward pass: more FLOPs executed than the model needs
+  assert r["flops_per_chip"] > r["model_flops_per_chip"] > 0
+  assert r["step_s"] > 0 and 0 < r["mfu"] < r["assumed_utilization"]
+
+
+@needs_libtpu
+def test_too_big_for_the_chip_exits_1(capsys):
+  # Shapes only: nothing of this batch is allocated on the host.
+  assert cli.main(["aot", "--config", "vit_ti_digits", "--topology", "v5e-1", "--set", "batch_size=4000000"]) == 1
+  out, err = capsys.readouterr()
+  assert '"fits": false' in out.splitlines()[-1] and "DOES NOT FIT" in out
+  assert len(err.strip().splitlines()) == 1 and "does not fit on v5e-1" in err

@@ -1,0 +1,89 @@
+"""`bigvis bench` and the benchmark scripts, on tiny models and the 8-device CPU mesh."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from bigvis import bench, cli
+from bigvis import config as config_lib
+from bigvis.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POSITIVE = ("step_ms", "examples_per_sec", "examples_per_sec_per_device", "tflops_per_sec",
+            "model_flops_per_example", "xla_flops_per_example", "peak_memory_gib", "compile_s")
+
+
+def _positive(result: dict) -> None:
+  for key in POSITIVE:
+    assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result[key])
+  assert math.isfinite(result["final_loss"])
+  assert result["mfu"] is None  # CPU: no known peak
+
+
+def test_bench_cli_on_8_devices_matches_one_device_flops(capsys):
+  assert cli.main(["bench", "--config", "vit_ti_digits", "--set", "batch_size=16", "--steps", "1",
+                   "--warmup", "1"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1
+  eight = json.loads(lines[0])
+  _positive(eight)
+  assert eight["devices"] == 8 and eight["batch_size"] == 16
+  assert eight["examples_per_sec_per_device"] == pytest.approx(eight["examples_per_sec"] / 8)
+
+  config = config_lib.load("vit_ti_digits", ["batch_size=16", "mesh.data=1"])
+  one = bench.benchmark(config, steps=1, warmup=0, devices=jax.devices()[:1])
+  _positive(one)
+  assert one["devices"] == 1
+  # XLA's cost analysis is per device (were it global, 8 devices would read 8x): x devices / batch it
+  # gives the 1-device figure plus the AdamW update each device repeats on its replicated params.
+  ratio = eight["xla_flops_per_example"] / one["xla_flops_per_example"]
+  assert 0.95 < ratio < 1.25, ratio
+  assert one["model_flops_per_example"] == eight["model_flops_per_example"]
+  # Unrolled, unpadded, no remat: the compiled step's FLOPs are the model FLOPs (plus the optimizer).
+  assert one["xla_flops_per_example"] == pytest.approx(one["model_flops_per_example"], rel=0.05)
+
+
+def test_bench_rejects_zero_steps():
+  config = config_lib.load("vit_ti_digits", ["batch_size=8"])
+  with pytest.raises(UserError, match="--steps"):
+    bench.benchmark(config, steps=0)
+
+
+def _script(args: list[str]) -> subprocess.CompletedProcess:
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_input_pipeline_benchmark_prints_ratio():
+  proc = _script(["benchmarks/input_pipeline.py", "--num-images", "16", "--seconds", "1", "--repeats", "1",
+                  "--batch", "8", "--variants", "tfdata_decode_crop_fused", "--pillow", "shm"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  last = proc.stdout.strip().splitlines()[-1]
+  assert last.startswith("ratio_vs_pillow=")
+  assert float(last.split("=")[1]) > 0
+
+
+def test_peers_cpu_smoke_runs_bigvis():
+  proc = _script(["benchmarks/peers.py", "--cpu-smoke", "--skip-torch", "--steps", "1", "--warmup", "1",
+                  "--only", "bigvis_vit_ti_digits_pad8"])
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  run = next(r for r in rows if r["name"] == "bigvis_vit_ti_digits_pad8")
+  assert run["examples_per_sec"] > 0 and "pad=8" in run["model"]
+  assert "vs peer" in proc.stdout  # the table
+
+
+def test_peers_gpu_runs_have_valid_configs():
+  """Every bigvis run `peers.py --large` would start on a GPU loads and traces (shapes only)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("peers", os.path.join(REPO, "benchmarks", "peers.py"))
+  peers = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(peers)
+  specs = peers._run_specs(peers.parse_args(["--large", "--skip-torch"]))
+  lines = peers.check_specs(specs)
+  assert sum("params" in line for line in lines) == 7
+  assert any("vit_h14" in line and "632.0M params" in line for line in lines)
