@@ -125,14 +125,16 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
   # Not on a Cloud TPU VM: tell libtpu not to look for one (metadata server, worker hostnames).
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{topology.generation.libtpu}-{topology.chips}")
+  gen = topology.generation
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE",
+                        f"{gen.libtpu}-{topology.chips * (gen.cores_per_chip if gen.names_count_cores else 1)}")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # parallel test workers each load it
   import jax
   from jax.experimental import topologies
   kwargs: dict[str, Any] = {}
-  if topology.generation.chip_config:
-    kwargs["chip_config_name"] = topology.generation.chip_config
-  if topology.generation.dims == 2 and min(topology.shape) < 2:  # slices smaller than one 2x2 host
+  if gen.chip_config:
+    kwargs["chip_config_name"] = gen.chip_config
+  if gen.dims == 2 and min(topology.shape) < 2:  # slices smaller than one 2x2 host
     kwargs["chips_per_host_bounds"] = [min(s, 2) for s in topology.shape] + [1]
   try:
     devices = list(topologies.get_topology_desc(topology_name=topology.libtpu_name, platform="tpu",

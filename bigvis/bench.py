@@ -29,46 +29,6 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
   import jax
   import ml_collections
 
-# Fields that change how a model is computed but not what: reset for the model-FLOP reference.
-_REFERENCE_FIELDS = {"scan": False, "remat_policy": "none", "attention_impl": "xla", "seq_pad_multiple": 0}
-
-
-def _reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
-  """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention."""
-  from bigvis.models import MODELS
-  cfg = model_cfg.to_dict()
-
-  def plain(section: dict, cls) -> dict:
-    return {**section, **{k: v for k, v in _REFERENCE_FIELDS.items() if hasattr(cls, k)}}
-  if cfg.get("name") == "clip":
-    cfg["image"] = plain(dict(cfg.get("image", {})), MODELS["vit"])
-    cfg["text"] = plain(dict(cfg.get("text", {})), MODELS["text"])
-    return cfg
-  return plain(cfg, MODELS.get(cfg.get("name"), object))
-
-
-def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:
-  """3 x forward FLOPs of one example through the plain model (HLO cost analysis, nothing compiled)."""
-  import jax
-  import ml_collections
-  import numpy as np
-  from bigvis import train
-  from bigvis.models import build_model
-  ref_cfg = ml_collections.ConfigDict(_reference_model_config(config.model))
-  model = build_model(ref_cfg)
-  ref_config = ml_collections.ConfigDict({**config.to_dict(), "model": ref_cfg.to_dict()})
-  inputs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in train.model_inputs(ref_config, batch)]
-  variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False), *inputs)
-  try:
-    cost = jax.jit(lambda v, *xs: model.apply(v, *xs, train=False)).lower(variables, *inputs).cost_analysis()
-  except Exception:  # a backend without HLO cost analysis
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return 3.0 * float(flops) if flops and flops > 0 else None
-
-
 def describe_model(model_cfg: ml_collections.ConfigDict) -> str:
   """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=cudnn pool=gap`."""
   def tower(c: dict) -> str:
@@ -159,7 +119,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   loss = float(jax.device_get(metrics["train/loss"]))
 
   ex_s = config.batch_size / step_s
-  model_flops = model_flops_per_example(config, local)
+  model_flops = metrics_lib.model_flops_per_example(config, local)
   xla_flops_dev = metrics_lib.compiled_flops(compiled)  # per device: verified against 1 device in tests
   xla_flops = xla_flops_dev * n_dev / config.batch_size if xla_flops_dev else None
   peak = metrics_lib.device_peak_flops(mesh_devices[0])

@@ -13,6 +13,8 @@ import time
 from typing import Any, Optional
 
 import jax
+import ml_collections
+import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, for MFU; unknown devices (CPU) give MFU null.
 PEAK_FLOPS = {
@@ -40,6 +42,42 @@ def compiled_flops(compiled: Any) -> Optional[float]:
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
   return float(flops) if flops and flops > 0 else None
+
+
+# Fields that change how a model is computed but not what: reset for the model-FLOP reference.
+_REFERENCE_FIELDS = {"scan": False, "remat_policy": "none", "attention_impl": "xla", "seq_pad_multiple": 0}
+
+
+def reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
+  """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention."""
+  from bigvis.models import MODELS
+  cfg = model_cfg.to_dict()
+
+  def plain(section: dict, cls) -> dict:
+    return {**section, **{k: v for k, v in _REFERENCE_FIELDS.items() if hasattr(cls, k)}}
+  if cfg.get("name") == "clip":
+    cfg["image"] = plain(dict(cfg.get("image", {})), MODELS["vit"])
+    cfg["text"] = plain(dict(cfg.get("text", {})), MODELS["text"])
+    return cfg
+  return plain(cfg, MODELS.get(cfg.get("name"), object))
+
+
+def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:
+  """3 x forward FLOPs of one example through the plain model (HLO cost analysis, nothing compiled)."""
+  from bigvis.models import build_model, model_inputs
+  ref_cfg = ml_collections.ConfigDict(reference_model_config(config.model))
+  model = build_model(ref_cfg)
+  ref_config = ml_collections.ConfigDict({**config.to_dict(), "model": ref_cfg.to_dict()})
+  inputs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in model_inputs(ref_config.model, batch)]
+  variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False), *inputs)
+  try:
+    cost = jax.jit(lambda v, *xs: model.apply(v, *xs, train=False)).lower(variables, *inputs).cost_analysis()
+  except Exception:  # a backend without HLO cost analysis
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return 3.0 * float(flops) if flops and flops > 0 else None
 
 
 def truncate_after(path: str, step: int) -> None:

@@ -11,7 +11,13 @@ from bigvis.models import build_model
 
 
 def abstract_params(model_cfg: ml_collections.ConfigDict):
-  """Shapes of the model's parameters, from a one-example dummy input."""
+  """Shapes of the model's parameters, from a one-example dummy input.
+
+  Built the plain way (XLA attention, no scan): the kernels do not change the
+  parameters, and shapes can then be planned on any host.
+  """
+  from bigvis.metrics import reference_model_config
+  model_cfg = ml_collections.ConfigDict(reference_model_config(model_cfg))
   model = build_model(model_cfg)
   image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
   size = int(image_cfg.get("image_size", 224))

@@ -31,7 +31,7 @@ from bigvis import evaluators as eval_lib
 from bigvis import metrics as metrics_lib
 from bigvis import objectives, optim, sharding
 from bigvis.errors import UserError
-from bigvis.models import build_model
+from bigvis.models import build_model, model_inputs
 
 TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "model", "objective", "optim",
@@ -40,13 +40,6 @@ TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_
 
 class NonFiniteLoss(UserError):
   """The loss became NaN/inf; the run stopped without checkpointing the bad state."""
-
-
-def model_inputs(config: ml_collections.ConfigDict, batch: dict) -> tuple:
-  """The positional inputs `model.init` needs, from a (possibly abstract) batch."""
-  if config.model.name == "clip":
-    return batch["image"][:1], batch["labels"][:1]
-  return (batch["image"][:1],)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -89,7 +82,7 @@ def plan_train_state(config, model, mesh, rules, example_batch):
   and `bigvis bench` use the same plan as training.
   """
   init_rng = jax.random.fold_in(jax.random.key(config.seed), 0x1417)
-  inputs = model_inputs(config, example_batch)
+  inputs = model_inputs(config.model, example_batch)
   abstract_vars = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), init_rng)
   abstract_params = abstract_vars["params"]
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.meta.unbox(abstract_params))
@@ -126,7 +119,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
-    grad_norm = optax.tree_utils.tree_l2_norm(grads)
+    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.tree_utils.tree_l2_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -241,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   with sharding.use_mesh(mesh):
     compiled = train_step.lower(state, sharding.global_batch(first_device, mesh)).compile()
   compile_s = time.time() - t0
-  flops = metrics_lib.compiled_flops(compiled)
+  # Model FLOPs (3x forward of the plain model), not XLA's count, which sees a scanned layer once.
+  flops_per_example = metrics_lib.model_flops_per_example(config, first_device)
   peak = metrics_lib.device_peak_flops()
   evaluators = eval_lib.build_evaluators(config.get("evals"), model=model, mesh=mesh, config=config)
 
@@ -296,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         row = {**last_metrics, "train/lr": float(schedule(step - 1)),
                "perf/examples_per_sec": ex_s, "perf/examples_per_sec_per_device": ex_s / jax.device_count(),
-               "perf/mfu": (flops * (ex_s / config.batch_size) / peak) if flops and peak else None,
+               "perf/mfu": (flops_per_example * ex_s / jax.device_count() / peak) if flops_per_example and peak else None,
                "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}
         writer.write(step, row)
         writer.progress(step, last_metrics["train/loss"], ex_s)

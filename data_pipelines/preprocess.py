@@ -103,12 +103,17 @@ def decode(channels: int = 3, key: str = "image") -> Op:
   return _image_op(fn, key)
 
 
-def _resize_like(image: tf.Tensor, size: tuple[int, int], method: str = "bilinear") -> tf.Tensor:
-  dtype = image.dtype
-  out = tf.image.resize(image, size, method=method, antialias=True)
-  if dtype == tf.uint8:
-    out = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-  return tf.cast(out, dtype) if out.dtype != dtype else out
+def _resize_like(image: tf.Tensor, size: tuple, method: str = "bilinear") -> tf.Tensor:
+  """Resizes to float32 (values kept in the input's range; no round trip through uint8).
+
+  The antialiasing kernel is only needed when shrinking; when enlarging it
+  gives the same pixels at several times the cost, so it is skipped.
+  """
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  shrinking = tf.logical_or(size[0] < h, size[1] < w)
+  return tf.cond(shrinking,
+                 lambda: tf.image.resize(image, size, method=method, antialias=True),
+                 lambda: tf.image.resize(image, size, method=method, antialias=False))
 
 
 @register("resize")
@@ -210,8 +215,10 @@ def normalize(mean="imagenet", std=None, key: str = "image") -> Op:
     mean, std = CHANNEL_STATS[mean]
   if std is None:
     raise UserError("normalize: give std together with a numeric mean.")
-  mean_t, std_t = tf.constant(mean, tf.float32), tf.constant(std, tf.float32)
-  return _image_op(lambda im, seed: (tf.cast(im, tf.float32) / 255.0 - mean_t) / std_t, key)
+  # (x / 255 - mean) / std as one multiply-add.
+  scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
+  shift = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
+  return _image_op(lambda im, seed: tf.cast(im, tf.float32) * scale + shift, key)
 
 
 @register("grayscale_to_rgb")
@@ -222,7 +229,7 @@ def grayscale_to_rgb(key: str = "image") -> Op:
 
 @register("invert")
 def invert(key: str = "image") -> Op:
-  """255 - pixel: white-on-black becomes black-on-white."""
+  """255 - pixel: white-on-black becomes black-on-white (uint8 or float images in [0, 255])."""
   return _image_op(lambda im, seed: tf.cast(255, im.dtype) - im, key)
 
 

@@ -7,6 +7,7 @@ pre-logits layer, bf16 compute, FSDP over 4 devices per data replica.
 import ml_collections
 
 from bigvis.config import base_config
+from bigvis.models import model_config
 from data_pipelines.sources import data_config
 
 IMAGES_PER_EPOCH = 13_000_000
@@ -22,9 +23,9 @@ def get_config(arg=None):
   c.eval_every_steps = 10_000
   c.checkpoint_every_steps = 2000
   c.mesh.data, c.mesh.fsdp = -1, 1   # on pods: --set mesh.fsdp=4 (or 8) shards params + Adam state
-  c.model = ml_collections.ConfigDict(dict(
-      name="vit", variant="L/16", num_classes=NUM_CLASSES, image_size=224, pool_type="tok", posemb="learn",
-      representation_size=1024, dropout=0.1, dtype="bfloat16", remat_policy="dots_no_batch", scan=True))
+  c.model = model_config(
+      "vit", variant="L/16", num_classes=NUM_CLASSES, image_size=224, pool_type="tok", posemb="learn",
+      representation_size=1024, dropout=0.1, dtype="bfloat16", remat_policy="dots_no_batch", scan=True)
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="sigmoid", label_smoothing=0.0))
   c.optim.update(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.03, warmup_steps=10_000, schedule="linear",
                       grad_clip_norm=1.0))

@@ -6,6 +6,7 @@
 import ml_collections
 
 from bigvis.config import base_config
+from bigvis.models import model_config
 from data_pipelines.sources import data_config
 
 
@@ -16,9 +17,9 @@ def get_config(arg=None):
   c.batch_size = 64
   c.log_every_steps = 50
   c.checkpoint_every_steps = 200
-  c.model = ml_collections.ConfigDict(dict(
-      name="vit", variant="mu/4", num_classes=10, image_size=16, pool_type="gap", posemb="learn",
-      dropout=0.0, dtype="float32", remat_policy="none", scan=False))
+  c.model = model_config(
+      "vit", variant="mu/4", num_classes=10, image_size=16, pool_type="gap", posemb="learn",
+      dropout=0.0, dtype="float32", remat_policy="none", scan=False)
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="softmax", label_smoothing=0.0))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50

@@ -29,6 +29,35 @@ def _resolve_dtypes(kwargs: dict) -> dict:
   return kwargs
 
 
+def _defaults(cls) -> dict:
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in ("parent", "name") or f.default is dataclasses.MISSING:
+      continue
+    value = f.default
+    out[f.name] = next((k for k, v in DTYPES.items() if v is value), value)  # dtypes by name
+  return out
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """A `model` section with every field present (defaults filled in), so `--set model.<any field>` works.
+
+  For CLIP, `image=` and `text=` dicts are completed the same way.
+  """
+  if name not in MODELS:
+    raise UserError(f"model.name '{name}' is not one of {', '.join(MODELS)}.")
+  cls = MODELS[name]
+  check_known(overrides, _fields(cls), "model")
+  cfg = {"name": name, **_defaults(cls), **overrides}
+  if name == "clip":
+    for tower, tower_name in (("image", "vit"), ("text", "text")):
+      section = dict(overrides.get(tower, {}))
+      check_known(section, _fields(MODELS[tower_name]), f"model.{tower}")
+      cfg[tower] = {**_defaults(MODELS[tower_name]), **section}
+  # Optional fields default to None; give the ConfigDict their type so --set can fill them.
+  return ml_collections.ConfigDict(cfg, type_safe=False)
+
+
 def build_model(model_config: ml_collections.ConfigDict | dict) -> nn.Module:
   """Config section `model` (with `name`) -> an unbound Flax module.
 
@@ -46,3 +75,10 @@ def build_model(model_config: ml_collections.ConfigDict | dict) -> nn.Module:
       check_known(cfg.get(tower, {}), _fields(tower_cls), f"model.{tower}")
       cfg[tower] = _resolve_dtypes(dict(cfg.get(tower, {})))
   return cls(**_resolve_dtypes(cfg))
+
+
+def model_inputs(model_config: ml_collections.ConfigDict, batch: dict) -> tuple:
+  """The positional inputs `model.init`/`apply` take, cut to one example of `batch`."""
+  if model_config.name == "clip":
+    return batch["image"][:1], batch["labels"][:1]
+  return (batch["image"][:1],)

@@ -66,9 +66,13 @@ def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, i
   kv_len = None
   if mask is not None:
     kv_len = jnp.sum(mask, axis=-1).astype(jnp.int32)
-  return jax.nn.dot_product_attention(
-      q, k, v, is_causal=causal, key_value_seq_lengths=kv_len,
-      implementation=None if impl == "auto" else impl)
+  try:
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, key_value_seq_lengths=kv_len,
+        implementation=None if impl == "auto" else impl)
+  except RuntimeError as e:  # e.g. "cuDNN is not detected." on CPU/TPU
+    from bigvis.errors import UserError
+    raise UserError(f"attention_impl='{impl}' is not available here ({e}); use attention_impl='xla'.") from e
 
 
 class Attention(nn.Module):
