@@ -10,7 +10,10 @@ runs too) and of its `reports`, a config section of the same shape
 during training: the linear probe, robustness and bias-audit tables. Both
 come from `WORKDIR/config.json` (the config the run trained with), with
 `--set key=value` overrides applied on top, so an evaluation is a function of
-the run and the command line alone. `--evaluator` picks entries by name.
+the run and the command line alone. `--evaluator` picks entries by name;
+`--config experiments/NAME.py` takes `evals` and `reports` from the experiment
+file instead (its model must be the run's), for runs trained before a report
+was configured.
 
 What it writes: for each evaluator `WORKDIR/reports/<name>.csv` and `.md` (and
 `.png` where a picture helps): its own report if it has one (`report()`, see
@@ -41,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
   p.add_argument("--workdir", required=True, help="the --workdir of a `bigvis train` run")
   p.add_argument("--evaluator", nargs="+", action="extend", dest="evaluators", metavar="NAME",
                  help="entries of the run's evals/reports to run (default: all of them)")
+  p.add_argument("--config", metavar="EXPERIMENT", dest="experiment",
+                 help="take evals and reports from this experiment file (same model) instead of the run's "
+                      "config.json, e.g. for a run trained before a report was configured")
   p.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the newest readable one)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                  help="override a key of the run's config (repeatable), e.g. --set reports.linear_probe.seeds=5")
@@ -80,18 +86,24 @@ def eval_mesh(config):
     return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
+def abstract_params(model_cfg, model) -> Any:
+  """Shapes of the model's parameters, boxed with their logical axis names (nothing allocated)."""
+  import jax
+  import jax.numpy as jnp
+  image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
+  size = int(image_cfg.get("image_size", 224))
+  inputs = [jnp.zeros((1, size, size, 3), jnp.float32)]
+  if model_cfg.name == "clip":
+    inputs.append(jnp.zeros((1, int(model_cfg.text.get("context_length", 77))), jnp.int32))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))["params"]
+
+
 def restore_params(workdir: str, config, model, mesh, rules, step: int | None) -> tuple[int, Any]:
   """(step, params) of the run, restored straight into their shardings on `mesh`."""
   import flax.linen as nn
   import jax
-  import jax.numpy as jnp
   from bigvis import inference, sharding
-  image_cfg = config.model.image if config.model.name == "clip" else config.model
-  size = int(image_cfg.get("image_size", 224))
-  inputs = [jnp.zeros((1, size, size, 3), jnp.float32)]
-  if config.model.name == "clip":
-    inputs.append(jnp.zeros((1, int(config.model.text.get("context_length", 77))), jnp.int32))
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))["params"]
+  boxed = abstract_params(config.model, model)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -110,8 +122,30 @@ def build_report(name: str, cfg, evaluator, metrics: dict[str, Any]):
   return reports.metrics_report(name, metrics, intro=f"Metrics of the `{cfg.get('type', name)}` evaluator.")
 
 
+def with_experiment_evals(config, spec: str):
+  """The run's config with `evals` and `reports` taken from experiment `spec`, whose model must be the run's."""
+  import flax.linen as nn
+  import jax
+  import ml_collections
+  from bigvis import config as config_lib
+  from bigvis.models import build_model
+  exp = config_lib.load_experiment(spec)
+
+  def shapes(model_cfg):  # the same parameters, whatever defaults either config spells out
+    tree = nn.meta.unbox(abstract_params(model_cfg, build_model(model_cfg)))
+    return jax.tree_util.tree_structure(tree), [x.shape for x in jax.tree.leaves(tree)]
+  if "model" not in exp or shapes(exp.model) != shapes(config.model):
+    raise UserError(f"--config '{spec}' describes another model than the run's; its evals and reports "
+                    "would not fit this checkpoint.")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.evals = ml_collections.ConfigDict(exp.get("evals") or {})
+  config.reports = ml_collections.ConfigDict(exp.get("reports") or {})
+  return config
+
+
 def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | None = None,
-                 overrides: Sequence[str] = (), tensorboard: bool = True) -> dict[str, dict[str, Any]]:
+                 overrides: Sequence[str] = (), tensorboard: bool = True,
+                 experiment: str | None = None) -> dict[str, dict[str, Any]]:
   """Runs the chosen evaluators on a checkpoint of `workdir`; returns name -> {step, metrics, paths}."""
   import flax.linen as nn
   import jax
@@ -122,9 +156,12 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   from bigvis.evaluators import reports
   from bigvis.models import build_model
 
-  config = config_lib.apply_overrides(inference.load_config(workdir), overrides)
+  config = inference.load_config(workdir)
   if "model" not in config:
     raise UserError(f"{os.path.join(workdir, 'config.json')} has no 'model' section.")
+  if experiment:
+    config = with_experiment_evals(config, experiment)
+  config = config_lib.apply_overrides(config, overrides)
   chosen = sections(config, names)
   for name, cfg in chosen.items():  # a wrong type fails before the (slow) restore
     kind = cfg.get("type", name)
@@ -167,7 +204,7 @@ def _headline(metrics: dict[str, Any], limit: int = 6) -> str:
 def main(args: argparse.Namespace) -> int:
   """Runs `bigvis eval` and prints one line per evaluator: headline metrics and its report."""
   results = evaluate_run(args.workdir, args.evaluators, args.step, args.overrides,
-                         tensorboard=not args.no_tensorboard)
+                         tensorboard=not args.no_tensorboard, experiment=args.experiment)
   for name, r in results.items():
     where = next((p for p in r["paths"] if p.endswith(".md")), "")
     print(f"{name} (step {r['step']}): {_headline(r['metrics'])}" + (f"  -> {where}" if where else ""))

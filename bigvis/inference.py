@@ -40,7 +40,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path} is not readable JSON ({e}).")
 
 
-def _restore_params(directory: str, abstract: Any, step: int | None) -> tuple[int, Any]:
+def restore_params(directory: str, abstract: Any, step: int | None) -> tuple[int, Any]:
   """(step, params) from the newest readable (or the given) checkpoint, restoring params only."""
   import orbax.checkpoint as ocp
   if not os.path.isdir(directory):
@@ -83,9 +83,12 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           params_lib.abstract_params(config.model))
-  restored_step, params = _restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+  restored_step, params = restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
   logging.info("restored %s at step %d", workdir, restored_step)
   return config, model, params
+
+
+_restore_params = restore_params  # the name bigvis/eval_cli.py uses
 
 
 def _op_name(part: str) -> str:
@@ -93,12 +96,9 @@ def _op_name(part: str) -> str:
 
 
 def image_pp(config: ml_collections.ConfigDict) -> str:
-  """The preprocessing for already-decoded images: the run's eval geometry and value scaling.
-
-  Taken from the first eval pp string (dropping decode, labels, text and anything
-  random); without evals, the image is resized to the model's size and scaled as
-  in the training pp (or to [-1, 1] when that says nothing).
-  """
+  """The pp string for already-decoded images, so they are sized and scaled as in the run's evaluation."""
+  # The first eval's pp without decode, labels, text or anything random; without evals, a resize to
+  # the model's size plus the training pp's value scaling (or [-1, 1] when it names none).
   image_cfg = config.model.image if config.model.name == "clip" else config.model
   size = int(image_cfg.get("image_size", 224))
   eval_pps = [ev.data.pp for ev in (config.get("evals") or {}).values()

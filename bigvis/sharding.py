@@ -9,6 +9,7 @@ block a layout.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -123,6 +124,18 @@ def use_mesh(mesh: Mesh):
   import warnings
   warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
   return mesh
+
+
+@contextlib.contextmanager
+def activation_rules(mesh: Mesh, rules):
+  """Where models run (train step, evaluators): logical rules plus the abstract mesh.
+
+  flax applies the models' activation constraints only when an abstract mesh
+  is set; without them XLA may gather the batch over `fsdp` and keep every
+  replica's activations on each device.
+  """
+  with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -138,7 +138,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   batch_sh = sharding.batch_sharding(mesh)
 
   def with_rules(state, batch):
-    with nn.logical_axis_rules(rules):
+    with sharding.activation_rules(mesh, rules):
       return step_fn(state, batch)
   return jax.jit(with_rules, in_shardings=(state_shardings, batch_sh),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def evaluate(step: int) -> dict:
     results = {}
-    with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
       for name, ev in evaluators.items():
         for k, v in ev.run(state["params"]).items():
           results[f"eval/{name}/{k}"] = v

@@ -3,8 +3,9 @@
 Importing this module registers the ops in `data_pipelines.preprocess`, so a
 shifted copy of a held-out split is a pp string away, e.g.
 `"decode|resize(16)|gaussian_blur(1.0)|value_range(-1,1)"`. Every op keeps the
-image's dtype (uint8 results are rounded and clipped to 0..255) and works on
-[H, W, C] images after decoding; the random ones (`gaussian_noise`, `occlude`)
+image's dtype (uint8 results are rounded and clipped to 0..255; `resize` gives
+float32 in 0..255, which stays float) and works on [H, W, C] images before
+`value_range`/`normalize`; the random ones (`gaussian_noise`, `occlude`)
 draw only from the op's per-example seed, so a shifted set is the same on
 every run and every process layout. `invert` lives in preprocess.py.
 """
@@ -85,14 +86,18 @@ def rotate(degrees: float, fill: float = 0, key: str = "image") -> Op:
 
 
 @register("gaussian_noise")
-def gaussian_noise(std: float, key: str = "image") -> Op:
-  """Adds Gaussian noise of `std` in pixel units (0..255 for uint8), drawn from the example's seed."""
+def gaussian_noise(std: float, clip=(0, 255), key: str = "image") -> Op:
+  """Adds Gaussian noise of `std` pixel units drawn from the example's seed, clipped to `clip` (None: not)."""
   if std < 0:
     raise UserError(f"gaussian_noise: std must be non-negative, got {std}.")
+  if clip is not None and (len(clip) != 2 or clip[0] >= clip[1]):
+    raise UserError(f"gaussian_noise: clip must be (low, high) with low < high or None, got {clip!r}.")
 
   def fn(image, seed):
-    noise = tf.random.stateless_normal(tf.shape(image), seed=seed, stddev=float(std))
-    return _like(_to_float(image) + noise, image.dtype)
+    out = _to_float(image) + tf.random.stateless_normal(tf.shape(image), seed=seed, stddev=float(std))
+    if clip is not None:
+      out = tf.clip_by_value(out, float(clip[0]), float(clip[1]))
+    return _like(out, image.dtype)
   return _image_op(fn, key)
 
 

@@ -14,9 +14,10 @@ and, with `bigvis eval --workdir W` after training (the `reports` section; not r
                 1,497 train digits, against the zero-shot line
   robustness    zero-shot on the test digits and shifted copies made by pp ops
                 (data_pipelines/shifts.py): inverted, blurred, rotated, noisy, thick, occluded, pixelated
-  bias_audit    a demonstration of the method on made-up categories: test digits as drawn ('thin') and
-                with dilated strokes ('thick') classified over the digit names + flagged categories,
-                then with 'bold digit' added (the CLIP paper's 'child' experiment)
+  bias_audit    a demonstration of the method, not an audit of anything real: three groups of test
+                digits (as drawn, strokes dilated, inverted) classified over the digit names + made-up
+                flagged labels that describe looks instead of identity ('thick eight', ...), then with
+                'a bold one' added (the CLIP paper's 'child' experiment)
 """
 import ml_collections
 
@@ -30,10 +31,10 @@ TOKENIZER = "bundled:digits"
 def get_config(arg=None):
   c = base_config()
   c.experiment = "clip_ti_digits"
-  c.total_steps = 400
-  c.batch_size = 128
+  c.total_steps = 500
+  c.batch_size = 64
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 200
+  c.checkpoint_every_steps = 250
   c.model = ml_collections.ConfigDict(dict(
       name="clip", embed_dim=128, temperature_init=1 / 0.07,
       image=dict(variant="mu/4", image_size=16, pool_type="gap", posemb="learn", dtype="float32"),
@@ -70,6 +71,7 @@ def get_config(arg=None):
                 rotated=test("rotate(30)"), noisy=test("gaussian_noise(64)"), thick=test("thicken(3)"),
                 occluded=test("occlude(6)"), pixelated=test("pixelate(4)"))))
   c.reports.bias_audit = ml_collections.ConfigDict(dict(
-      type="bias_audit", batch_size=304, groups=dict(thin=test(), thick=test("thicken(3)")),
-      flagged=["ink blot", "scribble", "smudge"], added=["bold digit"]))
+      type="bias_audit", batch_size=304,
+      groups=dict(as_drawn=test(), thick=test("thicken(3)"), inverted=test("invert")),
+      flagged=["thick eight", "bold eight", "fat zero"], added=["a bold one"]))
   return c

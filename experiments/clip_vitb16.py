@@ -46,7 +46,7 @@ def parse_arg(arg: str | None) -> dict:
   for item in filter(None, (s.strip() for s in (arg or "").split(","))):
     key, sep, value = item.partition("=")
     if not sep or key not in ARG_KEYS:
-      raise UserError(f"experiment argument '{item}' is not one of {', '.join(k + '=...' for k in ARG_KEYS)}.")
+      raise UserError(f"experiment argument '{item}' is not key=value with key one of {', '.join(ARG_KEYS)}.")
     out[key] = value
   if "imagenet" in out and not out.get("classnames"):
     raise UserError("experiment argument imagenet= needs classnames=FILE (one ImageNet class name per line).")

@@ -54,6 +54,9 @@ def test_noise_is_a_function_of_the_seed_and_has_the_asked_std():
   other = preprocess.build("gaussian_noise(20)")({"image": tf.constant(image)}, tf.constant([3, 5], tf.int64))
   assert not np.array_equal(a, other["image"].numpy())
   assert np.std(a.astype(np.float64)) == pytest.approx(20, rel=0.05) and a.dtype == np.uint8
+  dark = _op("gaussian_noise(50)", np.zeros((32, 32, 3), np.float32))  # float (as after resize): clipped too
+  assert dark.dtype == np.float32 and dark.min() == 0 and 0 < dark.max() <= 255
+  assert _op("gaussian_noise(50, clip=None)", np.zeros((32, 32, 3), np.float32)).min() < 0
 
 
 def test_thicken_thin_occlude_pixelate():
@@ -211,7 +214,7 @@ def test_bigvis_eval_writes_all_reports(clip_run, capsys):
   assert rob[1].startswith("clean,(reference)") and any(line.startswith("rotated,rotate(30)") for line in rob)
 
   # Bias audit: adding a category only takes images away from the others.
-  for g in ("thin", "thick"):
+  for g in ("as_drawn", "thick", "inverted"):
     a, b = m[(60, f"eval/bias_audit/{g}/flagged")], m[(60, f"eval/bias_audit/{g}/flagged_with_added")]
     assert 0 <= b <= a <= 1
 
@@ -310,3 +313,10 @@ def test_eval_cli_errors_name_the_culprit(clip_run, capsys):
   assert cli.main(["eval", "--workdir", clip_run, "--set", "reports.robustness.reference='nope'",
                    "--evaluator", "robustness"]) == 2
   assert "reports.robustness.reference 'nope'" in capsys.readouterr().err
+  vit = os.path.join(REPO, "experiments", "vit_ti_digits.py")
+  assert cli.main(["eval", "--workdir", clip_run, "--config", vit]) == 2
+  assert "another model than the run's" in capsys.readouterr().err
+  # The run was trained without the retrieval eval; the experiment file has it.
+  assert cli.main(["eval", "--workdir", clip_run, "--no-tensorboard", "--evaluator", "retrieval",
+                   "--config", os.path.join(REPO, "experiments", "clip_ti_digits.py")]) == 0
+  assert os.path.exists(os.path.join(clip_run, "reports", "retrieval.md"))

@@ -13,10 +13,12 @@ Groups come either from one split with an integer feature per image (`data`
 and `group_key`, e.g. shards whose `label` is the group id, named by
 `group_names`) or from one data section per group (`groups`: name -> data
 section). The bundled-digits default (experiments/clip_ti_digits.py) is a
-demonstration of the method, not an audit of anything real: the held-out
-digits as drawn ('thin') and with strokes thickened by grey dilation
-('thick'), the ten digit names as task classes, made-up flagged categories
-('ink blot', 'scribble', 'smudge') and 'bold digit' as the added category.
+demonstration of the method, not an audit of anything real: three groups of
+held-out digits (as drawn, strokes thickened by grey dilation, inverted), the
+ten digit names as task classes, made-up flagged labels that name a digit's
+looks rather than its identity ('thick eight', 'bold eight', 'fat zero'), and
+'a bold one' as the added category. A digits model only knows digit words, so
+flagged labels without one would simply never be chosen.
 
 Config: `data` + `group_key` (default 'label') + `group_names`, or `groups`;
 `flagged` (required), `added`, `class_names` (the task classes), `prompts`,

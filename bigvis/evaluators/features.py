@@ -80,8 +80,11 @@ class ImageFeatures:
     self._embed = embed
 
   def __call__(self, params: Any, data: ml_collections.ConfigDict | dict, batch_size: int,
-               where: str, need_label: bool = True) -> dict[str, np.ndarray]:
-    """One pass over `data` (every example exactly once) -> numpy arrays on every process."""
+               where: str, need_label: bool = True, samples: int = 0) -> dict[str, np.ndarray]:
+    """One pass over `data` (every example exactly once) -> numpy arrays on every process.
+
+    `samples` > 0 adds `sample_images`: the first preprocessed images this process saw, for figures.
+    """
     data = ml_collections.ConfigDict(dict(data))
     cfg = ml_collections.ConfigDict({"batch_size": batch_size})
     batches = data_input.eval_batches(data, global_batch_size=eval_batch_size(cfg, self.mesh),
@@ -101,8 +104,11 @@ class ImageFeatures:
     def chain():
       yield first
       yield from batches
-    out = batched_outputs(self._embed, params, chain(), self.mesh)
-    return {k: np.asarray(v) for k, v in out.items()}
+    out = {k: np.asarray(v) for k, v in batched_outputs(self._embed, params, chain(), self.mesh).items()}
+    if samples:
+      real = np.asarray(first["_mask"]).astype(bool)
+      out["sample_images"] = np.asarray(first["image"])[real][:samples]
+    return out
 
 
 class TextClassifier:

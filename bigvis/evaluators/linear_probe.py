@@ -198,7 +198,7 @@ class Evaluator:
       mean = float(np.mean(row["accs"]))
       table.append({"shots per class": row["shots"], "train examples": row["train_examples"],
                     "seeds": len(row["accs"]), "top1 mean": mean, "top1 std": float(np.std(row["accs"])),
-                    "C (median)": float(np.median(row["C"])),
+                    "C (median)": f"{float(np.median(row['C'])):g}",
                     "minus zero-shot": None if zs is None else mean - zs})
     columns = ["shots per class", "train examples", "seeds", "top1 mean", "top1 std", "C (median)"]
     if zs is not None:
@@ -245,7 +245,9 @@ class Evaluator:
       ax.minorticks_off()
       ax.set_xlabel("labelled training examples per class")
       ax.set_ylabel("top-1 accuracy")
-      ax.set_ylim(0, 1.02)
+      shown = list(means - stds) + list(accs) + ([zs] if zs is not None else [])
+      low = min(shown)
+      ax.set_ylim(max(0.0, low - max(0.05, 0.15 * (1 - low))), 1.0 + 0.01)
       ax.grid(alpha=0.3)
       ax.legend(loc="lower right")
       ax.set_title(f"{self.name}: few-shot linear probes vs zero-shot")

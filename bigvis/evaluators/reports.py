@@ -43,9 +43,7 @@ def format_value(value: Any) -> str:
   if isinstance(value, float):
     if math.isnan(value):
       return "n/a"
-    if value == int(value) and abs(value) >= 1:
-      return str(int(value))
-    return f"{value:.4f}"
+    return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
   return str(value)
 
 
@@ -155,17 +153,18 @@ def zeroshot_report(name: str, metrics: dict[str, Any], templates: Sequence[str]
 
   def draw(fig):
     ax = fig.subplots()
-    labels = [r["classifier"].strip('"') for r in rows]
+    labels = [r["classifier"].strip('"') for r in rows[:-1]] + [f"ensemble of {len(templates)}"]
     values = [r["top1"] for r in rows]
     colors = ["#9ecae1"] * (len(rows) - 1) + ["#3182bd"]
     ax.barh(range(len(rows)), values, color=colors)
     ax.set_yticks(range(len(rows)), [lab if len(lab) <= 40 else lab[:37] + "..." for lab in labels])
     ax.invert_yaxis()
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, 1.15)
+    ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel("top-1 accuracy")
     ax.set_title(f"{name}: single templates vs ensemble")
     for i, v in enumerate(values):
-      ax.text(min(v + 0.01, 0.9), i, f"{v:.3f}", va="center")
+      ax.text(v + 0.01, i, f"{v:.3f}", va="center", fontsize=9)
 
   return Report(title=f"{name}: prompt templates and their ensemble", columns=["classifier", "templates",
                                                                               "top1", "top5"],

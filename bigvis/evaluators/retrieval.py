@@ -40,10 +40,8 @@ def _groups(x: np.ndarray) -> np.ndarray:
 
 def _expected_recall(queries: np.ndarray, keys: np.ndarray, partner: np.ndarray, key_groups: np.ndarray,
                      ks: Sequence[int], chunk: int) -> dict[int, float]:
-  """Recall@k of each query's partner among all keys, ties broken uniformly at random (in expectation).
-
-  Keys in one group are identical, so they are scored once and weighted by the group's size.
-  """
+  """Recall@k of each query's partner among all keys, in expectation over random orders of tied keys."""
+  # Keys in one group are identical, so each group is scored once and weighted by its size.
   num_groups = int(key_groups.max()) + 1
   counts = np.bincount(key_groups, minlength=num_groups).astype(np.float64)
   first = np.zeros(num_groups, np.int64)
@@ -97,6 +95,7 @@ class Evaluator:
     self._embed = embed
 
   def run(self, params) -> dict[str, float]:
+    """Embeds every pair of the split with the current params and scores both directions."""
     out = batched_outputs(self._embed, params, split_batches(self.cfg, self.mesh, f"evals.{self.name}.data"),
                           self.mesh)
     if not out:

@@ -42,16 +42,9 @@ def shift_ops(pp: str, reference_pp: str) -> str:
   return "|".join(extra) if extra else ("(reference)" if pp.strip() == reference_pp.strip() else "")
 
 
-def _sample_images(data: ml_collections.ConfigDict, n: int) -> np.ndarray:
-  """The first n preprocessed images of a set, for the figure."""
-  from data_pipelines import input as data_input
-  batch = next(data_input.eval_batches(ml_collections.ConfigDict(dict(data)), global_batch_size=n, where="sets"))
-  return np.asarray(batch["image"][:n], np.float32)
-
-
-def _display(image: np.ndarray) -> np.ndarray:
-  lo, hi = float(image.min()), float(image.max())
-  return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+def _display(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+  """Model-input values -> [0, 1] for imshow, on the reference set's scale (so shifts stay visible)."""
+  return np.clip((image - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(image)
 
 
 class Evaluator:
@@ -89,7 +82,7 @@ class Evaluator:
       classifier = zeroshot.ensemble(self.text.embed(params, self.class_names, self.batch_size))
     rows = []
     for s, data in self.sets.items():
-      out = self.images(params, data, self.batch_size, f"{self.where}.sets.{s}")
+      out = self.images(params, data, self.batch_size, f"{self.where}.sets.{s}", samples=SAMPLES)
       logits = out["z"] @ classifier.T if self.clip else out["logits"]
       labels = out["label"]
       n = logits.shape[1]
@@ -97,7 +90,7 @@ class Evaluator:
       if len(bad):
         raise UserError(f"{self.where}.sets.{s} has label {int(bad[0])}, outside the {n} classes.")
       rows.append({"set": s, "examples": int(len(labels)), "top1": topk_accuracy(logits, labels, 1),
-                   "top5": topk_accuracy(logits, labels, 5)})
+                   "top5": topk_accuracy(logits, labels, 5), "samples": out["sample_images"]})
     ref = rows[0]["top1"]
     for r in rows:
       r["gap"] = r["top1"] - ref
@@ -130,19 +123,12 @@ class Evaluator:
       worst = min(rows[1:], key=lambda r: r["gap"])
       notes.append(f"Mean gap over the {len(rows) - 1} shifted sets: {np.mean([r['gap'] for r in rows[1:]]):+.4f}; "
                    f"largest drop: '{worst['set']}' ({worst['gap']:+.4f}).")
-    samples = {}
-    for s in self.order:
-      try:
-        samples[s] = _sample_images(self.sets[s], SAMPLES)
-      except Exception:  # the figure is a courtesy: never fail a report over it
-        samples = {}
-        break
+    samples = {r["set"]: r["samples"] for r in rows}
+    ref = samples[self.reference]
+    lo, hi = (float(ref.min()), float(ref.max())) if ref.size else (0.0, 1.0)
 
     def draw(fig):
-      if samples:
-        left, right = fig.subfigures(1, 2, width_ratios=[1.1, 1])
-      else:
-        left, right = fig, None
+      left, right = fig.subfigures(1, 2, width_ratios=[1.1, 1])
       ax = left.subplots()
       y = np.arange(len(rows))
       ax.barh(y, [r["top1"] for r in rows], color=["#3182bd"] + ["#9ecae1"] * (len(rows) - 1))
@@ -155,17 +141,16 @@ class Evaluator:
       for i, r in enumerate(rows):
         label = f"{r['top1']:.3f}" + (f" ({r['gap']:+.3f})" if i else "")
         ax.text(0.02, i, label, va="center", fontsize=8)
-      if right is not None:
-        axes = right.subplots(len(rows), SAMPLES, squeeze=False)
-        for i, s in enumerate(self.order):
-          for j in range(SAMPLES):
-            a = axes[i, j]
-            a.set_xticks([])
-            a.set_yticks([])
-            if j < len(samples[s]):
-              a.imshow(_display(samples[s][j]), interpolation="nearest")
-          axes[i, 0].set_ylabel(s, rotation=0, ha="right", va="center", fontsize=8)
-        right.suptitle("first images of each set", fontsize=9)
+      axes = right.subplots(len(rows), SAMPLES, squeeze=False)
+      for i, s in enumerate(self.order):
+        for j in range(SAMPLES):
+          a = axes[i, j]
+          a.set_xticks([])
+          a.set_yticks([])
+          if j < len(samples[s]):
+            a.imshow(_display(samples[s][j], lo, hi), interpolation="nearest")
+        axes[i, 0].set_ylabel(s, rotation=0, ha="right", va="center", fontsize=8)
+      right.suptitle("first images of each set", fontsize=9)
 
     return reports.Report(title=f"{self.name}: accuracy under distribution shift",
                           columns=list(table[0]), rows=table, intro=intro, notes=notes, draw=draw,

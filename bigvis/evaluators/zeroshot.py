@@ -175,6 +175,7 @@ class Evaluator:
     self._embed_text, self._classify = embed_text, classify
 
   def run(self, params) -> dict[str, float]:
+    """Embeds the prompts with the current params, then classifies every image of the split."""
     batch = eval_batch_size(self.cfg, self.mesh)
     c, t = len(self.class_names), len(self.templates)
     ztxt = embed_texts(self._embed_text, params, self.tokens, batch, self.mesh).reshape(c, t, -1)

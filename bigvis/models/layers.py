@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
@@ -75,30 +76,54 @@ def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, i
     raise UserError(f"attention_impl='{impl}' is not available here ({e}); use attention_impl='xla'.") from e
 
 
+class HeadsDense(nn.Module):
+  """A dense layer over several trailing dims, e.g. [..., embed] -> [..., heads, head_dim].
+
+  Keeps the kernel's natural N-D shape with one logical name per dim (flax's
+  DenseGeneral initialises a flattened kernel, which breaks logical sharding
+  constraints under a mesh). Initialised like a 2-D xavier-uniform matrix.
+  """
+  features: tuple[int, ...]
+  contract: int
+  kernel_axes: tuple[str | None, ...]
+  bias_axes: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_shape = x.shape[-self.contract:]
+    fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
+
+    def init(key, shape, dtype=jnp.float32):
+      return nn.initializers.xavier_uniform()(key, (fan_in, fan_out), dtype).reshape(shape)
+    kernel = self.param("kernel", param_with_axes(init, self.kernel_axes), (*in_shape, *self.features))
+    bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
+    x_dims = tuple(range(x.ndim - self.contract, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((x_dims, tuple(range(self.contract))), ((), ())))
+    return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with logical axes on heads and head dims."""
+  """Multi-head attention with logical axes on heads and head dims (self- or cross-attention)."""
   num_heads: int
   dtype: Dtype = jnp.float32
   causal: bool = False
   impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, inputs_kv=None):
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    dense = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), dtype=self.dtype, name=name,
-        kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        bias_init=param_with_axes(nn.initializers.zeros, ("heads", "kv")))
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)
+    kv = x if inputs_kv is None else inputs_kv
+    dense = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
+                                    dtype=self.dtype, name=name)
+    q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
-    out = nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        bias_init=param_with_axes(nn.initializers.zeros, ("embed",)))(out)
+    out = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype, name="out")(out)
     return constrain(out, ("act_batch", "act_length", "act_embed"))
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigvis.errors import UserError
-from bigvis.models.layers import Encoder, LayerNorm, Mlp, constrain, param_with_axes
+from bigvis.models.layers import Attention, Encoder, LayerNorm, Mlp, constrain, param_with_axes
 
 # name: (width, depth, mlp_dim, heads) — Table 1 of the ViT paper, plus Ti/S (DeiT) and a
 # 4-layer "mu" for tests and laptop runs.
@@ -82,12 +82,7 @@ class MAPHead(nn.Module):
     probe = self.param("probe", param_with_axes(nn.initializers.xavier_uniform(), (None, None, "embed")),
                        (1, 1, d))
     probe = jnp.tile(probe, [n, 1, 1]).astype(self.dtype)
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    x = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        out_kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        bias_init=param_with_axes(nn.initializers.zeros, (None,)))(probe, x, mask=attn_mask)
+    x = Attention(self.num_heads, dtype=self.dtype, name="attn")(probe, mask, inputs_kv=x)
     y = LayerNorm(dtype=self.dtype)(x)
     x = x + Mlp(self.mlp_dim, dtype=self.dtype)(y)
     return x[:, 0]
