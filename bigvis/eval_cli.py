@@ -147,7 +147,6 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
                  overrides: Sequence[str] = (), tensorboard: bool = True,
                  experiment: str | None = None) -> dict[str, dict[str, Any]]:
   """Runs the chosen evaluators on a checkpoint of `workdir`; returns name -> {step, metrics, paths}."""
-  import flax.linen as nn
   import jax
   from bigvis import config as config_lib
   from bigvis import evaluators as eval_lib
@@ -182,7 +181,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   try:
     for name, ev in evaluators.items():
       t0 = time.time()
-      with sharding.use_mesh(mesh), nn.logical_axis_rules(rules):
+      with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
         metrics = ev.run(params)
       writer.write(restored_step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
       paths = []

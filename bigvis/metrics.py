@@ -80,8 +80,8 @@ def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> f
   return 3.0 * float(flops) if flops and flops > 0 else None
 
 
-def truncate_after(path: str, step: int) -> None:
-  """Drops lines logged after `step`: a resumed run rewrites them exactly."""
+def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> None:
+  """Drops lines logged after `step` (a resumed run rewrites them exactly), and eval rows at it if asked."""
   if not os.path.exists(path):
     return
   with open(path) as f:
@@ -89,7 +89,9 @@ def truncate_after(path: str, step: int) -> None:
   kept = []
   for line in lines:
     try:
-      if json.loads(line).get("step", 0) <= step:
+      row = json.loads(line)
+      is_eval = any(k.startswith("eval/") for k in row)
+      if row.get("step", 0) < step or (row.get("step", 0) == step and not (drop_eval_at_step and is_eval)):
         kept.append(line)
     except json.JSONDecodeError:
       continue  # a line torn by a kill
@@ -135,7 +137,8 @@ class MetricWriter:
     rate = done / max(time.time() - self._t0, 1e-9)
     eta = (self.total_steps - step) / rate if rate > 0 and done > 0 else float("nan")
     eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
-    print(f"step {step}/{self.total_steps} | loss {loss:.4f} | {examples_per_sec:,.0f} ex/s | ETA {eta_s}",
+    rate_s = f"{examples_per_sec:,.0f}" if examples_per_sec >= 100 else f"{examples_per_sec:.3g}"
+    print(f"step {step}/{self.total_steps} | loss {loss:.4f} | {rate_s} ex/s | ETA {eta_s}",
           file=sys.stderr, flush=True)
 
   def close(self) -> None:

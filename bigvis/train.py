@@ -226,7 +226,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed from step %d", start_step)
   writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
   if primary:
-    metrics_lib.truncate_after(writer.path, start_step)
+    # Rows past the checkpoint are rewritten exactly; a finished run re-evaluates its last step.
+    metrics_lib.truncate_after(writer.path, start_step, drop_eval_at_step=start_step >= config.total_steps)
 
   # Compile ahead of time: compile cost and FLOPs are known before the first step.
   train_step = make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
@@ -239,10 +240,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   peak = metrics_lib.device_peak_flops()
   evaluators = eval_lib.build_evaluators(config.get("evals"), model=model, mesh=mesh, config=config)
 
+  def due(name: str, step: int) -> bool:
+    """An evaluator runs every `evals.<name>.every_steps` (default: eval_every_steps) and at the end."""
+    every = config.evals[name].get("every_steps") or config.eval_every_steps
+    return step >= config.total_steps or bool(every and step % every == 0)
+
   def evaluate(step: int) -> dict:
     results = {}
     with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
       for name, ev in evaluators.items():
+        if not due(name, step):
+          continue
         for k, v in ev.run(state["params"]).items():
           results[f"eval/{name}/{k}"] = v
     if results:
@@ -301,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         return last_metrics
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < config.total_steps:
         save(step)
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+      if step < config.total_steps:
         evaluate(step)
 
     if not ckpt.steps() or ckpt.steps()[-1] != step:

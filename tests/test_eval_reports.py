@@ -69,7 +69,8 @@ def test_thicken_thin_occlude_pixelate():
   occluded = _op("occlude(4)", bright)
   assert np.sum(occluded[..., 0] == 0) == 16  # exactly one 4x4 patch, wherever the seed put it
   ramp = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
-  np.testing.assert_allclose(_op("pixelate(2)", ramp)[..., 0], [[2.5, 2.5, 4.5, 4.5]] * 2 + [[10.5, 10.5, 12.5, 12.5]] * 2)
+  np.testing.assert_allclose(_op("pixelate(2)", ramp)[..., 0],
+                             [[2.5, 2.5, 4.5, 4.5]] * 2 + [[10.5, 10.5, 12.5, 12.5]] * 2)
   with pytest.raises(UserError, match="thicken"):
     preprocess.build("thicken(0)")
 
@@ -237,7 +238,6 @@ def test_ensemble_of_identical_templates_equals_the_single_template(clip_run, ca
 def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
   """Group id from the shards' `label`: the audit's shares match a direct computation, and adding a
   category moves exactly the images it wins, never into another flagged category."""
-  import flax.linen as nn
   from bigvis import eval_cli, inference, sharding
   from bigvis.evaluators import zeroshot
   from data_pipelines import input as data_input
@@ -268,7 +268,7 @@ def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
   mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
   step, params = eval_cli.restore_params(clip_run, config, model, mesh, sharding.DEFAULT_RULES, None)
   ev = bias_audit.Evaluator(cfg, name="audit", model=model, mesh=mesh, config=config)
-  with sharding.use_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+  with sharding.use_mesh(mesh), sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
     got = ev.run(params)
   assert step == 60 and got["num_examples"] == 48
 

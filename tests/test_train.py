@@ -101,3 +101,8 @@ def test_default_experiment_learns_digits(tmp_path):
     assert k in keys
   assert os.listdir(tmp_path / "tensorboard")
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 250
+  # Running a finished run again re-evaluates it without duplicating rows.
+  again = train.train_and_evaluate(cfg, str(tmp_path))
+  assert again["eval/test/accuracy"] == final["eval/test/accuracy"]
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert sum("eval/test/accuracy" in r for r in rows) == 1

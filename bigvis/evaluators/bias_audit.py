@@ -1,4 +1,4 @@
-"""Bias audit of zero-shot classification (CLIP, Section 7.1): who lands in flagged categories, and the label set's part in it.
+"""Bias audit of zero-shot classification (CLIP, Section 7.1): which groups land in flagged categories, and why.
 
 Images carry a group attribute. A CLIP run classifies every image zero-shot
 over label set A = the task's classes + `flagged` categories (in the paper:
