@@ -19,10 +19,13 @@ from bigvis.errors import UserError
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory` (one folder per step)."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, reader: bool = False):
+    """`reader=True` opens an existing folder only to read (evaluation while a run may still train)."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    if reader and not os.path.isdir(self.directory):
+      raise UserError(f"'{self.directory}' does not exist: the run has written no checkpoint yet.")
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if reader else keep, create=not reader,
+                                           enable_async_checkpointing=async_save and not reader)
     try:
       self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
     except PermissionError:
@@ -53,6 +56,28 @@ class Checkpointer:
         logging.warning("checkpoint at step %d in %s is damaged (%s: %s); trying the previous one.",
                         step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
     return None
+
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> tuple[int, Any]:
+    """(step, params) of the newest readable (or the given) checkpoint; the optimizer state is not read."""
+    steps = self.steps()
+    if not steps:
+      raise UserError(f"'{self.directory}' holds no complete checkpoint yet.")
+    if step is not None and step not in steps:
+      raise UserError(f"there is no checkpoint at step {step} in '{self.directory}'; have steps "
+                      f"{', '.join(map(str, steps))}.")
+    item = {"params": abstract_params}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    for s in ([step] if step is not None else reversed(steps)):
+      try:
+        return s, self._mngr.restore(s, args=args)["state"]["params"]
+      except Exception as e:  # damaged, or another model's checkpoint
+        if step is not None or s == steps[0]:
+          raise UserError(f"the checkpoint at step {s} in '{self.directory}' cannot be restored into this "
+                          f"run's model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).")
+        logging.warning("checkpoint at step %d in %s is not readable (%s); trying the previous one.",
+                        s, self.directory, type(e).__name__)
+    raise AssertionError("unreachable")
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

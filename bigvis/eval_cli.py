@@ -108,7 +108,7 @@ def restore_params(workdir: str, config, model, mesh, rules, step: int | None) -
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
   # The partial, params-only restore `bigvis.inference` uses, here onto the mesh.
-  return inference._restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
+  return inference.restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
 
 
 def build_report(name: str, cfg, evaluator, metrics: dict[str, Any]):

@@ -41,35 +41,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_params(directory: str, abstract: Any, step: int | None) -> tuple[int, Any]:
-  """(step, params) from the newest readable (or the given) checkpoint, restoring params only."""
-  import orbax.checkpoint as ocp
-  if not os.path.isdir(directory):
-    raise UserError(f"'{directory}' does not exist: the run has written no checkpoint yet.")
-  # Never saves; not `read_only`, which only adds warnings. A run still training may share the folder.
-  mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, enable_async_checkpointing=False), item_names=("state", "meta"))
+  """(step, params) from the newest readable (or the given) checkpoint under `directory`."""
+  from bigvis.checkpoint import Checkpointer
+  ckpt = Checkpointer(directory, reader=True)
   try:
-    steps = sorted(mngr.all_steps())
-    if not steps:
-      raise UserError(f"'{directory}' holds no complete checkpoint yet.")
-    if step is not None and step not in steps:
-      raise UserError(f"there is no checkpoint at step {step} in '{directory}'; have steps "
-                      f"{', '.join(map(str, steps))}.")
-    item = {"params": abstract}
-    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
-    for s in ([step] if step is not None else reversed(steps)):
-      try:
-        return s, mngr.restore(s, args=args)["state"]["params"]
-      except Exception as e:  # damaged, or another model's checkpoint
-        if step is not None or s == steps[0]:
-          raise UserError(f"the checkpoint at step {s} in '{directory}' cannot be restored into this run's "
-                          f"model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).")
-        logging.warning("checkpoint at step %d in %s is not readable (%s); trying the previous one.",
-                        s, directory, type(e).__name__)
+    return ckpt.restore_params(abstract, step)
   finally:
-    mngr.close()
-  raise AssertionError("unreachable")
+    ckpt.close()
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
@@ -88,7 +66,6 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
   return config, model, params
 
 
-_restore_params = restore_params  # the name bigvis/eval_cli.py uses
 
 
 def _op_name(part: str) -> str:
