@@ -22,6 +22,8 @@ and, with `bigvis eval --workdir W` after training (the `reports` section; not r
 import ml_collections
 
 from bigvis.config import base_config
+from bigvis.models import model_config
+from data_pipelines.sources import data_config
 from data_pipelines.digits import ZEROSHOT_CLASSNAMES, ZEROSHOT_TEMPLATES
 
 CONTEXT = 16
@@ -35,36 +37,36 @@ def get_config(arg=None):
   c.batch_size = 64
   c.log_every_steps = 50
   c.checkpoint_every_steps = 250
-  c.model = ml_collections.ConfigDict(dict(
-      name="clip", embed_dim=128, temperature_init=1 / 0.07,
+  c.model = model_config(
+      "clip", embed_dim=128, temperature_init=1 / 0.07,
       image=dict(variant="mu/4", image_size=16, pool_type="gap", posemb="learn", dtype="float32"),
       # The digits tokenizer has under 100 pieces; 128 leaves room.
-      text=dict(variant="mu", vocab_size=128, context_length=CONTEXT, dtype="float32")))
+      text=dict(variant="mu", vocab_size=128, context_length=CONTEXT, dtype="float32"))
   c.objective = ml_collections.ConfigDict(dict(name="clip"))
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.05
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
-  c.data.train = ml_collections.ConfigDict(dict(
+  c.data.train = data_config(
       source="digits_captions", split="train", shuffle_buffer=12000, cache=True,
-      pp=f"decode|resize(18)|random_crop(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{TOKENIZER}')"))
+      pp=f"decode|resize(18)|random_crop(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{TOKENIZER}')")
   c.evals.zeroshot = ml_collections.ConfigDict(dict(
       type="zeroshot", batch_size=304, class_names=list(ZEROSHOT_CLASSNAMES), prompts=list(ZEROSHOT_TEMPLATES),
       tokenizer=TOKENIZER, context_length=CONTEXT,
-      data=dict(source="digits", split="test", pp="decode|resize(16)|value_range(-1,1)")))
+      data=data_config(source="digits", split="test", pp="decode|resize(16)|value_range(-1,1)")))
   c.evals.retrieval = ml_collections.ConfigDict(dict(
       type="retrieval", batch_size=304,
-      data=dict(source="digits_captions", split="test",
+      data=data_config(source="digits_captions", split="test",
                 pp=f"decode|resize(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{TOKENIZER}')")))
 
   # `bigvis eval` reports. Class names, prompts and the tokenizer come from evals.zeroshot.
   def test(shift=""):
-    return dict(source="digits", split="test", pp=f"decode|resize(16)|{shift + '|' if shift else ''}value_range(-1,1)")
+    return data_config(source="digits", split="test", pp=f"decode|resize(16)|{shift + '|' if shift else ''}value_range(-1,1)")
   c.reports = ml_collections.ConfigDict()
   c.reports.linear_probe = ml_collections.ConfigDict(dict(
       type="linear_probe", batch_size=304, shots=[1, 2, 4, 8, 16], seeds=3, val_fraction=0.2,
-      train_data=dict(source="digits", split="train", pp="decode|resize(16)|value_range(-1,1)")))
+      train_data=data_config(source="digits", split="train", pp="decode|resize(16)|value_range(-1,1)")))
   c.reports.robustness = ml_collections.ConfigDict(dict(
       type="robustness", batch_size=304, reference="clean",
       sets=dict(clean=test(), inverted=test("invert"), blurred=test("gaussian_blur(1.0)"),

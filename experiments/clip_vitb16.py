@@ -26,6 +26,8 @@ Smoke test on any machine: `--set batch_size=8 --set total_steps=2 --set data.tr
 import ml_collections
 
 from bigvis.config import base_config
+from bigvis.models import model_config
+from data_pipelines.sources import data_config
 from bigvis.errors import UserError
 
 PAIRS_SEEN = 32 * 400_000_000          # 32 epochs over WIT-400M
@@ -69,12 +71,12 @@ def clip_paper_config(name: str, *, image: str, text: str, embed_dim: int, lr: f
   # and Adam state over a `fsdp` axis (ZeRO-3: the `embed` axis of every weight), e.g.
   # --set mesh.data=-1 --set mesh.fsdp=8. The contrastive loss still sees the whole global batch.
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
-  c.model = ml_collections.ConfigDict(dict(
-      name="clip", embed_dim=embed_dim, temperature_init=1 / 0.07,
+  c.model = model_config(
+      "clip", embed_dim=embed_dim, temperature_init=1 / 0.07,
       image=dict(variant=image, image_size=224, pool_type="tok", posemb="learn", pre_norm=True,
                  conv_bias=False, dtype="bfloat16", attention_impl="xla", remat_policy=remat_policy, scan=scan),
       text=dict(variant=text, vocab_size=VOCAB, context_length=CONTEXT, dtype="bfloat16",
-                attention_impl="xla", remat_policy=remat_policy, scan=scan)))
+                attention_impl="xla", remat_policy=remat_policy, scan=scan))
   c.objective = ml_collections.ConfigDict(dict(name="clip"))
   # Gains, biases and the temperature are 1-D, which optim.decay_mask never decays. The class token
   # and position embeddings are additive offsets rather than weights (CLIP's own class embedding is
@@ -82,22 +84,22 @@ def clip_paper_config(name: str, *, image: str, text: str, embed_dim: int, lr: f
   c.optim.update(dict(name="adamw", lr=lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, schedule="cosine",
                       warmup_steps=2000, min_lr_ratio=0.0, grad_clip_norm=1.0,  # clipping: a cheap guard
                       no_decay=r"(^|/)(cls|pos_embedding)$"))
-  c.data.train = ml_collections.ConfigDict(dict(
+  c.data.train = data_config(
       source="shards", shards="", shuffle_buffer=250_000,
       # The paper's only augmentation: a random square crop of the resized image.
       pp=f"decode_jpeg_and_inception_crop(224, area_min=90)|normalize('clip')"
-         f"|tokenize({CONTEXT}, model='{tok}')|keep('image', 'labels')"))
+         f"|tokenize({CONTEXT}, model='{tok}')|keep('image', 'labels')")
   eval_pp = "decode|resize_small(224, method='bicubic')|central_crop(224)|normalize('clip')"
   if "imagenet" in opts:
     c.evals.zeroshot = ml_collections.ConfigDict(dict(
         type="zeroshot", batch_size=1024, class_names=opts["classnames"], prompts=list(TEMPLATES),
         tokenizer=tok, context_length=CONTEXT,
-        data=dict(source="tfds", name="imagenet2012", split="validation", data_dir=opts["imagenet"],
+        data=data_config(source="tfds", name="imagenet2012", split="validation", data_dir=opts["imagenet"],
                   pp=eval_pp + "|keep('image', 'label')")))
   if "retrieval" in opts:
     c.evals.retrieval = ml_collections.ConfigDict(dict(
         type="retrieval", batch_size=1024,
-        data=dict(source="shards", shards=opts["retrieval"],
+        data=data_config(source="shards", shards=opts["retrieval"],
                   pp=eval_pp + f"|tokenize({CONTEXT}, model='{tok}')|keep('image', 'labels')")))
   return c
 
