@@ -190,6 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `devices` restricts the mesh to a subset (tests compare 1 device with 8).
   """
   config_lib.check_known(config, TOP_KEYS, "config")
+  eval_lib.check_types(config.get("reports"), "reports")  # run by `bigvis eval`, checked now
   primary = jax.process_index() == 0
   prepare_workdir(workdir, config, primary)
 

@@ -19,13 +19,20 @@ EVALUATORS = {
 }
 
 
+def check_types(section: ml_collections.ConfigDict, where: str) -> None:
+  """Every entry names a known evaluator type: a typo fails at start, not hours later."""
+  for name, cfg in (section or {}).items():
+    kind = cfg.get("type", name)
+    if kind not in EVALUATORS:
+      raise UserError(f"{where}.{name}.type '{kind}' is not one of {', '.join(sorted(EVALUATORS))}.")
+
+
 def build_evaluators(evals: ml_collections.ConfigDict, **context: Any) -> dict[str, Any]:
   """name -> Evaluator for every entry of `config.evals`."""
+  check_types(evals, "evals")
   out = {}
   for name, cfg in (evals or {}).items():
     kind = cfg.get("type", name)
-    if kind not in EVALUATORS:
-      raise UserError(f"evals.{name}.type '{kind}' is not one of {', '.join(sorted(EVALUATORS))}.")
     module = importlib.import_module(EVALUATORS[kind])
     out[name] = module.Evaluator(cfg, name=name, **context)
   return out
