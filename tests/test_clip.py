@@ -78,8 +78,9 @@ def tiny():
   return model, boxed, batch, ref
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1)],
-                         ids=["data8", "data2_fsdp4"])
+@pytest.mark.parametrize("mesh_cfg", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
+                                      dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data8", "data2_fsdp4", "data2_fsdp2_tensor2"])
 def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_cfg):
   """Every image is contrasted with every text of the global batch, whatever the layout."""
   model, boxed, batch, (ref_loss, ref_grads, _) = tiny
@@ -277,6 +278,15 @@ def test_zeroshot_command_and_embedder_on_a_short_clip_run(tmp_path, capsys):
   assert cli.main(["zeroshot", "--workdir", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"),
                    "--labels", "a,b", "--step", "3"]) == 2
   assert "no checkpoint at step 3" in capsys.readouterr().err
+
+  # The same checkpoint embeds an MMID folder for `bigvis translatability --workdir`.
+  from test_translatability import build_mmid
+  (tmp_path / "mmid").mkdir()
+  pairs = build_mmid(str(tmp_path / "mmid"))
+  assert cli.main(["translatability", "--mmid", str(tmp_path / "mmid"), "--pairs", pairs,
+                   "--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "tr")]) == 0
+  with open(tmp_path / "tr" / "pairs.tsv") as f:
+    assert len(f.readlines()) > 5
 
 
 def test_image_embedder_of_a_vit_run(tmp_path, capsys):

@@ -386,7 +386,7 @@ def test_slurm_dry_run_prints_the_batch_script_and_the_sbatch_command(tmp_path):
   for flag in ["--coordinator-address=$BIGVIS_COORDINATOR", "--num-processes=$SLURM_NTASKS",
                "--process-id=$SLURM_PROCID"]:
     assert flag in srun
-  assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1' in script
+  assert """scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1'""" in script
   assert cmds == [["mkdir", "-p", f"{tmp_path}/logs"], ["sbatch", cmds[1][1]]]
   assert cmds[1][1].startswith(f"{tmp_path}/logs/bigvis-vit_ti_digits-") and cmds[1][1].endswith(".sbatch")
   assert not (tmp_path / "logs").exists()  # dry run: nothing written

@@ -142,7 +142,7 @@ EOF
     # Process 0 (SLURM_PROCID 0) runs on the first node of the allocation and hosts the coordinator.
     # shellcheck disable=SC2016  # expands in the job, not here
     local port=${PORT:-'$(( 20000 + SLURM_JOB_ID % 20000 ))'}
-    echo "BIGVIS_COORDINATOR=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1):$port\""
+    echo "BIGVIS_COORDINATOR=\"\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | awk 'NR == 1'):$port\""
     echo "export BIGVIS_COORDINATOR"
     # shellcheck disable=SC2016  # expands inside each task
     dist=' --coordinator-address=$BIGVIS_COORDINATOR --num-processes=$SLURM_NTASKS --process-id=$SLURM_PROCID'
