@@ -234,12 +234,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   gen = topo.generation
   config_lib.check_known(config, train.TOP_KEYS, "config")
   devices = topology_devices(topo)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules_from_config(config)
-  dp = sharding.data_parallel_size(mesh)
-  if config.batch_size % dp:
-    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel chips of "
-                    f"{topo.name} (mesh data x fsdp); use a multiple of {dp}.")
+  mesh, rules = sharding.mesh_and_rules(config, devices, what=f"chips of {topo.name}")
 
   # Shapes only: one example fixes the feature shapes, the global batch is a ShapeDtypeStruct.
   example, _ = sharding.split_host_features(data_input.synthetic_batch(config.model, 1, config.seed))
@@ -306,7 +301,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "cores_per_chip": gen.cores_per_chip,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
       "batch_size": int(config.batch_size),
-      "batch_per_chip": config.batch_size / dp,
+      "batch_per_chip": config.batch_size / sharding.data_parallel_size(mesh),
       "params": n_params,
       "memory": memory,
       "total_bytes_per_chip": needed,

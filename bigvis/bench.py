@@ -81,12 +81,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   if steps < 1 or warmup < 0:
     raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got steps={steps}, warmup={warmup}.")
   config_lib.check_known(config, train.TOP_KEYS, "config")
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules_from_config(config)
-  dp = sharding.data_parallel_size(mesh)
-  if config.batch_size % dp:
-    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel devices "
-                    f"(mesh data x fsdp); use a multiple of {dp}.")
+  mesh, rules = sharding.mesh_and_rules(config, devices)
   mesh_devices = list(mesh.devices.flat)
   n_dev = len(mesh_devices)
 

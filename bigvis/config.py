@@ -49,16 +49,24 @@ def resolve_experiment_path(path: str) -> str:
                   + (f"; did you mean experiments/{hint[0]}.py?" if hint else "."))
 
 
-def load_experiment(spec: str) -> ml_collections.ConfigDict:
-  """Imports `get_config` from an experiment file and calls it with the `:arg`."""
-  path, arg = split_config_arg(spec)
+def load_experiment_module(path: str):
+  """Imports an experiment file by path (experiments are files, not a package; one may reuse another)."""
   path = resolve_experiment_path(path)
-  module_spec = importlib.util.spec_from_file_location("bigvis_experiment", path)
+  module_spec = importlib.util.spec_from_file_location(
+      "bigvis_experiment_" + os.path.basename(path).removesuffix(".py"), path)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except SyntaxError as e:
     raise UserError(f"experiment file '{path}' has a syntax error at line {e.lineno}: {e.msg}.")
+  return module
+
+
+def load_experiment(spec: str) -> ml_collections.ConfigDict:
+  """Imports `get_config` from an experiment file and calls it with the `:arg`."""
+  path, arg = split_config_arg(spec)
+  path = resolve_experiment_path(path)
+  module = load_experiment_module(path)
   if not hasattr(module, "get_config"):
     raise UserError(f"experiment file '{path}' defines no get_config(arg) function.")
   config = module.get_config(arg) if arg is not None else module.get_config(None)

@@ -77,6 +77,17 @@ def make_mesh(mesh_config: ml_collections.ConfigDict | dict,
   return Mesh(arr, MESH_AXES)
 
 
+def mesh_and_rules(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+                   what: str = "devices") -> tuple[Mesh, tuple]:
+  """The config's mesh over `devices` and its logical rules; the global batch must split over it."""
+  mesh = make_mesh(config.mesh, devices)
+  dp = data_parallel_size(mesh)
+  if config.batch_size % dp:
+    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel {what} "
+                    f"(mesh data x fsdp); use a multiple of {dp}.")
+  return mesh, rules_from_config(config)
+
+
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """Default rules with `config.sharding_rules` ([[logical, mesh_axes], ...]) taking precedence."""
   overrides = [tuple(r) for r in (config.get("sharding_rules") or ())]

@@ -195,12 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   prepare_workdir(workdir, config, primary)
 
   # Devices: the mesh and how parameters and activations map onto it.
-  mesh = sharding.make_mesh(config.mesh, devices)
-  rules = sharding.rules_from_config(config)
-  dp = sharding.data_parallel_size(mesh)
-  if config.batch_size % dp:
-    raise UserError(f"batch_size={config.batch_size} is not divisible by the {dp} data-parallel devices "
-                    f"(mesh data x fsdp); use a multiple of {dp}.")
+  mesh, rules = sharding.mesh_and_rules(config, devices)
 
   # Model and objective; shapes come from the first batch, so nothing is hard-coded.
   model = build_model(config.model)

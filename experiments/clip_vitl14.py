@@ -6,17 +6,14 @@ learning rate 4e-4; remat and scan over layers keep activations and compile
 time in check. Same `:arg` keys as clip_vitb16 (tokenizer=, imagenet=,
 classnames=, retrieval=); on pods add --set mesh.fsdp=8 or so.
 """
-import importlib.util
 import os
+
+from bigvis.config import load_experiment_module
 
 
 def _paper():
-  """experiments/clip_vitb16.py, which holds the shared recipe (experiments are loaded by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_vitb16.py")
-  spec = importlib.util.spec_from_file_location("clip_vitb16", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """experiments/clip_vitb16.py, which holds the shared recipe."""
+  return load_experiment_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_vitb16.py"))
 
 
 def get_config(arg=None):
