@@ -10,6 +10,7 @@ block a layout.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -26,6 +27,9 @@ BATCH_AXES = ("data", "fsdp")
 # Logical axis -> mesh axes. Parameters: `embed` over fsdp (ZeRO-3 style), heads
 # and MLP units over tensor (Megatron style). Activations (`act_*`): the batch
 # over data and fsdp, hidden units over tensor.
+# `use_mesh` keeps the classic context on purpose; say so once, not on every call.
+warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
+
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_batch", BATCH_AXES),
     ("act_length", None),
@@ -132,8 +136,6 @@ def use_mesh(mesh: Mesh):
   parameters under `jax.set_mesh` (rank errors with tensor parallelism), so the
   switch waits for a flax that supports it.
   """
-  import warnings
-  warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
   return mesh
 
 

@@ -205,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
   first = next(batches)
-  first_device, first_private = _split_private(first)
+  first_device, _ = _split_private(first)
   state, state_shardings, tx, schedule = create_train_state(config, model, mesh, rules, first_device)
   logging.info("parameters: %s", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
 
@@ -217,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if step0 != start_step:  # the newest was damaged: rebuild the data at the restored step
       batches = train_batches(config, step0)
       first = next(batches)
-      first_device, first_private = _split_private(first)
+      first_device, _ = _split_private(first)
     start_step = step0
     logging.info("resumed from step %d", start_step)
   writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
@@ -277,8 +277,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     while step < config.total_steps:
       device_batch, private = _split_private(pending)
-      with sharding.use_mesh(mesh):
-        state, step_metrics = compiled(state, sharding.global_batch(device_batch, mesh))
+      # The compiled step carries its shardings: no mesh context needed per step.
+      state, step_metrics = compiled(state, sharding.global_batch(device_batch, mesh))
       step += 1
       if step < config.total_steps:
         pending = next(batches)  # host prepares the next batch while the device computes

@@ -73,3 +73,26 @@ def test_unprepared_tfds_dataset_names_it_and_the_folder(tmp_path, capsys):
 def test_wrong_type(tmp_path, capsys):
   assert _train(tmp_path, "total_steps=two") == 2
   assert "total_steps" in _one_line_error(capsys)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+  """Preemption (SIGTERM) ends the run cleanly at a step boundary with that step checkpointed."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "w"
+  cmd = [sys.executable, "-m", "bigvis.cli", "train", "--config", "vit_ti_digits", "--workdir", str(workdir),
+         *FAST, "--set", "total_steps=100000", "--set", "checkpoint_every_steps=0"]
+  proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  steps = Checkpointer(str(workdir / "checkpoints")).steps()
+  last_logged = json.loads(metrics.read_text().splitlines()[-1])["step"]
+  assert steps == [last_logged] and last_logged >= 3  # no periodic checkpoints: this one came from SIGTERM

@@ -71,7 +71,7 @@ class Evaluator:
   """Share of each group's images zero-shot classified into flagged categories, without and with `added`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
-    where = f"evals.{name}" if config is None or name not in (config.get("reports") or {}) else f"reports.{name}"
+    where = feat.section_path(name, config)
     check_known(cfg, KEYS, where)
     self.name, self.where, self.mesh = name, where, mesh
     if not feat.is_clip(config, model):

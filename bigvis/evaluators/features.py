@@ -26,6 +26,12 @@ from data_pipelines import input as data_input
 ZEROSHOT_KEYS = ("class_names", "prompts", "tokenizer", "context_length")
 
 
+def section_path(name: str, config: ml_collections.ConfigDict | None) -> str:
+  """`evals.<name>` or `reports.<name>`: where an evaluator's settings live, for error messages."""
+  in_reports = config is not None and name in (config.get("reports") or {})
+  return f"reports.{name}" if in_reports else f"evals.{name}"
+
+
 def zeroshot_section(config: ml_collections.ConfigDict | None, name: str | None, where: str) -> dict:
   """The `evals` entry named `name` (default: the first of type zeroshot), or {} when there is none."""
   evals = (config.get("evals") or {}) if config is not None else {}

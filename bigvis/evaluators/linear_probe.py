@@ -106,7 +106,7 @@ class Evaluator:
   """k-shot and full-data logistic-regression probes on frozen embeddings, with CLIP's zero-shot for reference."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
-    where = f"evals.{name}" if config is None or name not in (config.get("reports") or {}) else f"reports.{name}"
+    where = feat.section_path(name, config)
     check_known(cfg, KEYS, where)
     self.name, self.where, self.mesh = name, where, mesh
     self.settings = feat.inherit(cfg, config, where)

@@ -51,7 +51,7 @@ class Evaluator:
   """Zero-shot (or classifier) accuracy of one checkpoint on each of `sets`, and the gap to the reference."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
-    where = f"evals.{name}" if config is None or name not in (config.get("reports") or {}) else f"reports.{name}"
+    where = feat.section_path(name, config)
     check_known(cfg, KEYS, where)
     self.name, self.where, self.mesh = name, where, mesh
     sets = cfg.get("sets") or {}
