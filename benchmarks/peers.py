@@ -42,7 +42,7 @@ CLIP_VARIANTS = (
     ("bigvis_clip_b16_tok_xla", "experiments/clip_vitb16.py", (), {}),
     ("bigvis_clip_b16_pad8_cudnn", "experiments/clip_vitb16.py",
      ("model.image.attention_impl=cudnn", "model.text.attention_impl=cudnn"),
-     {"model.image.seq_pad_multiple": 8}),
+     {"model.image.seq_pad_multiple": 8, "model.text.seq_pad_multiple": 8}),
 )
 # L/16 and H/14 as timm builds them (1,000 classes, no pre-logits layer, no dropout), unrolled and
 # without remat: one 80 GB card holds them at these batches, and remat would spend FLOPs on recompute.
@@ -67,7 +67,7 @@ def _run_specs(args: argparse.Namespace) -> list[dict]:
   specs: list[dict] = []
 
   def bigvis(name, config, overrides, extra, family, batch, group):
-    specs.append({"kind": "bigvis", "name": name, "family": family, "group": group, "config": config,
+    specs.append({"kind": "bigvis", "name": name + args.tag, "family": family, "group": group, "config": config,
                   "batch": batch, "overrides": [*overrides, *args.bigvis_set], "extra": extra,
                   "steps": args.steps, "warmup": args.warmup, "dtype": args.dtype})
 
@@ -94,10 +94,11 @@ def _run_specs(args: argparse.Namespace) -> list[dict]:
       bigvis(*LARGE_VARIANTS[0], "vit_l16", args.large_batch, "vit")
       torch("timm_vit_huge_patch14_224", "vit_h14", "timm:vit_huge_patch14_224", args.huge_batch, "vit")
       bigvis(*LARGE_VARIANTS[1], "vit_h14", args.huge_batch, "vit")
-  specs = [s for s in specs if s["group"] in args.only or s["name"] in args.only]
+  specs = [s for s in specs if s["group"] in args.only or s["name"] in args.only
+           or s["name"].removesuffix(args.tag) in args.only]
   ceiling = {"kind": "jax_matmul", "name": "jax_bf16_matmul", "family": "ceiling", "group": "ceiling",
              "size": 512 if args.cpu_smoke else 8192, "steps": args.steps, "warmup": args.warmup}
-  return [ceiling, *specs]
+  return specs if args.no_ceiling else [ceiling, *specs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,11 +291,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="extra --set for every bigvis run, e.g. model.remat_policy=dots_no_batch")
   p.add_argument("--only", default="vit,clip",
                  help="comma-separated families (vit, clip) or run names, e.g. bigvis_vit_b16_gap_cudnn")
+  p.add_argument("--tag", default="", help="suffix for bigvis run names, e.g. _b512 (tells reruns apart in --out)")
+  p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling (measured by an earlier run)")
   p.add_argument("--skip-torch", action="store_true", help="run only bigvis (and the matmul ceiling)")
   p.add_argument("--no-compile", action="store_true", help="peers without torch.compile")
   p.add_argument("--cpu-smoke", action="store_true", help="tiny models on the CPU, for tests")
   p.add_argument("--timeout", type=float, default=900, help="seconds per run")
   p.add_argument("--out", help="also append the JSON lines to this file")
+  p.add_argument("--table", metavar="FILE.jsonl", help="print the table of results saved with --out; run nothing")
   p.add_argument("--dry-run", action="store_true", help="check every run's config and list the runs; time nothing")
   args = p.parse_args(argv)
   args.only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -308,6 +312,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
   """Runs every measurement in its own process, prints JSON lines, then the table."""
   args = parse_args(argv)
+  if args.table:
+    with open(args.table) as f:
+      print(table([json.loads(line) for line in f if line.strip()]), flush=True)
+    return 0
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=os.pathsep.join(
       filter(None, [REPO, os.environ.get("PYTHONPATH", "")])))
   if args.cpu_smoke:

@@ -228,7 +228,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   from bigvis import config as config_lib
   from bigvis import objectives, sharding, train
   from bigvis.models import build_model
-  from data_pipelines import input as data_input
+  from data_pipelines.synthetic import synthetic_batch
 
   topo = parse_topology(topology)
   gen = topo.generation
@@ -237,7 +237,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   mesh, rules = sharding.mesh_and_rules(config, devices, what=f"chips of {topo.name}")
 
   # Shapes only: one example fixes the feature shapes, the global batch is a ShapeDtypeStruct.
-  example, _ = sharding.split_host_features(data_input.synthetic_batch(config.model, 1, config.seed))
+  example, _ = sharding.split_host_features(synthetic_batch(config.model, 1, config.seed))
   example = {k: v for k, v in example.items() if not k.startswith("_")}
   batch_sh = sharding.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sh)

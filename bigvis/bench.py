@@ -77,7 +77,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   from bigvis import metrics as metrics_lib
   from bigvis import objectives, sharding, train
   from bigvis.models import build_model
-  from data_pipelines import input as data_input
+  from data_pipelines.synthetic import synthetic_batch
   if steps < 1 or warmup < 0:
     raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got steps={steps}, warmup={warmup}.")
   config_lib.check_known(config, train.TOP_KEYS, "config")
@@ -87,7 +87,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
 
   model = build_model(config.model)
   loss_fn = objectives.make_objective(config.objective, model)
-  local = data_input.synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
+  local = synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
   local, _ = sharding.split_host_features(local)
 
   state, state_shardings, tx, _ = train.create_train_state(config, model, mesh, rules, local)

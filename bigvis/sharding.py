@@ -134,9 +134,12 @@ def use_mesh(mesh: Mesh):
 
   The classic `with mesh:` context: flax 0.12's constraints mis-handle boxed
   parameters under `jax.set_mesh` (rank errors with tensor parallelism), so the
-  switch waits for a flax that supports it.
+  switch waits for a flax that supports it. A JAX that has dropped the classic
+  context gets `jax.set_mesh`.
   """
-  return mesh
+  if hasattr(type(mesh), "__enter__"):
+    return mesh
+  return jax.set_mesh(mesh)
 
 
 @contextlib.contextmanager
@@ -147,7 +150,8 @@ def activation_rules(mesh: Mesh, rules):
   is set; without them XLA may gather the batch over `fsdp` and keep every
   replica's activations on each device.
   """
-  with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+  use_abstract = getattr(jax.sharding, "use_abstract_mesh", None) or jax.set_mesh  # renamed in newer JAX
+  with nn.logical_axis_rules(rules), use_abstract(mesh.abstract_mesh):
     yield
 
 

@@ -173,11 +173,12 @@ def _skip_row(counts: np.ndarray | None) -> dict:
 
 def train_batches(config, start_step: int):
   """Process-local numpy batches from `data.train`, or synthetic ones."""
-  from data_pipelines import input as data_input
   if config.data.train.get("source") == "synthetic":
-    batch = data_input.synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
+    from data_pipelines.synthetic import synthetic_batch
+    batch = synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
     while True:
       yield batch
+  from data_pipelines import input as data_input
   yield from data_input.train_iterator(
       config.data.train, global_batch_size=config.batch_size, seed=config.seed, start_step=start_step,
       process_index=jax.process_index(), process_count=jax.process_count())

@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import ml_collections
-import tensorflow as tf
 
 from bigvis.errors import UserError
 
@@ -45,6 +44,7 @@ def shard_files(pattern: str, key: str) -> list[str]:
   if not pattern:
     raise UserError(f"config key '{key}' is empty: set it to a glob of TFRecord shards, e.g. "
                     f"--set {key}='/data/laion/train-*.tfrecord' (write shards with `bigvis data write-shards`).")
+  import tensorflow as tf  # here, not at import: experiment files load this module where only JAX is
   files = sorted(f for p in pattern.split(",") for f in tf.io.gfile.glob(p.strip()))
   if not files:
     raise UserError(f"config key '{key}'='{pattern}' matches no files; write shards with "
@@ -78,6 +78,7 @@ def _digits_files(kind: str, split: str) -> list[str]:
 
 def tfds_dataset(cfg: ml_collections.ConfigDict, process_index: int, process_count: int) -> tf.data.Dataset:
   """A TFDS split (images left encoded, so `decode` in the pp string works as for shards)."""
+  import tensorflow as tf
   import tensorflow_datasets as tfds
   name, data_dir = cfg.get("name"), cfg.get("data_dir") or None
   if not name:

@@ -67,14 +67,31 @@ def test_input_pipeline_benchmark_prints_ratio():
   assert float(last.split("=")[1]) > 0
 
 
-def test_peers_cpu_smoke_runs_bigvis():
+def test_bench_runs_without_tensorflow():
+  """A JAX-only install (e.g. a GPU image without TensorFlow) can still time configs and list peers' runs."""
+  code = ("import sys\n"
+          "for m in ('tensorflow', 'tensorflow_text', 'tensorflow_datasets'): sys.modules[m] = None\n"
+          "from bigvis import cli\n"
+          "sys.exit(cli.main(['bench', '--config', 'vit_ti_digits', '--set', 'batch_size=8', '--set', 'mesh.data=1',"
+          " '--steps', '1', '--warmup', '0']))\n")
+  proc = _script(["-c", code])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["examples_per_sec"] > 0
+
+
+def test_peers_cpu_smoke_runs_bigvis(tmp_path):
+  out = str(tmp_path / "peers.jsonl")
   proc = _script(["benchmarks/peers.py", "--cpu-smoke", "--skip-torch", "--steps", "1", "--warmup", "1",
-                  "--only", "bigvis_vit_ti_digits_pad8"])
+                  "--only", "bigvis_vit_ti_digits_pad8", "--tag", "_t", "--out", out])
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
   rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
-  run = next(r for r in rows if r["name"] == "bigvis_vit_ti_digits_pad8")
+  run = next(r for r in rows if r["name"] == "bigvis_vit_ti_digits_pad8_t")
   assert run["examples_per_sec"] > 0 and "pad=8" in run["model"]
   assert "vs peer" in proc.stdout  # the table
+  # --table rebuilds the table from the saved lines (several invocations on one GPU share one file).
+  table = _script(["benchmarks/peers.py", "--table", out])
+  assert table.returncode == 0 and "bigvis_vit_ti_digits_pad8_t" in table.stdout
+  assert "jax_bf16_matmul" in table.stdout
 
 
 def test_peers_gpu_runs_have_valid_configs():

@@ -34,6 +34,7 @@ class TextTransformer(nn.Module):
   remat_policy: str = "none"
   scan: bool = False
   causal: bool = True
+  seq_pad_multiple: int = 0      # pad 77 -> 80 tokens so cuDNN's fused attention takes them
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -47,10 +48,20 @@ class TextTransformer(nn.Module):
                  embedding_init=param_with_axes(nn.initializers.normal(0.02), ("vocab", "embed")))(tokens)
     pos = self.param("pos_embedding", param_with_axes(nn.initializers.normal(0.01), (None, "length", "embed")),
                      (1, self.context_length, width))
-    x = x + pos[:, :tokens.shape[1]].astype(self.dtype)
+    length = tokens.shape[1]
+    x = x + pos[:, :length].astype(self.dtype)
+    mask = None
+    if self.seq_pad_multiple and length % self.seq_pad_multiple:
+      # Padding goes after the real tokens. Under the causal mask no real token sees it, so the
+      # result is exact; a bidirectional tower masks the padded keys instead.
+      padded = -(-length // self.seq_pad_multiple) * self.seq_pad_multiple
+      x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
+      if not self.causal:
+        mask = jnp.broadcast_to(jnp.arange(padded) < length, (x.shape[0], padded))
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
                 attention_impl=self.attention_impl, remat_policy=self.remat_policy, scan=self.scan,
-                name="encoder")(x, None, not train)
+                name="encoder")(x, mask, not train)
+    x = x[:, :length]
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
     eot = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0)
     x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
