@@ -70,8 +70,14 @@ def _peak_memory(compiled: Any, devices: list[jax.Device]) -> tuple[float | None
 
 
 def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
-              devices: list[jax.Device] | None = None) -> dict[str, Any]:
-  """Times `steps` train steps of `config` on a synthetic batch after `warmup` steps; returns the figures."""
+              devices: list[jax.Device] | None = None, profile_dir: str | None = None,
+              profile_steps: int = 3) -> dict[str, Any]:
+  """Times `steps` train steps of `config` on a synthetic batch after `warmup` steps; returns the figures.
+
+  With `profile_dir`, `profile_steps` more steps run under the JAX profiler afterwards (never
+  inside the timed ones) and leave a TensorBoard/Perfetto trace there;
+  `benchmarks/kernel_breakdown.py DIR` sums its device time by kind of kernel.
+  """
   import jax
   from bigvis import config as config_lib
   from bigvis import metrics as metrics_lib
@@ -112,6 +118,14 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   loss = float(jax.device_get(metrics["train/loss"]))
+  if profile_dir:
+    jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
+    try:
+      for _ in range(profile_steps):
+        state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+    finally:
+      jax.profiler.stop_trace()
 
   ex_s = config.batch_size / step_s
   model_flops = metrics_lib.model_flops_per_example(config, local)
@@ -151,6 +165,8 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
       "jax": jax.__version__,
       "host": platform.node(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "profile_dir": profile_dir,
+      "profile_steps": profile_steps if profile_dir else 0,
   }
 
 
@@ -162,6 +178,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                  help="override a config key (repeatable), e.g. --set batch_size=256")
   p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+  p.add_argument("--profile", metavar="DIR", help="after timing, trace --profile-steps more steps into DIR")
+  p.add_argument("--profile-steps", type=int, default=3)
   p.set_defaults(fn=main)
 
 
@@ -169,6 +187,7 @@ def main(args: argparse.Namespace) -> int:
   """Loads the config, benchmarks it and prints the result as one JSON line on stdout."""
   from bigvis import config as config_lib
   config = config_lib.load(args.config, args.overrides)
-  result = benchmark(config, steps=args.steps, warmup=args.warmup)
+  result = benchmark(config, steps=args.steps, warmup=args.warmup, profile_dir=args.profile,
+                     profile_steps=args.profile_steps)
   print(json.dumps(result), flush=True)
   return 0

@@ -63,16 +63,26 @@ def reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
 
 
 def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:
-  """3 x forward FLOPs of one example through the plain model (HLO cost analysis, nothing compiled)."""
+  """3 x forward FLOPs of one example through the plain model (HLO cost analysis, nothing compiled).
+
+  Lowered for the host CPU whatever the accelerator: the count is a property of the model, and
+  JAX 0.11's GPU lowering returns no cost analysis (MFU read `null` on an H100 before this).
+  """
   from bigvis.models import build_model, model_inputs
   ref_cfg = ml_collections.ConfigDict(reference_model_config(config.model))
   model = build_model(ref_cfg)
   ref_config = ml_collections.ConfigDict({**config.to_dict(), "model": ref_cfg.to_dict()})
-  inputs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) for x in model_inputs(ref_config.model, batch)]
+  try:
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  except RuntimeError:  # JAX_PLATFORMS leaves out the CPU: lower for the default backend
+    on_cpu = None
+  inputs = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=on_cpu)
+            for x in model_inputs(ref_config.model, batch)]
   variables = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs, train=False), *inputs)
+  variables = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=on_cpu), variables)
   try:
     cost = jax.jit(lambda v, *xs: model.apply(v, *xs, train=False)).lower(variables, *inputs).cost_analysis()
-  except Exception:  # a backend without HLO cost analysis
+  except Exception:  # a JAX without HLO cost analysis
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None

@@ -104,3 +104,31 @@ def test_peers_gpu_runs_have_valid_configs():
   lines = peers.check_specs(specs)
   assert sum("params" in line for line in lines) == 7
   assert any("vit_h14" in line and "632.0M params" in line for line in lines)
+
+
+def test_profile_and_kernel_breakdown(tmp_path):
+  """`bench --profile` leaves a trace that kernel_breakdown.py sums by kind of kernel."""
+  prof = str(tmp_path / "prof")
+  proc = _script(["-m", "bigvis.cli", "bench", "--config", "vit_ti_digits", "--set", "batch_size=8",
+                  "--set", "mesh.data=1", "--steps", "1", "--warmup", "1", "--profile", prof, "--profile-steps", "2"])
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["profile_steps"] == 2
+  out = _script(["benchmarks/kernel_breakdown.py", prof, "--steps", "2", "--json"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result["kernels"] > 0 and 0 < result["busy_ms_per_step"] <= result["span_ms_per_step"] + 1e-6
+  assert "matmul" in result["by_category_ms"]
+
+
+def test_kernel_categories_and_busy_union():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("kb", os.path.join(REPO, "benchmarks", "kernel_breakdown.py"))
+  kb = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(kb)
+  assert kb.category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
+  assert kb.category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+  assert kb.category("loop_add_fusion_12") == "elementwise fusion"
+  assert kb.category("input_reduce_fusion_3") == "reduction"
+  assert kb.category("transpose_fusion") == "copy/transpose"
+  # Overlapping kernels on two streams count once: [0,10) u [5,12) u [20,25) = 17 us.
+  assert kb.busy_time([{"ts": 0, "dur": 10}, {"ts": 5, "dur": 7}, {"ts": 20, "dur": 5}]) == 17
