@@ -24,10 +24,12 @@ import re
 import sys
 
 # First match wins; order matters (a cuDNN attention kernel's name can contain "gemm").
+# cuDNN's attention backward runs helper kernels (dO.O, dQ conversion) beside the flash kernel; the
+# patch embedding's convolution is an implicit GEMM in NHWC.
 CATEGORIES = (
-    ("attention", re.compile(r"fmha|flash|sdpa|attention|softmax_fusion", re.I)),
+    ("attention", re.compile(r"fmha|flash|sdpa|attention|softmax_fusion|dot_do_o|convert_dq", re.I)),
+    ("convolution", re.compile(r"implicit_gemm|fprop_optimized|nhwcAddPadding|convolution", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|matmul|\bdot|_dot_|dot_general", re.I)),
-    ("convolution", re.compile(r"conv|implicit_", re.I)),
     ("copy/transpose", re.compile(r"memcpy|memset|copy|transpose|bitcast", re.I)),
     ("reduction", re.compile(r"reduce|reduction", re.I)),
     ("elementwise fusion", re.compile(r"fusion|loop_|elementwise|add|multiply|convert", re.I)),
@@ -42,7 +44,9 @@ def category(name: str) -> str:
 
 
 def newest_trace(root: str) -> str:
-  """The newest perfetto trace under `root` (the profiler writes one folder per capture)."""
+  """The newest perfetto trace under `root` (the profiler writes one folder per capture), or `root` itself."""
+  if os.path.isfile(root):
+    return root
   files = glob.glob(os.path.join(root, "**", "perfetto_trace.json.gz"), recursive=True)
   if not files:
     raise SystemExit(f"kernel_breakdown: no perfetto_trace.json.gz under '{root}'; run "
@@ -114,7 +118,7 @@ def render(result: dict, top: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("profile_dir", help="the --profile DIR of `bigvis bench`")
+  p.add_argument("profile_dir", help="the --profile DIR of `bigvis bench`, or a perfetto_trace.json.gz")
   p.add_argument("--steps", type=int, default=3, help="steps in the trace (bench's --profile-steps)")
   p.add_argument("--top", type=int, default=20, help="kernels to list")
   p.add_argument("--json", action="store_true", help="also print the whole breakdown as one JSON line")

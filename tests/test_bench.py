@@ -130,5 +130,8 @@ def test_kernel_categories_and_busy_union():
   assert kb.category("loop_add_fusion_12") == "elementwise fusion"
   assert kb.category("input_reduce_fusion_3") == "reduction"
   assert kb.category("transpose_fusion") == "copy/transpose"
+  assert kb.category("loop_convert_multiply_fusion_11") == "elementwise fusion"  # "convert" is no convolution
+  assert kb.category("sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+  assert kb.category("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)") == "attention"
   # Overlapping kernels on two streams count once: [0,10) u [5,12) u [20,25) = 17 us.
   assert kb.busy_time([{"ts": 0, "dur": 10}, {"ts": 5, "dur": 7}, {"ts": 20, "dur": 5}]) == 17

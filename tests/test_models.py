@@ -84,6 +84,21 @@ def test_padded_text_equals_unpadded(causal):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4), ga, gb)
 
 
+@pytest.mark.parametrize("size, patch, bias", [(16, 4, True), (18, 4, False)])
+def test_patch_embedding_matmul_equals_strided_conv(size, patch, bias):
+  """The matmul patch embedding initialises and computes exactly what a stride-p VALID conv does."""
+  from bigvis.models.vit import PatchEmbed
+  x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+  conv = nn.Conv(8, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=bias)
+  mine = PatchEmbed(8, patch, use_bias=bias)
+  p_conv = conv.init(jax.random.key(0), x)["params"]
+  p_mine = nn.meta.unbox(mine.init(jax.random.key(0), x)["params"])
+  jax.tree.map(np.testing.assert_array_equal, p_conv, p_mine)  # same names, shapes and init
+  p_conv = jax.tree.map(lambda a: a + 0.1, p_conv)  # non-zero bias too
+  np.testing.assert_allclose(mine.apply({"params": p_conv}, x), conv.apply({"params": p_conv}, x),
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = build_model(dict(name="vit", variant="mu/4", num_classes=3, dtype="bfloat16"))
   variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
