@@ -29,17 +29,20 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # bigvis variants per family: (name, experiment, --set overrides, keys added when the config lacks them).
-# `tok+xla` is the configs' default; `gap+cudnn` drops the class token so 196 tokens reach cuDNN's
-# fused attention; `pad+cudnn` keeps the class token and pads 197 -> 200 tokens, masked.
+# `tok+xla` is plain XLA attention (the configs' default before 2026-11-26, and what they run on TPU);
+# `gap+cudnn` drops the class token so 196 tokens reach cuDNN's fused attention; `pad+cudnn` keeps the
+# class token and pads 197 -> 200 tokens, masked: what the configs' `attention_impl='auto'` runs on an
+# NVIDIA GPU.
 VIT_VARIANTS = (
-    ("bigvis_vit_b16_tok_xla", "experiments/vit_b16_i1k.py", (), {}),
+    ("bigvis_vit_b16_tok_xla", "experiments/vit_b16_i1k.py", ("model.attention_impl=xla",), {}),
     ("bigvis_vit_b16_gap_cudnn", "experiments/vit_b16_i1k.py",
      ("model.pool_type=gap", "model.attention_impl=cudnn"), {}),
     ("bigvis_vit_b16_pad8_cudnn", "experiments/vit_b16_i1k.py",
      ("model.attention_impl=cudnn",), {"model.seq_pad_multiple": 8}),
 )
 CLIP_VARIANTS = (
-    ("bigvis_clip_b16_tok_xla", "experiments/clip_vitb16.py", (), {}),
+    ("bigvis_clip_b16_tok_xla", "experiments/clip_vitb16.py",
+     ("model.image.attention_impl=xla", "model.text.attention_impl=xla"), {}),
     ("bigvis_clip_b16_pad8_cudnn", "experiments/clip_vitb16.py",
      ("model.image.attention_impl=cudnn", "model.text.attention_impl=cudnn"),
      {"model.image.seq_pad_multiple": 8, "model.text.seq_pad_multiple": 8}),

@@ -41,7 +41,11 @@ def describe_model(model_cfg: ml_collections.ConfigDict) -> str:
     for key, short in (("attention_impl", "attn"), ("pool_type", "pool"), ("seq_pad_multiple", "pad"),
                        ("remat_policy", "remat"), ("scan", "scan")):
       if key in c:
-        parts.append(f"{short}={c[key]}")
+        value = c[key]
+        if key == "attention_impl" and value == "auto":
+          from bigvis.models.layers import resolve_attention_impl
+          value = f"auto:{resolve_attention_impl('auto')}"
+        parts.append(f"{short}={value}")
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

@@ -74,9 +74,9 @@ def clip_paper_config(name: str, *, image: str, text: str, embed_dim: int, lr: f
   c.model = model_config(
       "clip", embed_dim=embed_dim, temperature_init=1 / 0.07,
       image=dict(variant=image, image_size=224, pool_type="tok", posemb="learn", pre_norm=True,
-                 conv_bias=False, dtype="bfloat16", attention_impl="xla", remat_policy=remat_policy, scan=scan),
+                 conv_bias=False, dtype="bfloat16", attention_impl="auto", remat_policy=remat_policy, scan=scan),
       text=dict(variant=text, vocab_size=VOCAB, context_length=CONTEXT, dtype="bfloat16",
-                attention_impl="xla", remat_policy=remat_policy, scan=scan))
+                attention_impl="auto", remat_policy=remat_policy, scan=scan))
   c.objective = ml_collections.ConfigDict(dict(name="clip"))
   # Gains, biases and the temperature are 1-D, which optim.decay_mask never decays. The class token
   # and position embeddings are additive offsets rather than weights (CLIP's own class embedding is

@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 2000
   c.model = model_config(
       "vit", variant="B/16", num_classes=1000, image_size=224, pool_type="tok", posemb="learn",
-      dropout=0.0, dtype="bfloat16", remat_policy="none", scan=False, attention_impl="xla")
+      dropout=0.0, dtype="bfloat16", remat_policy="none", scan=False, attention_impl="auto")
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="softmax", label_smoothing=0.1))
   c.optim.update(dict(lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.1, warmup_steps=10_000, grad_clip_norm=1.0))
   c.data.train = data_config(

@@ -99,6 +99,16 @@ def test_patch_embedding_matmul_equals_strided_conv(size, patch, bias):
                              rtol=1e-5, atol=1e-5)
 
 
+def test_attention_auto_and_cudnn_padding_rule():
+  """`auto` is XLA off NVIDIA GPUs; cuDNN gets odd lengths (197, 77) padded to a multiple of 8."""
+  from bigvis.models.layers import attention_pad_multiple, resolve_attention_impl
+  assert resolve_attention_impl("auto") == "xla"  # the CPU test mesh
+  assert resolve_attention_impl("cudnn") == "cudnn"
+  assert attention_pad_multiple("cudnn", 197) == 8 and attention_pad_multiple("cudnn", 77) == 8
+  assert attention_pad_multiple("cudnn", 196) == 0 and attention_pad_multiple("xla", 197) == 0
+  assert attention_pad_multiple("xla", 197, requested=64) == 64
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = build_model(dict(name="vit", variant="mu/4", num_classes=3, dtype="bfloat16"))
   variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))

@@ -10,7 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bigvis.models.layers import Encoder, LayerNorm, constrain, param_with_axes
+from bigvis.models.layers import (Encoder, LayerNorm, constrain, pad_for_attention, param_with_axes,
+                                  resolve_attention_impl)
 
 # name: (width, depth, mlp_dim, heads) — the CLIP paper's text towers.
 TEXT_VARIANTS = {
@@ -30,11 +31,11 @@ class TextTransformer(nn.Module):
   context_length: int = 77
   num_classes: int = 0           # >0 adds a bias-free linear projection (CLIP's text_projection)
   dtype: Any = jnp.float32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"   # cuDNN's fused attention on NVIDIA GPUs, XLA elsewhere
   remat_policy: str = "none"
   scan: bool = False
   causal: bool = True
-  seq_pad_multiple: int = 0      # pad 77 -> 80 tokens so cuDNN's fused attention takes them
+  seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it (cuDNN: 77 -> 80)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -50,16 +51,11 @@ class TextTransformer(nn.Module):
                      (1, self.context_length, width))
     length = tokens.shape[1]
     x = x + pos[:, :length].astype(self.dtype)
-    mask = None
-    if self.seq_pad_multiple and length % self.seq_pad_multiple:
-      # Padding goes after the real tokens. Under the causal mask no real token sees it, so the
-      # result is exact; a bidirectional tower masks the padded keys instead.
-      padded = -(-length // self.seq_pad_multiple) * self.seq_pad_multiple
-      x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
-      if not self.causal:
-        mask = jnp.broadcast_to(jnp.arange(padded) < length, (x.shape[0], padded))
+    impl = resolve_attention_impl(self.attention_impl)
+    # Under the causal mask no real token sees the padding, so only a bidirectional tower masks it.
+    x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
-                attention_impl=self.attention_impl, remat_policy=self.remat_policy, scan=self.scan,
+                attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan,
                 name="encoder")(x, mask, not train)
     x = x[:, :length]
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
