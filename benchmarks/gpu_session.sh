@@ -7,7 +7,7 @@
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 9 minutes on one H100, most of it
-# compiling: each run is its own process.
+# compiling: each run is its own process. $OUT ends with at most 8 files (what a lent machine returns).
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -39,20 +39,30 @@ timeout 150 "$PY" -m bigvis.cli bench --config experiments/vit_ti_digits.py --se
 grep -q examples_per_sec "$OUT/smoke.txt" || { log "smoke failed: stopping"; exit 3; }
 
 peers() { "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 "$@"; }
-# 1. The goals side by side: ViT-B/16 and CLIP B/16 against timm and open_clip, batch 256.
+# 1. The goals side by side: ViT-B/16 and CLIP B/16 against timm and open_clip, batch 256. The
+#    pad8_cudnn variants are what the configs' attention_impl='auto' runs on an NVIDIA GPU.
 log "B/16 and CLIP B/16 against their peers"
-peers --timeout 180 --only timm_vit_base_patch16_224,bigvis_vit_b16_gap_cudnn,bigvis_vit_b16_pad8_cudnn,bigvis_vit_b16_tok_xla,open_clip_ViT-B-16,bigvis_clip_b16_pad8_cudnn
+peers --timeout 180 --only timm_vit_base_patch16_224,bigvis_vit_b16_gap_cudnn,bigvis_vit_b16_pad8_cudnn,open_clip_ViT-B-16,bigvis_clip_b16_pad8_cudnn
 # 2. Fraction of the ceiling across sizes.
 log "L/16 (batch 128) and H/14 (batch 64)"
 peers --timeout 240 --large --skip-torch --no-ceiling --only bigvis_vit_l16_gap_cudnn,bigvis_vit_h14_gap_cudnn
-# 3. One XLA flag, and the batch that fills the chip, against step 1's cuDNN variant.
-log "flags and batch"
-XLA_FLAGS=--xla_gpu_enable_triton_gemm=false peers --timeout 150 --skip-torch --no-ceiling \
-  --only bigvis_vit_b16_gap_cudnn --tag _no_triton_gemm
-peers --timeout 150 --skip-torch --no-ceiling --only bigvis_vit_b16_gap_cudnn --batch 512 --tag _b512
-# 4. If time is left: the CLIP default and timm's L/16.
+# 3. Where the B/16 step's time goes.
+log "profile"
+timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
+  --set model.pool_type=gap --set model.attention_impl=cudnn --profile "$OUT/prof" > "$OUT/bench_profiled.json"
+"$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 25 | tee "$OUT/kernels.txt"
+find "$OUT/prof" -name perfetto_trace.json.gz -exec cp {} "$OUT/trace.json.gz" \; -quit
+rm -rf "$OUT/prof"
+# 4. XLA flags that may fuse the memory-bound work around the GEMMs (an unknown flag fails only its run).
+log "flags"
+for flags in --xla_gpu_enable_cublaslt=true --xla_gpu_enable_command_buffer= --xla_gpu_enable_triton_gemm=false; do
+  XLA_FLAGS=$flags peers --timeout 150 --skip-torch --no-ceiling --only bigvis_vit_b16_gap_cudnn \
+    --tag "_$(echo "$flags" | tr -c 'a-z0-9\n' _ | sed 's/^_*//')"
+done
+# 5. If time is left: the batch that fills the chip, the old XLA-attention baseline, timm's L/16.
 log "extras"
-peers --timeout 150 --no-ceiling --only bigvis_clip_b16_tok_xla
+peers --timeout 150 --skip-torch --no-ceiling --only bigvis_vit_b16_gap_cudnn --batch 512 --tag _b512
+peers --timeout 150 --skip-torch --no-ceiling --only bigvis_vit_b16_tok_xla
 peers --timeout 150 --no-ceiling --large --only timm_vit_large_patch16_224
 
 log "all runs"
