@@ -233,6 +233,11 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   topo = parse_topology(topology)
   gen = topo.generation
   config_lib.check_known(config, train.TOP_KEYS, "config")
+  # `auto` attention resolves on this host's devices; the target is a TPU, which runs XLA's.
+  config = ml_collections.ConfigDict(config.to_dict())
+  for section in ((config.model.image, config.model.text) if config.model.name == "clip" else (config.model,)):
+    if section.get("attention_impl") == "auto":
+      section.attention_impl = "xla"
   devices = topology_devices(topo)
   mesh, rules = sharding.mesh_and_rules(config, devices, what=f"chips of {topo.name}")
 
