@@ -44,7 +44,7 @@ def describe_model(model_cfg: ml_collections.ConfigDict) -> str:
         value = c[key]
         if key == "attention_impl" and value == "auto":
           from bigvis.models.layers import resolve_attention_impl
-          value = f"auto:{resolve_attention_impl('auto')}"
+          value = f"auto:{resolve_attention_impl('auto', c.get('dtype', 'float32'))}"
         parts.append(f"{short}={value}")
     return " ".join(parts)
   cfg = model_cfg.to_dict()

@@ -99,14 +99,58 @@ def test_patch_embedding_matmul_equals_strided_conv(size, patch, bias):
                              rtol=1e-5, atol=1e-5)
 
 
-def test_attention_auto_and_cudnn_padding_rule():
-  """`auto` is XLA off NVIDIA GPUs; cuDNN gets odd lengths (197, 77) padded to a multiple of 8."""
-  from bigvis.models.layers import attention_pad_multiple, resolve_attention_impl
-  assert resolve_attention_impl("auto") == "xla"  # the CPU test mesh
-  assert resolve_attention_impl("cudnn") == "cudnn"
-  assert attention_pad_multiple("cudnn", 197) == 8 and attention_pad_multiple("cudnn", 77) == 8
-  assert attention_pad_multiple("cudnn", 196) == 0 and attention_pad_multiple("xla", 197) == 0
-  assert attention_pad_multiple("xla", 197, requested=64) == 64
+class _FakeDevice:
+  def __init__(self, platform, kind, capability=None):
+    self.platform, self.device_kind = platform, kind
+    if capability is not None:
+      self.compute_capability = capability
+
+
+@pytest.mark.parametrize("device, dtype, head_dim, expected", [
+    (_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), "bfloat16", 64, "cudnn"),
+    (_FakeDevice("gpu", "NVIDIA A100-SXM4-40GB", "8.0"), "float16", 128, "cudnn"),
+    (_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), "float32", 64, "xla"),   # cuDNN refuses fp32
+    (_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), "bfloat16", 36, "xla"),  # head size not /8
+    (_FakeDevice("gpu", "Tesla V100-SXM2-16GB", "7.0"), "bfloat16", 64, "xla"),   # pre-Ampere
+    (_FakeDevice("gpu", "AMD Instinct MI250X", "gfx90a"), "bfloat16", 64, "xla"),
+    (_FakeDevice("tpu", "TPU v5p"), "bfloat16", 64, "xla"),
+    (_FakeDevice("cpu", "cpu"), "bfloat16", 64, "xla"),
+])
+def test_attention_auto_resolution(monkeypatch, device, dtype, head_dim, expected):
+  from bigvis.models.layers import resolve_attention_impl
+  monkeypatch.setattr(jax, "devices", lambda *a: [device])
+  assert resolve_attention_impl("auto", dtype, head_dim) == expected
+  assert resolve_attention_impl("xla", dtype, head_dim) == "xla"  # explicit choices stand
+
+
+def test_cudnn_padding_rule_and_auto_padded_vit_equals_plain(monkeypatch):
+  """Where `auto` picks cuDNN, ViT's odd token count (here 17) is padded to 24 and masked; the
+  output equals the plain model's (cuDNN is stood in for by XLA's kernel, which takes the same
+  arguments, so this runs on the CPU)."""
+  from bigvis.models import layers, vit
+  assert layers.attention_pad_multiple("cudnn", 197) == 8 and layers.attention_pad_multiple("cudnn", 77) == 8
+  assert layers.attention_pad_multiple("cudnn", 196) == 0 and layers.attention_pad_multiple("xla", 197) == 0
+  assert layers.attention_pad_multiple("xla", 197, requested=64) == 64
+  x, mask = layers.pad_for_attention(jnp.ones((2, 197, 4)), "cudnn")
+  assert x.shape == (2, 200, 4) and mask.shape == (2, 200) and int(mask[0].sum()) == 197
+
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  cfg = dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok", head_zero_init=False,
+             attention_impl="xla")
+  params = build_model(cfg).init(jax.random.key(0), images)["params"]
+  plain, _ = build_model(cfg).apply({"params": params}, images)
+  lengths = []
+  real_attention = jax.nn.dot_product_attention
+
+  def cudnn_standin(q, k, v, *, implementation=None, **kw):
+    assert implementation == "cudnn"
+    lengths.append(q.shape[1])
+    return real_attention(q, k, v, implementation="xla", **kw)
+  monkeypatch.setattr(vit, "resolve_attention_impl", lambda impl, *a: "cudnn")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_standin)
+  padded, _ = build_model(dict(cfg, attention_impl="auto")).apply({"params": params}, images)
+  assert lengths and set(lengths) == {24}  # 16 patches + class token = 17 -> 24
+  np.testing.assert_allclose(plain, padded, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -51,7 +51,7 @@ class TextTransformer(nn.Module):
                      (1, self.context_length, width))
     length = tokens.shape[1]
     x = x + pos[:, :length].astype(self.dtype)
-    impl = resolve_attention_impl(self.attention_impl)
+    impl = resolve_attention_impl(self.attention_impl, self.dtype, width // heads)
     # Under the causal mask no real token sees the padding, so only a bidirectional tower masks it.
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,

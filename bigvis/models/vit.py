@@ -166,7 +166,7 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(self.dtype), x], axis=1)
       prefix = 1
     length = x.shape[1]
-    impl = resolve_attention_impl(self.attention_impl)
+    impl = resolve_attention_impl(self.attention_impl, self.dtype, width // v["num_heads"])
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple)
 
     if self.pre_norm:
