@@ -79,3 +79,16 @@ def test_keep_drops_other_features():
 def test_bad_specs_are_user_errors(spec, fragment):
   with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
     preprocess.build(spec)
+
+
+@pytest.mark.parametrize("stats, mean, std", [
+    ("imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("clip", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+def test_normalize_is_per_channel(stats, mean, std):
+  """Each channel gets its own mean and std, on uint8 and float inputs of any size."""
+  rng = np.random.default_rng(0)
+  for image in (rng.integers(0, 256, (5, 7, 3)).astype(np.uint8), rng.uniform(0, 255, (9, 4, 3)).astype(np.float32)):
+    out = preprocess.build(f"normalize('{stats}')")({"image": tf.constant(image)}, SEED)["image"].numpy()
+    want = (image.astype(np.float64) / 255 - np.array(mean)) / np.array(std)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
