@@ -268,9 +268,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt.save(step, state, {"step": step, "fingerprint": fingerprint(config),
                             "experiment": config.get("experiment", "")})
 
-  # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step.
+  # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step. With
+  # several processes the signal reaches each at a different step, and the save is collective: JAX's
+  # preemption service (which catches SIGTERM itself) agrees on one step for all of them.
+  several = jax.process_count() > 1
   stop = {"signal": None}
-  previous_handler = _install_sigterm(stop)
+  previous_handler = None if several else _install_sigterm(stop)
+
+  def preempted(step: int) -> bool:
+    if several:
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return stop["signal"] is not None
 
   # The loop.
   step, last_log_t, last_log_step = start_step, time.time(), start_step
@@ -299,10 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}
         writer.write(step, row)
         writer.progress(step, last_metrics["train/loss"], ex_s)
-      if stop["signal"] is not None:
+      if preempted(step):
         save(step)
-        logging.warning("stopped by signal %s at step %d; checkpoint saved, rerun the command to resume.",
-                        stop["signal"], step)
+        logging.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun the command to resume.", step)
         return last_metrics
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < config.total_steps:
         save(step)
@@ -314,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {**last_metrics, **evaluate(step)}
   finally:
     # Waits for in-flight async saves, so the last good checkpoint is complete even on an error.
-    _restore_sigterm(previous_handler)
+    if not several:
+      _restore_sigterm(previous_handler)
     ckpt.close()
     writer.close()
 

@@ -56,3 +56,25 @@ def test_two_processes_match_one_process(tmp_path):
   # Only process 0 writes metrics; checkpoints are written collectively.
   assert len(got) == len(ref)
   assert sorted(d for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) == ["12", "6"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
+  """Preemption of one process: JAX's preemption service agrees on a step, both save it and exit 0."""
+  import signal
+  import time
+  work = str(tmp_path / "w")
+  port = _free_port()
+  procs = [_start(work, 4, ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                            "--process-id", str(i), "--set", "total_steps=100000", "--set", "checkpoint_every_steps=0",
+                            "--set", "eval_every_steps=0"]) for i in range(2)]
+  metrics = os.path.join(work, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and len(_rows(work)) >= 3):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # the process that writes no metrics
+  errs = [pr.communicate(timeout=300)[1] for pr in procs]
+  for pr, err in zip(procs, errs):
+    assert pr.returncode == 0, err[-3000:]
+  steps = sorted(int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit())
+  assert len(steps) == 1 and steps[0] >= 3
+  assert steps[0] == _rows(work)[-1]["step"]
