@@ -97,8 +97,13 @@ def _run_specs(args: argparse.Namespace) -> list[dict]:
       bigvis(*LARGE_VARIANTS[0], "vit_l16", args.large_batch, "vit")
       torch("timm_vit_huge_patch14_224", "vit_h14", "timm:vit_huge_patch14_224", args.huge_batch, "vit")
       bigvis(*LARGE_VARIANTS[1], "vit_h14", args.huge_batch, "vit")
-  specs = [s for s in specs if s["group"] in args.only or s["name"] in args.only
-           or s["name"].removesuffix(args.tag) in args.only]
+  def chosen(s):
+    return s["group"] in args.only or s["name"] in args.only or s["name"].removesuffix(args.tag) in args.only
+  unmatched = [o for o in args.only if not any(s["group"] == o or s["name"].removesuffix(args.tag) == o for s in specs)]
+  if unmatched:  # a typo must not spend GPU time on nothing
+    raise SystemExit(f"peers: --only names no run: {', '.join(unmatched)} (runs: "
+                     f"{', '.join(s['name'].removesuffix(args.tag) for s in specs)}).")
+  specs = [s for s in specs if chosen(s)]
   ceiling = {"kind": "jax_matmul", "name": "jax_bf16_matmul", "family": "ceiling", "group": "ceiling",
              "size": 512 if args.cpu_smoke else 8192, "steps": args.steps, "warmup": args.warmup}
   return specs if args.no_ceiling else [ceiling, *specs]
@@ -140,7 +145,6 @@ def _worker_bigvis(spec: dict) -> dict:
 def check_specs(specs: list[dict]) -> list[str]:
   """Loads every bigvis spec's config and traces its model's shapes: catches typos before a GPU is held."""
   import jax
-  import ml_collections
   from bigvis import bench, params
   lines = []
   for spec in specs:
@@ -148,12 +152,7 @@ def check_specs(specs: list[dict]) -> list[str]:
       lines.append(f"{spec['name']}: {spec.get('model', spec['kind'])} batch {spec.get('batch', '-')}")
       continue
     config = bigvis_config(spec)
-    # Shapes only; cuDNN attention cannot even be traced without a GPU, and XLA's has the same shapes.
-    shapes_cfg = config.model.to_dict()
-    for section in (shapes_cfg.get("image"), shapes_cfg.get("text"), shapes_cfg):
-      if isinstance(section, dict) and "attention_impl" in section:
-        section["attention_impl"] = "xla"
-    n = sum(x.size for x in jax.tree.leaves(params.abstract_params(ml_collections.ConfigDict(shapes_cfg))))
+    n = sum(x.size for x in jax.tree.leaves(params.abstract_params(config.model)))  # shapes only
     lines.append(f"{spec['name']}: {bench.describe_model(config.model)}, {n / 1e6:.1f}M params, "
                  f"batch {config.batch_size}")
   return lines

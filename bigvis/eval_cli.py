@@ -86,24 +86,12 @@ def eval_mesh(config):
     return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
-def abstract_params(model_cfg, model) -> Any:
-  """Shapes of the model's parameters, boxed with their logical axis names (nothing allocated)."""
-  import jax
-  import jax.numpy as jnp
-  image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
-  size = int(image_cfg.get("image_size", 224))
-  inputs = [jnp.zeros((1, size, size, 3), jnp.float32)]
-  if model_cfg.name == "clip":
-    inputs.append(jnp.zeros((1, int(model_cfg.text.get("context_length", 77))), jnp.int32))
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))["params"]
-
-
-def restore_params(workdir: str, config, model, mesh, rules, step: int | None) -> tuple[int, Any]:
+def restore_params(workdir: str, config, mesh, rules, step: int | None) -> tuple[int, Any]:
   """(step, params) of the run, restored straight into their shardings on `mesh`."""
   import flax.linen as nn
   import jax
-  from bigvis import inference, sharding
-  boxed = abstract_params(config.model, model)
+  from bigvis import inference, params, sharding
+  boxed = params.abstract_params(config.model, boxed=True)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
@@ -124,15 +112,14 @@ def build_report(name: str, cfg, evaluator, metrics: dict[str, Any]):
 
 def with_experiment_evals(config, spec: str):
   """The run's config with `evals` and `reports` taken from experiment `spec`, whose model must be the run's."""
-  import flax.linen as nn
   import jax
   import ml_collections
   from bigvis import config as config_lib
-  from bigvis.models import build_model
+  from bigvis import params
   exp = config_lib.load_experiment(spec)
 
   def shapes(model_cfg):  # the same parameters, whatever defaults either config spells out
-    tree = nn.meta.unbox(abstract_params(model_cfg, build_model(model_cfg)))
+    tree = params.abstract_params(model_cfg)
     return jax.tree_util.tree_structure(tree), [x.shape for x in jax.tree.leaves(tree)]
   if "model" not in exp or shapes(exp.model) != shapes(config.model):
     raise UserError(f"--config '{spec}' describes another model than the run's; its evals and reports "
@@ -170,7 +157,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   mesh = eval_mesh(config)
   rules = sharding.rules_from_config(config)
   model = build_model(config.model)
-  restored_step, params = restore_params(workdir, config, model, mesh, rules, step)
+  restored_step, params = restore_params(workdir, config, mesh, rules, step)
   logging.info("evaluating %s at step %d on %d device(s)", workdir, restored_step, mesh.size)
   evaluators = eval_lib.build_evaluators(chosen, model=model, mesh=mesh, config=config)
 

@@ -10,22 +10,31 @@ import flax.linen as nn
 from bigvis.models import build_model
 
 
-def abstract_params(model_cfg: ml_collections.ConfigDict):
-  """Shapes of the model's parameters, from a one-example dummy input.
+def _plain_attention(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same model with XLA attention in every tower: the kernel changes no parameter, and cuDNN's
+  cannot be traced on a host without an NVIDIA GPU. Scan, remat and padding stay as configured,
+  since scan changes the parameter tree."""
+  cfg = model_cfg.to_dict()
+  for section in (cfg, cfg.get("image"), cfg.get("text")):
+    if isinstance(section, dict) and "attention_impl" in section:
+      section["attention_impl"] = "xla"
+  return ml_collections.ConfigDict(cfg)
 
-  Built the plain way (XLA attention, no scan): the kernels do not change the
-  parameters, and shapes can then be planned on any host.
+
+def abstract_params(model_cfg: ml_collections.ConfigDict, *, boxed: bool = False):
+  """Shapes of the model's parameters from a one-example dummy input (nothing is allocated).
+
+  `boxed=True` keeps flax's logical-axis boxes, from which shardings are derived.
   """
-  from bigvis.metrics import reference_model_config
-  model_cfg = ml_collections.ConfigDict(reference_model_config(model_cfg))
+  model_cfg = _plain_attention(model_cfg)
   model = build_model(model_cfg)
   image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
   size = int(image_cfg.get("image_size", 224))
   inputs = [jnp.zeros((1, size, size, 3), jnp.float32)]
   if model_cfg.name == "clip":
     inputs.append(jnp.zeros((1, int(model_cfg.text.get("context_length", 77))), jnp.int32))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))
-  return nn.meta.unbox(shapes["params"])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs, train=False))["params"]
+  return shapes if boxed else nn.meta.unbox(shapes)
 
 
 def count_by_module(params) -> dict[str, int]:

@@ -244,11 +244,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def evaluate(step: int) -> dict:
     results = {}
+    running = [name for name in evaluators if due(name, step)]
+    if not running:  # most steps: no mesh contexts entered in the loop
+      return results
     with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
-      for name, ev in evaluators.items():
-        if not due(name, step):
-          continue
-        for k, v in ev.run(state["params"]).items():
+      for name in running:
+        for k, v in evaluators[name].run(state["params"]).items():
           results[f"eval/{name}/{k}"] = v
     if results:
       writer.write(step, results)

@@ -36,9 +36,16 @@ def _drop_bad(ds: tf.data.Dataset) -> tf.data.Dataset:
   return shards.count_skips(ds)
 
 
-def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, process_index: int, start: int = 0) -> tf.data.Dataset:
+def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, stream: int, start: int = 0,
+                indexed: bool = False) -> tf.data.Dataset:
+  """Applies `pp` with a seed per example from (seed, stream, example index).
+
+  The index counts from `start`, or comes with each element as `(index, features)` when
+  `indexed` (eval batches pass the global index, so random eval ops do not depend on how
+  many processes share the split).
+  """
   op = preprocess.build(pp)
-  base = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), process_index)
+  base = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), stream)
 
   def apply(index, features):
     keep = {k: v for k, v in features.items() if _private(k)}
@@ -46,7 +53,8 @@ def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, process_index: int, sta
     out = op({k: v for k, v in features.items() if not _private(k)}, example_seed)
     return {**out, **keep}
   # Deterministic parallel map: output order is input order, whatever the thread timing.
-  return ds.enumerate(start=start).map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds if indexed else ds.enumerate(start=start)
+  return ds.map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -125,7 +133,7 @@ def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, proc
   pad = (-n) % global_batch_size
   padded = raw.concatenate(raw.take(1).map(lambda x: {**x, "_mask": tf.constant(False)}).repeat(pad))
   mine = padded.enumerate().filter(lambda i, x: (i % global_batch_size) // batch == process_index)
-  ds = _preprocess(mine.map(lambda i, x: x), cfg.get("pp", ""), 0, 0)
+  ds = _preprocess(mine, cfg.get("pp", ""), 0, 0, indexed=True)
   yield from ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator()
 
 

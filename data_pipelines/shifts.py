@@ -16,14 +16,7 @@ import math
 import tensorflow as tf
 
 from bigvis.errors import UserError
-from data_pipelines.preprocess import Op, register
-
-
-def _image_op(fn, key: str) -> Op:
-  def op(features, seed):
-    features[key] = fn(features[key], seed)
-    return features
-  return op
+from data_pipelines.preprocess import Op, _image_op, register
 
 
 def _to_float(image: tf.Tensor) -> tf.Tensor:

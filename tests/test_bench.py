@@ -94,6 +94,11 @@ def test_peers_cpu_smoke_runs_bigvis(tmp_path):
   assert "jax_bf16_matmul" in table.stdout
 
 
+def test_peers_only_with_an_unknown_run_is_an_error():
+  proc = _script(["benchmarks/peers.py", "--dry-run", "--only", "bigvis_vit_b16_gap_cudn"])
+  assert proc.returncode != 0 and "bigvis_vit_b16_gap_cudn" in proc.stderr
+
+
 def test_peers_gpu_runs_have_valid_configs():
   """Every bigvis run `peers.py --large` would start on a GPU loads and traces (shapes only)."""
   import importlib.util

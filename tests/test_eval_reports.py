@@ -266,7 +266,7 @@ def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
   from bigvis.models import build_model
   model = build_model(config.model)
   mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
-  step, params = eval_cli.restore_params(clip_run, config, model, mesh, sharding.DEFAULT_RULES, None)
+  step, params = eval_cli.restore_params(clip_run, config, mesh, sharding.DEFAULT_RULES, None)
   ev = bias_audit.Evaluator(cfg, name="audit", model=model, mesh=mesh, config=config)
   with sharding.use_mesh(mesh), sharding.activation_rules(mesh, sharding.DEFAULT_RULES):
     got = ev.run(params)

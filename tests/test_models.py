@@ -153,6 +153,19 @@ def test_cudnn_padding_rule_and_auto_padded_vit_equals_plain(monkeypatch):
   np.testing.assert_allclose(plain, padded, rtol=1e-5, atol=1e-5)
 
 
+def test_abstract_params_have_the_trained_tree_for_scanned_and_cudnn_models():
+  """What restores checkpoints (`params.abstract_params`) must have the tree `init` gives, scan included,
+  and must trace cuDNN-attention configs on a host without a GPU."""
+  cfg = dict(name="vit", variant="mu/4", num_classes=3, image_size=16, scan=True, remat_policy="dots",
+             attention_impl="cudnn")
+  got = params_lib.abstract_params(ml_collections.ConfigDict(cfg))
+  want = nn.meta.unbox(build_model(dict(cfg, attention_impl="xla")).init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  assert [x.shape for x in jax.tree.leaves(got)] == [x.shape for x in jax.tree.leaves(want)]
+  assert "blocks" in got["encoder"]  # the scanned layout, one stacked block
+
+
 def test_bfloat16_compute_keeps_float32_params():
   model = build_model(dict(name="vit", variant="mu/4", num_classes=3, dtype="bfloat16"))
   variables = model.init(jax.random.key(0), jnp.ones((1, 16, 16, 3)))
