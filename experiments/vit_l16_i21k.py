@@ -2,7 +2,8 @@
 
 Batch 4096, Adam(0.9, 0.999), lr 1e-3, 10k warmup, linear decay, weight decay
 0.03, 90 epochs, sigmoid cross-entropy (i21k is multi-label), a 1024-wide
-pre-logits layer, bf16 compute, FSDP over 4 devices per data replica.
+pre-logits layer, bf16 compute. Data parallel by default; on pods add
+`--set mesh.fsdp=4` (or 8) to shard parameters and Adam state.
 """
 import ml_collections
 

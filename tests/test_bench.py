@@ -106,9 +106,17 @@ def test_peers_gpu_runs_have_valid_configs():
   peers = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(peers)
   specs = peers._run_specs(peers.parse_args(["--large", "--skip-torch"]))
-  lines = peers.check_specs(specs)
-  assert sum("params" in line for line in lines) == 7
-  assert any("vit_h14" in line and "632.0M params" in line for line in lines)
+  lines = {line.split(":")[0]: line for line in peers.check_specs(specs)}
+  assert sum("params" in line for line in lines.values()) == 9
+  # Each variant runs what its name says (the overrides reached the config).
+  assert "attn=auto" in lines["bigvis_vit_b16_default"] and "pool=tok" in lines["bigvis_vit_b16_default"]
+  assert "attn=xla pool=tok" in lines["bigvis_vit_b16_tok_xla"]
+  assert "attn=cudnn pool=gap pad=0" in lines["bigvis_vit_b16_gap_cudnn"]
+  assert "attn=cudnn pool=tok pad=8" in lines["bigvis_vit_b16_pad8_cudnn"]
+  assert lines["bigvis_clip_b16_pad8_cudnn"].count("attn=cudnn") == 2
+  assert lines["bigvis_clip_b16_pad8_cudnn"].count("pad=8") == 2
+  for big, n in (("bigvis_vit_l16_gap_cudnn", "304.3M"), ("bigvis_vit_h14_gap_cudnn", "632.0M")):
+    assert "attn=cudnn pool=gap pad=0 remat=none scan=False" in lines[big] and f"{n} params" in lines[big]
 
 
 def test_profile_and_kernel_breakdown(tmp_path):
