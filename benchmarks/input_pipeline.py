@@ -39,7 +39,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -47,56 +47,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 224
 MEAN = np.array((0.485, 0.456, 0.406), np.float32) * 255
 STD = np.array((0.229, 0.224, 0.225), np.float32) * 255
-# tf.data variants. The first two are bigvis's own ops, two spellings of the same work; the
-# candidate uses ops defined in this file (`register_candidate_ops`), to measure what changing
-# data_pipelines/preprocess.py would gain; it never counts towards `ratio_vs_pillow`.
+# tf.data variants. The first two are bigvis's training pipeline, two spellings of the same work; the
+# candidates do less work than Pillow does and never count towards `ratio_vs_pillow`.
 TF_VARIANTS = {
     "tfdata_decode_crop_fused": "decode_jpeg_and_inception_crop(224)|flip_lr|normalize('imagenet')",
     "tfdata_decode_then_crop": "decode|inception_crop(224)|flip_lr|normalize('imagenet')",
-    "candidate_float_resize": "bench_decode_crop_resize(224)|flip_lr|bench_normalize('imagenet')",
     # big_vision's choice: plain bilinear even when shrinking (aliases; less work than Pillow does).
-    "candidate_no_antialias": "bench_decode_crop_resize(224, antialias=False)|flip_lr|bench_normalize('imagenet')",
-    # Normalising on the accelerator instead: the host ships uint8 (not the same host work).
+    "candidate_no_antialias": "decode_jpeg_and_inception_crop(224, antialias=False)|flip_lr|normalize('imagenet')",
+    # Normalising on the accelerator instead: the host ships uint8.
     "candidate_uint8_out": "decode_jpeg_and_inception_crop(224)|flip_lr",
 }
-CANDIDATES = ("candidate_float_resize", "candidate_no_antialias", "candidate_uint8_out")
+CANDIDATES = ("candidate_no_antialias", "candidate_uint8_out")
 # Pillow transports: results pickled back through the pool's pipe (plain `multiprocessing.Pool`),
 # or written into shared memory (what a PyTorch DataLoader does). The stronger one is the baseline.
 PILLOW_TRANSPORTS = ("pipe", "shm")
-
-
-def register_candidate_ops() -> None:
-  """Ops for the candidate variant: float resize (antialias only when shrinking), one fused normalise."""
-  import tensorflow as tf
-  from data_pipelines import preprocess
-
-  @preprocess.register("bench_decode_crop_resize")
-  def decode_crop_resize(size: int, antialias: bool = True, key: str = "image"):
-    def op(features, seed):
-      data = features[key]
-      begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-          tf.image.extract_jpeg_shape(data), tf.zeros([0, 0, 4], tf.float32), seed=seed,
-          area_range=(0.05, 1.0), min_object_covered=0, use_image_if_no_bounding_boxes=True)
-      image = tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], crop[0], crop[1]]), channels=3)
-      # Upsampling is identical with and without antialias; the plain bilinear kernel is ~4x cheaper.
-      shrinks = tf.logical_and(tf.reduce_any(crop[:2] > size), antialias)
-      image = tf.cond(shrinks, lambda: tf.image.resize(image, (size, size), antialias=True),
-                      lambda: tf.image.resize(image, (size, size), antialias=False))
-      image.set_shape([size, size, 3])
-      features[key] = image
-      return features
-    return op
-
-  @preprocess.register("bench_normalize")
-  def normalize(stats: str = "imagenet", key: str = "image"):
-    mean, std = preprocess.CHANNEL_STATS[stats]
-    scale = tf.constant([1 / (255 * s) for s in std], tf.float32)
-    offset = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
-
-    def op(features, seed):
-      features[key] = tf.cast(features[key], tf.float32) * scale + offset
-      return features
-    return op
 
 
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
@@ -322,8 +286,6 @@ def main(argv: list[str] | None = None) -> int:
   tf.config.threading.set_intra_op_parallelism_threads(args.cores)
   tf.config.threading.set_inter_op_parallelism_threads(args.cores)
 
-  if any(v in CANDIDATES for v in args.variants):
-    register_candidate_ops()
   jpegs = make_jpegs(args.num_images)
   sizes = [len(j) for j in jpegs]
   print(json.dumps({"images": len(jpegs), "mean_jpeg_kib": float(np.mean(sizes)) / 1024, "batch": args.batch,

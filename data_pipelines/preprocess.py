@@ -103,12 +103,15 @@ def decode(channels: int = 3, key: str = "image") -> Op:
   return _image_op(fn, key)
 
 
-def _resize_like(image: tf.Tensor, size: tuple, method: str = "bilinear") -> tf.Tensor:
+def _resize_like(image: tf.Tensor, size: tuple, method: str = "bilinear", antialias: bool = True) -> tf.Tensor:
   """Resizes to float32 (values kept in the input's range; no round trip through uint8).
 
   The antialiasing kernel is only needed when shrinking; when enlarging it
   gives the same pixels at several times the cost, so it is skipped.
+  `antialias=False` skips it when shrinking too (big_vision's choice: faster, aliases).
   """
+  if not antialias:
+    return tf.image.resize(image, size, method=method, antialias=False)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   shrinking = tf.logical_or(size[0] < h, size[1] < w)
   return tf.cond(shrinking,
@@ -173,7 +176,7 @@ def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
 
 @register("decode_jpeg_and_inception_crop")
 def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
-                                   method: str = "bilinear", key: str = "image") -> Op:
+                                   method: str = "bilinear", antialias: bool = True, key: str = "image") -> Op:
   """Decodes only the cropped window of a JPEG: the fast path of decode|inception_crop."""
   def fn(data, seed):
     shape = tf.image.extract_jpeg_shape(data)
@@ -184,7 +187,7 @@ def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: flo
     window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
     crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
     crop.set_shape([None, None, 3])
-    return _resize_like(crop, _as_size(size), method) if size else crop
+    return _resize_like(crop, _as_size(size), method, antialias) if size else crop
   return _image_op(fn, key)
 
 

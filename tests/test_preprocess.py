@@ -92,3 +92,18 @@ def test_normalize_is_per_channel(stats, mean, std):
     want = (image.astype(np.float64) / 255 - np.array(mean)) / np.array(std)
     assert out.dtype == np.float32 and out.shape == image.shape
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inception_crop_antialias_switch():
+  """antialias=False resizes with the plain bilinear kernel when shrinking; the default antialiases."""
+  arr = (np.random.default_rng(0).integers(0, 255, (64, 64, 3))).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(arr).save(buf, format="JPEG")
+  data = tf.constant(buf.getvalue())
+  full = tf.image.decode_jpeg(data, channels=3)  # a 100% crop of a square image is the image
+  run = lambda spec: preprocess.build(spec)({"image": data}, SEED)["image"].numpy()
+  plain = run("decode_jpeg_and_inception_crop(16, area_min=100, antialias=False)")
+  smooth = run("decode_jpeg_and_inception_crop(16, area_min=100)")
+  np.testing.assert_allclose(plain, tf.image.resize(full, (16, 16), antialias=False).numpy(), atol=1e-3)
+  np.testing.assert_allclose(smooth, tf.image.resize(full, (16, 16), antialias=True).numpy(), atol=1e-3)
+  assert np.abs(plain - smooth).max() > 10
