@@ -10,7 +10,6 @@ import logging
 import os
 from typing import Any, Optional
 
-import jax
 import orbax.checkpoint as ocp
 
 from bigvis.errors import UserError

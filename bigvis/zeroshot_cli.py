@@ -66,18 +66,11 @@ def read_images(folder: str) -> tuple[list[str], list[np.ndarray]]:
   return names, images
 
 
-def _run_zeroshot_cfg(config) -> dict:
-  """The run's first zero-shot eval section (templates, tokenizer), or {}."""
-  for ev in (config.get("evals") or {}).values():
-    if ev.get("type") == "zeroshot":
-      return dict(ev)
-  return {}
-
-
 def classify(workdir: str, folder: str, labels: str, templates: list[str] | None = None, top_k: int = 3,
              step: int | None = None, batch_size: int = 64) -> list[tuple[str, list[tuple[str, float]]]]:
   """[(image name, [(class, probability), ...top_k])] for every readable image in `folder`."""
   from bigvis import inference
+  from bigvis.evaluators import features as feat
   from bigvis.evaluators import zeroshot
   if top_k < 1:
     raise UserError(f"--top-k must be at least 1, got {top_k}.")
@@ -91,7 +84,7 @@ def classify(workdir: str, folder: str, labels: str, templates: list[str] | None
   if config.model.get("name") != "clip":
     raise UserError(f"workdir '{workdir}' holds a '{config.model.get('name')}' run; zero-shot "
                     "classification needs a CLIP run (model.name='clip').")
-  run_cfg = _run_zeroshot_cfg(config)
+  run_cfg = feat.zeroshot_section(config, None, "evals")
   templates = zeroshot.templates_from(templates or run_cfg.get("prompts"), "--templates")
   tokenizer = zeroshot.text_tokenizer(run_cfg, config, "the run's zero-shot eval")
   tokens = tokenizer.encode(zeroshot.prompt_texts(class_names, templates))

@@ -8,7 +8,7 @@ yields exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import ml_collections
 import numpy as np

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ml_collections
+
+if TYPE_CHECKING:  # annotations only: TensorFlow is imported where it is used
+  import tensorflow as tf
 
 from bigvis.errors import UserError
 

@@ -2,7 +2,6 @@
 import glob
 import io
 import json
-import os
 
 import numpy as np
 import tensorflow as tf

@@ -240,7 +240,6 @@ def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
   category moves exactly the images it wins, never into another flagged category."""
   from bigvis import eval_cli, inference, sharding
   from bigvis.evaluators import zeroshot
-  from data_pipelines import input as data_input
   from data_pipelines.shards import write_examples
   from PIL import Image
   from sklearn.datasets import load_digits

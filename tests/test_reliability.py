@@ -2,7 +2,6 @@
 import json
 import os
 
-import pytest
 
 from bigvis import cli
 from bigvis.checkpoint import Checkpointer

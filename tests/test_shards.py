@@ -1,5 +1,4 @@
 """Image-text shards: writer conversions and skips, in-graph validation, damaged files."""
-import csv
 import io
 import json
 import os

@@ -9,7 +9,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import pytest
 
 from bigvis import config as config_lib
 from bigvis import train

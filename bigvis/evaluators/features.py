@@ -139,8 +139,3 @@ class TextClassifier:
     cfg = ml_collections.ConfigDict({"batch_size": batch_size})
     z = zeroshot.embed_texts(self._embed_text, params, tokens, eval_batch_size(cfg, self.mesh), self.mesh)
     return z.reshape(len(class_names), len(templates), -1)
-
-
-def top1(logits: np.ndarray, labels: np.ndarray) -> float:
-  """Share of rows whose highest logit is the label."""
-  return float(np.mean(np.argmax(logits, axis=1) == labels)) if len(labels) else float("nan")

@@ -37,6 +37,7 @@ import numpy as np
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import features as feat
+from bigvis.evaluators.common import topk_accuracy
 from bigvis.evaluators import reports, zeroshot
 
 KEYS = ("type", "data", "train_data", "batch_size", "every_steps", "shots", "seeds", "val_fraction", "C_grid",
@@ -159,7 +160,7 @@ class Evaluator:
     zs = None
     if self.text is not None:
       ztxt = self.text.embed(params, self.class_names, self.batch_size)
-      zs = feat.top1(zeroshot.zeroshot_logits(test["z"], ztxt), test["label"])
+      zs = topk_accuracy(zeroshot.zeroshot_logits(test["z"], ztxt), test["label"], 1)
     num_classes = len(np.unique(y[pool]))
     self._result = {"rows": rows, "full": full, "zeroshot": zs, "num_classes": num_classes,
                     "num_train": int(len(y)), "num_val": int(len(val)), "num_test": int(len(test["label"]))}

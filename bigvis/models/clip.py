@@ -1,7 +1,6 @@
 """CLIP (Radford et al., 2021): image tower + text tower + projections + learned temperature."""
 from __future__ import annotations
 
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

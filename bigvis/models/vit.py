@@ -160,11 +160,9 @@ class ViT(nn.Module):
       raise UserError(f"model.posemb '{self.posemb}' is not one of {POSEMBS}.")
     x = x + jnp.asarray(pos, self.dtype)
 
-    prefix = 0
     if self.pool_type == "tok":
       cls = self.param("cls", param_with_axes(nn.initializers.zeros, (None, None, "embed")), (1, 1, width))
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(self.dtype), x], axis=1)
-      prefix = 1
     length = x.shape[1]
     impl = resolve_attention_impl(self.attention_impl, self.dtype, width // v["num_heads"])
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple)
