@@ -36,7 +36,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import features as feat
 from bigvis.evaluators import reports, zeroshot
@@ -71,15 +70,12 @@ class Evaluator:
   """Share of each group's images zero-shot classified into flagged categories, without and with `added`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
-    where = feat.section_path(name, config)
-    check_known(cfg, KEYS, where)
-    self.name, self.where, self.mesh = name, where, mesh
+    where = feat.open_section(cfg, KEYS, name, config)
+    self.name, self.where = name, where
     if not feat.is_clip(config, model):
       raise UserError(f"{where} needs a CLIP run (model.name='clip'): it classifies images zero-shot.")
-    settings = feat.inherit(cfg, config, where)
-    if not settings.get("class_names"):
-      raise UserError(f"{where}.class_names is not set and there is no zeroshot entry in evals to take it from.")
-    self.task = zeroshot.class_names_from(settings["class_names"], f"{where}.class_names")
+    self.task, self.text = feat.zeroshot_classifier(model, mesh, feat.inherit(cfg, config, where), config, where,
+                                                    required=True)
     self.flagged = zeroshot.class_names_from(cfg.get("flagged") or [], f"{where}.flagged")
     self.added = zeroshot.class_names_from(cfg.get("added"), f"{where}.added") if cfg.get("added") else []
     labels = self.task + self.flagged + self.added
@@ -103,7 +99,6 @@ class Evaluator:
     self.batch_size = int(cfg.get("batch_size", 256))
     self.images = feat.ImageFeatures(model, mesh, clip=True,
                                      extra_keys=(self.group_key,) if self.group_key else ())
-    self.text = feat.TextClassifier(model, mesh, settings, config, where)
     self._result: dict[str, Any] | None = None
 
   def _embed_groups(self, params) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:

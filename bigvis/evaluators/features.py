@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import zeroshot
 from bigvis.evaluators.common import batched_outputs, eval_batch_size
@@ -30,6 +31,25 @@ def section_path(name: str, config: ml_collections.ConfigDict | None) -> str:
   """`evals.<name>` or `reports.<name>`: where an evaluator's settings live, for error messages."""
   in_reports = config is not None and name in (config.get("reports") or {})
   return f"reports.{name}" if in_reports else f"evals.{name}"
+
+
+def open_section(cfg: ml_collections.ConfigDict, keys: Sequence[str], name: str,
+                 config: ml_collections.ConfigDict | None) -> str:
+  """Checks a report evaluator's keys (an unknown one names the closest); returns where they live."""
+  where = section_path(name, config)
+  check_known(cfg, keys, where)
+  return where
+
+
+def zeroshot_classifier(model, mesh, settings: dict, config: ml_collections.ConfigDict | None, where: str, *,
+                        required: bool) -> tuple[list[str] | None, TextClassifier | None]:
+  """(class names, TextClassifier) from inherited zero-shot `settings`; (None, None) when optional and unset."""
+  if not settings.get("class_names"):
+    if required:
+      raise UserError(f"{where}.class_names is not set and there is no zeroshot entry in evals to take it from.")
+    return None, None
+  names = zeroshot.class_names_from(settings["class_names"], f"{where}.class_names")
+  return names, TextClassifier(model, mesh, settings, config, where)
 
 
 def zeroshot_section(config: ml_collections.ConfigDict | None, name: str | None, where: str) -> dict:
@@ -124,12 +144,7 @@ class TextClassifier:
     self.mesh = mesh
     self.tokenizer = zeroshot.text_tokenizer(settings, config, where)
     self.templates = zeroshot.templates_from(settings.get("prompts"), f"{where}.prompts")
-
-    @jax.jit
-    def embed_text(params, batch):
-      _, ztxt, _ = model.apply({"params": params}, None, batch["tokens"], train=False)
-      return {"z": ztxt, "index": batch["index"]}
-    self._embed_text = embed_text
+    self._embed_text = zeroshot.text_embedder(model)
 
   def embed(self, params: Any, class_names: Sequence[str], batch_size: int,
             templates: Sequence[str] | None = None) -> np.ndarray:

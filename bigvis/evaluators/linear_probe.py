@@ -34,7 +34,6 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import features as feat
 from bigvis.evaluators.common import topk_accuracy
@@ -107,9 +106,8 @@ class Evaluator:
   """k-shot and full-data logistic-regression probes on frozen embeddings, with CLIP's zero-shot for reference."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
-    where = feat.section_path(name, config)
-    check_known(cfg, KEYS, where)
-    self.name, self.where, self.mesh = name, where, mesh
+    where = feat.open_section(cfg, KEYS, name, config)
+    self.name, self.where = name, where
     self.settings = feat.inherit(cfg, config, where)
     if "train_data" not in cfg:
       raise UserError(f"{where}.train_data is not set; give the labelled split the probes learn from.")
@@ -131,12 +129,8 @@ class Evaluator:
     self.batch_size = int(cfg.get("batch_size", 256))
     clip = feat.is_clip(config, model)
     self.images = feat.ImageFeatures(model, mesh, clip=clip)
-    self.text = None
-    if clip and self.settings.get("class_names"):
-      self.class_names = zeroshot.class_names_from(self.settings["class_names"], f"{where}.class_names")
-      self.text = feat.TextClassifier(model, mesh, self.settings, config, where)
-    else:
-      self.class_names = None
+    self.class_names, self.text = (
+        feat.zeroshot_classifier(model, mesh, self.settings, config, where, required=False) if clip else (None, None))
     self._result: dict[str, Any] | None = None
 
   def run(self, params) -> dict[str, float]:

@@ -25,7 +25,6 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import features as feat
 from bigvis.evaluators import reports, zeroshot
@@ -51,9 +50,8 @@ class Evaluator:
   """Zero-shot (or classifier) accuracy of one checkpoint on each of `sets`, and the gap to the reference."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
-    where = feat.section_path(name, config)
-    check_known(cfg, KEYS, where)
-    self.name, self.where, self.mesh = name, where, mesh
+    where = feat.open_section(cfg, KEYS, name, config)
+    self.name, self.where = name, where
     sets = cfg.get("sets") or {}
     if len(sets) < 1:
       raise UserError(f"{where}.sets is empty; give name -> data section for each evaluation set.")
@@ -66,14 +64,9 @@ class Evaluator:
     self.batch_size = int(cfg.get("batch_size", 256))
     self.clip = feat.is_clip(config, model)
     self.images = feat.ImageFeatures(model, mesh, clip=self.clip)
-    if self.clip:
-      settings = feat.inherit(cfg, config, where)
-      if not settings.get("class_names"):
-        raise UserError(f"{where}.class_names is not set and there is no zeroshot entry in evals to take it from.")
-      self.class_names = zeroshot.class_names_from(settings["class_names"], f"{where}.class_names")
-      self.text = feat.TextClassifier(model, mesh, settings, config, where)
-    else:
-      self.class_names, self.text = None, None
+    self.class_names, self.text = (
+        feat.zeroshot_classifier(model, mesh, feat.inherit(cfg, config, where), config, where, required=True)
+        if self.clip else (None, None))
     self._result: dict[str, Any] | None = None
 
   def run(self, params) -> dict[str, float]:

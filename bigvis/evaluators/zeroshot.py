@@ -138,6 +138,15 @@ def embed_texts(embed_fn, params: Any, tokens: np.ndarray, global_batch: int, me
   return z
 
 
+def text_embedder(model):
+  """Jitted (params, {tokens, index}) -> {z: the text tower's embeddings, index}: what `embed_texts` maps."""
+  @jax.jit
+  def embed_text(params, batch):
+    _, ztxt, _ = model.apply({"params": params}, None, batch["tokens"], train=False)
+    return {"z": ztxt, "index": batch["index"]}
+  return embed_text
+
+
 class Evaluator:
   """Top-1/top-5 zero-shot accuracy of a CLIP model on a labelled image split."""
 
@@ -154,11 +163,6 @@ class Evaluator:
     num_classes, k = len(self.class_names), min(TOP_K, len(self.class_names))
 
     @jax.jit
-    def embed_text(params, batch):
-      _, ztxt, _ = model.apply({"params": params}, None, batch["tokens"], train=False)
-      return {"z": ztxt, "index": batch["index"]}
-
-    @jax.jit
     def classify(params, batch, classifier, per_template):
       if "label" in batch:
         labels = batch["label"].astype(jnp.int32)
@@ -172,7 +176,7 @@ class Evaluator:
       per = jnp.argmax(jnp.einsum("bd,tcd->btc", zimg, per_template), axis=-1)
       return {"top": top.astype(jnp.int32), "per_template": per.astype(jnp.int32), "label": labels}
 
-    self._embed_text, self._classify = embed_text, classify
+    self._embed_text, self._classify = text_embedder(model), classify
 
   def run(self, params) -> dict[str, float]:
     """Embeds the prompts with the current params, then classifies every image of the split."""
