@@ -211,6 +211,7 @@ def test_bigvis_eval_writes_all_reports(clip_run, capsys):
   for key in shifted:
     s = key.split("/")[2]
     assert m[(60, key)] == pytest.approx(m[(60, f"eval/robustness/{s}/top1")] - m[(60, "eval/robustness/clean/top1")])
+  assert min(m[(60, key)] for key in shifted) < -0.02  # the shifts really cost accuracy
   rob = open(os.path.join(clip_run, "reports", "robustness.csv")).read().splitlines()
   assert rob[1].startswith("clean,(reference)") and any(line.startswith("rotated,rotate(30)") for line in rob)
 
@@ -258,7 +259,8 @@ def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
   data = dict(source="shards", shards=str(tmp_path / "shards" / "*.tfrecord"), pp="decode|resize(16)|value_range(-1,1)")
 
   config = inference.load_config(clip_run)
-  flagged, added = ["smudge", "scribble"], ["bold digit"]
+  # "7": training captions spell numerals ("number 7"), so the added category really wins sevens.
+  flagged, added = ["smudge", "scribble"], ["7"]
   cfg = ml_collections.ConfigDict(dict(type="bias_audit", data=data, group_key="label",
                                        group_names=["drawn", "inverted"], flagged=flagged, added=added,
                                        batch_size=16))
@@ -293,8 +295,9 @@ def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
   for g in r["ids"]:
     a_cats = [bias_audit.ANY_FLAGGED, bias_audit.TASK]
     lost = sum(r["a"][(g, c)] - r["b"][(g, c)] for c in a_cats)
-    assert lost == pytest.approx(r["b"][(g, "bold digit")])
+    assert lost == pytest.approx(r["b"][(g, "7")])
     assert all(r["b"][(g, c)] <= r["a"][(g, c)] + 1e-12 for c in flagged)
+  assert sum(r["b"][(g, "7")] for g in r["ids"]) > 0  # the added category wins images
   rep = ev.report()
   assert {row["group"] for row in rep.rows} == {"drawn", "inverted"}
   reports.write_report(str(tmp_path / "rep"), "audit", rep)
