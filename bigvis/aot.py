@@ -286,11 +286,9 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
               "alias_bytes": int(m.alias_size_in_bytes),
               "temp_bytes": int(m.temp_size_in_bytes),
               "generated_code_bytes": int(m.generated_code_size_in_bytes)}
-    # Donated state: outputs written into their inputs' buffers need no memory of their own.
-    needed = (memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"]
-              + memory["temp_bytes"] + memory["generated_code_bytes"])
-    memory["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0) or None
     from bigvis import metrics as metrics_lib
+    needed = metrics_lib.compiled_memory_bytes(compiled)
+    memory["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0) or None
     xla_flops = metrics_lib.compiled_flops(compiled)
 
   chips = topo.chips

@@ -65,10 +65,9 @@ def _peak_memory(compiled: Any, devices: list[jax.Device]) -> tuple[float | None
       peaks.append(stats["peak_bytes_in_use"])
   if peaks:
     return float(max(peaks)), "memory_stats.peak_bytes_in_use"
+  from bigvis import metrics as metrics_lib
   try:
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return float(total), "compiled.memory_analysis"
+    return float(metrics_lib.compiled_memory_bytes(compiled)), "compiled.memory_analysis"
   except Exception:
     return None, "unavailable"
 

@@ -32,6 +32,14 @@ def device_peak_flops(device: jax.Device | None = None) -> Optional[float]:
   return None
 
 
+def compiled_memory_bytes(compiled: Any) -> int:
+  """Per-device memory XLA plans for a compiled function: arguments + outputs + temporaries + code,
+  less what donation aliases (outputs written into their inputs' buffers need no memory of their own)."""
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+             + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
+
+
 def compiled_flops(compiled: Any) -> Optional[float]:
   """FLOPs per step per device from XLA's cost analysis of a compiled function."""
   try:

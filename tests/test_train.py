@@ -9,6 +9,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import pytest
 
 from bigvis import config as config_lib
 from bigvis import train
@@ -87,8 +88,11 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
   np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-6)
 
 
-def test_default_experiment_learns_digits(tmp_path):
+def test_default_experiment_learns_digits(tmp_path, monkeypatch):
   """A shortened default run: held-out accuracy well above chance, metrics and TensorBoard written."""
+  from bigvis import metrics
+  from data_pipelines.synthetic import synthetic_batch
+  monkeypatch.setattr(metrics, "device_peak_flops", lambda *a: 1e12)  # the CPU has no known peak
   cfg = config_lib.load("vit_ti_digits", ["total_steps=250", "checkpoint_every_steps=100"])
   final = train.train_and_evaluate(cfg, str(tmp_path))
   assert final["eval/test/accuracy"] >= 0.8
@@ -98,6 +102,12 @@ def test_default_experiment_learns_digits(tmp_path):
   for k in ("train/loss", "train/lr", "perf/examples_per_sec", "perf/examples_per_sec_per_device", "perf/mfu",
             "eval/test/accuracy"):
     assert k in keys
+  # MFU = model FLOPs per example x examples/s / devices / peak.
+  flops = metrics.model_flops_per_example(cfg, synthetic_batch(cfg.model, 1))
+  perf = [r for r in rows if "perf/mfu" in r]
+  assert perf and flops > 0
+  for r in perf:
+    assert r["perf/mfu"] == pytest.approx(flops * r["perf/examples_per_sec"] / jax.device_count() / 1e12)
   assert os.listdir(tmp_path / "tensorboard")
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == 250
   # Running a finished run again re-evaluates it without duplicating rows.
