@@ -84,6 +84,31 @@ def test_padded_text_equals_unpadded(causal):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4), ga, gb)
 
 
+@pytest.mark.parametrize("name", ["vit", "text"])
+def test_fused_qkv_projection_equals_separate_projections(name):
+  """One GEMM over the stacked query/key/value kernels: same parameter tree, outputs and gradients."""
+  if name == "vit":
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False)
+  else:
+    x = jax.random.randint(jax.random.key(1), (3, 13), 1, 50)
+    base = dict(name="text", variant="mu", vocab_size=50, context_length=13, num_classes=8)
+  p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
+  p_separate = nn.unbox(build_model(dict(base, fused_qkv=False)).init(jax.random.key(0), x)["params"])
+  assert jax.tree.map(jnp.shape, p) == jax.tree.map(jnp.shape, p_separate)
+  jax.tree.map(np.testing.assert_array_equal, p, p_separate)
+
+  def loss(params, cfg):
+    return jnp.sum(build_model(cfg).apply({"params": params}, x)[0] ** 2)
+  a, ga = jax.value_and_grad(loss)(p, base)
+  b, gb = jax.value_and_grad(loss)(p, dict(base, fused_qkv=False))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  assert float(jnp.abs(ga["encoder"]["block00"]["block"]["attn"]["key"]["kernel"]).max()) > 0
+  # float32 sums in another order: tolerance relative to the gradients' scale (the key bias's is ~0)
+  scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(gb))
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
+
+
 @pytest.mark.parametrize("size, patch, bias", [(16, 4, True), (18, 4, False)])
 def test_patch_embedding_matmul_equals_strided_conv(size, patch, bias):
   """The matmul patch embedding initialises and computes exactly what a stride-p VALID conv does."""

@@ -154,7 +154,9 @@ class HeadsDense(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, weights_only: bool = False):
+    """x [..., *in] -> [..., *features]; with `weights_only`, (kernel, bias) for x's trailing shape,
+    so a caller can fuse several such layers into one GEMM under their own parameter names."""
     in_shape = x.shape[-self.contract:]
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
 
@@ -162,6 +164,8 @@ class HeadsDense(nn.Module):
       return nn.initializers.xavier_uniform()(key, (fan_in, fan_out), dtype).reshape(shape)
     kernel = self.param("kernel", param_with_axes(init, self.kernel_axes), (*in_shape, *self.features))
     bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
+    if weights_only:
+      return kernel, bias
     x_dims = tuple(range(x.ndim - self.contract, x.ndim))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                             ((x_dims, tuple(range(self.contract))), ((), ())))
@@ -169,11 +173,17 @@ class HeadsDense(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head attention with logical axes on heads and head dims (self- or cross-attention)."""
+  """Multi-head attention with logical axes on heads and head dims (self- or cross-attention).
+
+  `fused_qkv` computes self-attention's query, key and value projections as one GEMM over the
+  three kernels side by side (one bias add, one input gradient instead of three summed); the
+  parameters keep their separate names and shapes either way.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   causal: bool = False
   impl: str = "xla"
+  fused_qkv: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, inputs_kv=None):
@@ -182,7 +192,14 @@ class Attention(nn.Module):
     kv = x if inputs_kv is None else inputs_kv
     dense = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
                                     dtype=self.dtype, name=name)
-    q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
+    if self.fused_qkv and inputs_kv is None:
+      weights = [dense(name)(x, weights_only=True) for name in ("query", "key", "value")]
+      kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)  # [embed, 3, heads, kv]
+      bias = jnp.stack([b for _, b in weights]).astype(self.dtype)
+      qkv = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+      q, k, v = (qkv[..., i, :, :] for i in range(3))
+    else:
+      q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
@@ -219,13 +236,14 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   causal: bool = False
   attention_impl: str = "xla"
+  fused_qkv: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     y = LayerNorm(dtype=self.dtype, name="norm_attn")(x)
     y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal,
-                  impl=self.attention_impl, name="attn")(y, mask)
+                  impl=self.attention_impl, fused_qkv=self.fused_qkv, name="attn")(y, mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = LayerNorm(dtype=self.dtype, name="norm_mlp")(x)
     y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, name="mlp")(y, deterministic)
@@ -256,11 +274,13 @@ class Encoder(nn.Module):
   attention_impl: str = "xla"
   remat_policy: str = "none"
   scan: bool = False
+  fused_qkv: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-                  dropout=self.dropout, causal=self.causal, attention_impl=self.attention_impl)
+                  dropout=self.dropout, causal=self.causal, attention_impl=self.attention_impl,
+                  fused_qkv=self.fused_qkv)
     block = ScannableBlock
     if self.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))

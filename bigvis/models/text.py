@@ -36,6 +36,7 @@ class TextTransformer(nn.Module):
   scan: bool = False
   causal: bool = True
   seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it (cuDNN: 77 -> 80)
+  fused_qkv: bool = True         # query/key/value projections as one GEMM (same parameters)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -55,7 +56,7 @@ class TextTransformer(nn.Module):
     # Under the causal mask no real token sees the padding, so only a bidirectional tower masks it.
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
-                attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan,
+                attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
                 name="encoder")(x, mask, not train)
     x = x[:, :length]
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
