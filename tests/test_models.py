@@ -109,21 +109,6 @@ def test_fused_qkv_projection_equals_separate_projections(name):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
 
 
-@pytest.mark.parametrize("size, patch, bias", [(16, 4, True), (18, 4, False)])
-def test_patch_embedding_matmul_equals_strided_conv(size, patch, bias):
-  """The matmul patch embedding initialises and computes exactly what a stride-p VALID conv does."""
-  from bigvis.models.vit import PatchEmbed
-  x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
-  conv = nn.Conv(8, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=bias)
-  mine = PatchEmbed(8, patch, use_bias=bias)
-  p_conv = conv.init(jax.random.key(0), x)["params"]
-  p_mine = nn.meta.unbox(mine.init(jax.random.key(0), x)["params"])
-  jax.tree.map(np.testing.assert_array_equal, p_conv, p_mine)  # same names, shapes and init
-  p_conv = jax.tree.map(lambda a: a + 0.1, p_conv)  # non-zero bias too
-  np.testing.assert_allclose(mine.apply({"params": p_conv}, x), conv.apply({"params": p_conv}, x),
-                             rtol=1e-5, atol=1e-5)
-
-
 class _FakeDevice:
   def __init__(self, platform, kind, capability=None):
     self.platform, self.device_kind = platform, kind
