@@ -201,3 +201,32 @@ def test_learned_posemb_follows_image_size():
   model = build_model(dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok"))
   p = nn.meta.unbox(model.init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))["params"])
   assert p["pos_embedding"].shape == (1, 64, 128)
+
+
+def test_recomputed_gelu_saves_only_the_gemm_output_and_matches_autodiff():
+  """`recompute_gelu`: same output and gradients; the backward keeps 2 [.., mlp] arrays, not GELU's insides."""
+  import contextlib
+  import io
+
+  from jax.ad_checkpoint import print_saved_residuals
+
+  from bigvis.models.layers import Mlp
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  results = {}
+  for recompute in (False, True):
+    mlp = Mlp(32, recompute_gelu=recompute)
+    p = mlp.init(jax.random.key(1), x)  # same init either way
+
+    def loss(params, x):
+      return jnp.sum(mlp.apply(params, x) ** 2)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      print_saved_residuals(loss, p, x)
+    saved_hidden = [line for line in printed.getvalue().splitlines() if line.startswith("f32[2,5,32]")]
+    results[recompute] = (jax.value_and_grad(loss, argnums=(0, 1))(p, x), saved_hidden)
+  (a, ga), saved_plain = results[False]
+  (b, gb), saved_recomputed = results[True]
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), ga, gb)
+  assert len(saved_recomputed) == 2 and not any("tanh" in line for line in saved_recomputed), saved_recomputed
+  assert any("tanh" in line for line in saved_plain), saved_plain

@@ -113,6 +113,7 @@ class ViT(nn.Module):
   scan: bool = False
   seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it
   fused_qkv: bool = True         # query/key/value projections as one GEMM (same parameters)
+  recompute_gelu: bool = False   # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
@@ -151,7 +152,8 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     x = Encoder(depth=v["depth"], num_heads=v["num_heads"], mlp_dim=v["mlp_dim"], dtype=self.dtype,
                 dropout=self.dropout, attention_impl=impl,
-                remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv, name="encoder")(x, mask, not train)
+                remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
+                recompute_gelu=self.recompute_gelu, name="encoder")(x, mask, not train)
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
     x = x[:, :length]  # drop padding tokens
     aux = {"encoded": x}
