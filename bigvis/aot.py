@@ -226,18 +226,12 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   import jax
   import ml_collections
   from bigvis import config as config_lib
-  from bigvis import objectives, sharding, train
-  from bigvis.models import build_model
+  from bigvis import sharding, train
   from data_pipelines.synthetic import synthetic_batch
 
   topo = parse_topology(topology)
   gen = topo.generation
   config_lib.check_known(config, train.TOP_KEYS, "config")
-  # `auto` attention resolves on this host's devices; the target is a TPU, which runs XLA's.
-  config = ml_collections.ConfigDict(config.to_dict())
-  for section in ((config.model.image, config.model.text) if config.model.name == "clip" else (config.model,)):
-    if section.get("attention_impl") == "auto":
-      section.attention_impl = "xla"
   devices = topology_devices(topo)
   mesh, rules = sharding.mesh_and_rules(config, devices, what=f"chips of {topo.name}")
 
@@ -248,8 +242,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sh)
            for k, v in example.items()}
 
-  model = build_model(config.model)
-  loss_fn = objectives.make_objective(config.objective, model)
+  # `auto` attention resolves for the target's chips (a TPU runs XLA's), not this host's devices.
+  model, loss_fn = train.model_and_objective(config, mesh)
   _, abstract_state, state_shardings, tx, _ = train.plan_train_state(config, model, mesh, rules, example)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        abstract_state, state_shardings)
@@ -258,8 +252,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
 
   # The same step without remat: what the model needs, not what the chip recomputes.
   plain = ml_collections.ConfigDict({**config.to_dict(), "model": _without_remat(config.model.to_dict())})
-  plain_step = train.make_train_step(plain, objectives.make_objective(plain.objective, build_model(plain.model)),
-                                     tx, state_shardings, mesh, rules)
+  plain_step = train.make_train_step(plain, train.model_and_objective(plain, mesh)[1], tx, state_shardings,
+                                     mesh, rules)
 
   t0 = time.time()
   memory: dict[str, int] | None = None

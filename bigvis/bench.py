@@ -29,9 +29,18 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
   import jax
   import ml_collections
 
-def describe_model(model_cfg: ml_collections.ConfigDict) -> str:
-  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=cudnn pool=gap`."""
-  def tower(c: dict) -> str:
+def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
+  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap`.
+
+  `auto` attention shows what it resolves to on `device` (default: the process's first device).
+  """
+  import jax
+  from bigvis.models import resolve_attention
+  if device is None:
+    device = jax.devices()[0]
+  resolved = resolve_attention(model_cfg, device).to_dict()
+
+  def tower(c: dict, r: dict) -> str:
     parts = [str(c.get("variant", "?"))]
     if "image_size" in c:
       parts.append(f"{c['image_size']}px")
@@ -43,14 +52,14 @@ def describe_model(model_cfg: ml_collections.ConfigDict) -> str:
       if key in c:
         value = c[key]
         if key == "attention_impl" and value == "auto":
-          from bigvis.models.layers import resolve_attention_impl
-          value = f"auto:{resolve_attention_impl('auto', c.get('dtype', 'float32'))}"
+          value = f"auto:{r[key]}"
         parts.append(f"{short}={value}")
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":
-    return f"clip image[{tower(cfg.get('image', {}))}] text[{tower(cfg.get('text', {}))}]"
-  return f"{cfg.get('name')} {tower(cfg)}"
+    return (f"clip image[{tower(cfg.get('image', {}), resolved['image'])}] "
+            f"text[{tower(cfg.get('text', {}), resolved['text'])}]")
+  return f"{cfg.get('name')} {tower(cfg, resolved)}"
 
 
 def _peak_memory(compiled: Any, devices: list[jax.Device]) -> tuple[float | None, str]:
@@ -84,8 +93,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   import jax
   from bigvis import config as config_lib
   from bigvis import metrics as metrics_lib
-  from bigvis import objectives, sharding, train
-  from bigvis.models import build_model
+  from bigvis import sharding, train
   from data_pipelines.synthetic import synthetic_batch
   if steps < 1 or warmup < 0:
     raise UserError(f"bench needs --steps >= 1 and --warmup >= 0, got steps={steps}, warmup={warmup}.")
@@ -94,8 +102,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   mesh_devices = list(mesh.devices.flat)
   n_dev = len(mesh_devices)
 
-  model = build_model(config.model)
-  loss_fn = objectives.make_objective(config.objective, model)
+  model, loss_fn = train.model_and_objective(config, mesh)
   local = synthetic_batch(config.model, config.batch_size // jax.process_count(), config.seed)
   local, _ = sharding.split_host_features(local)
 
@@ -139,7 +146,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   tflops_xla = xla_flops * ex_s / 1e12 if xla_flops else None
   mem, mem_source = _peak_memory(compiled, mesh_devices)
   return {
-      "model": describe_model(config.model),
+      "model": describe_model(config.model, mesh_devices[0]),
       "experiment": config.get("experiment", ""),
       "params": n_params,
       "batch_size": int(config.batch_size),

@@ -31,7 +31,7 @@ from bigvis import evaluators as eval_lib
 from bigvis import metrics as metrics_lib
 from bigvis import objectives, optim, sharding
 from bigvis.errors import UserError
-from bigvis.models import build_model, model_inputs
+from bigvis.models import build_model, model_inputs, resolve_attention
 
 TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "model", "objective", "optim",
@@ -73,6 +73,12 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bo
   if primary:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(config.to_dict(), f, indent=2, default=str)
+
+
+def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:
+  """The model, with `attention_impl='auto'` resolved for the mesh's devices, and its loss function."""
+  model = build_model(resolve_attention(config.model, mesh.devices.flat[0]))
+  return model, objectives.make_objective(config.objective, model)
 
 
 def plan_train_state(config, model, mesh, rules, example_batch):
@@ -199,8 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   mesh, rules = sharding.mesh_and_rules(config, devices)
 
   # Model and objective; shapes come from the first batch, so nothing is hard-coded.
-  model = build_model(config.model)
-  loss_fn = objectives.make_objective(config.objective, model)
+  model, loss_fn = model_and_objective(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
   check_same_experiment(ckpt, config, workdir)  # before any heavy work
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below

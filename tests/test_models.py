@@ -230,3 +230,29 @@ def test_recomputed_gelu_saves_only_the_gemm_output_and_matches_autodiff():
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), ga, gb)
   assert len(saved_recomputed) == 2 and not any("tanh" in line for line in saved_recomputed), saved_recomputed
   assert any("tanh" in line for line in saved_plain), saved_plain
+
+
+def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monkeypatch):
+  """`resolve_attention` decides per tower for a given device; the trainer's builder passes the
+  mesh's, so a CPU mesh on a GPU host (or a TPU target) gets XLA's attention."""
+  from bigvis import sharding, train
+  from bigvis.config import base_config
+  from bigvis.models import model_config, resolve_attention
+  h100, cpu = _FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), _FakeDevice("cpu", "cpu")
+  clip = model_config("clip", image=dict(variant="B/16", dtype="bfloat16"),
+                      text=dict(variant="B", dtype="bfloat16", attention_impl="xla"))
+  on_gpu = resolve_attention(clip, h100)
+  assert (on_gpu.image.attention_impl, on_gpu.text.attention_impl) == ("cudnn", "xla")  # explicit stands
+  assert resolve_attention(clip, cpu).image.attention_impl == "xla"
+  assert clip.image.attention_impl == "auto"  # a copy: the run's config is left as written
+  vit = model_config("vit", variant="mu/4", dtype="bfloat16")   # head size 32
+  assert resolve_attention(vit, h100).attention_impl == "cudnn"
+  assert resolve_attention(model_config("vit", variant="mu/4"), h100).attention_impl == "xla"  # float32
+
+  config = base_config()
+  config.model = vit
+  config.objective = ml_collections.ConfigDict(dict(name="classification"))
+  cpu_mesh, _ = sharding.mesh_and_rules(config, jax.devices("cpu")[:1])
+  monkeypatch.setattr(jax, "devices", lambda *a: [h100])  # the host's first device is a GPU
+  model, _ = train.model_and_objective(config, cpu_mesh)
+  assert model.attention_impl == "xla"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -10,8 +11,9 @@ import ml_collections
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
-from bigvis.models.text import TextTransformer
-from bigvis.models.vit import ViT
+from bigvis.models.layers import resolve_attention_impl
+from bigvis.models.text import TEXT_VARIANTS, TextTransformer
+from bigvis.models.vit import ViT, parse_variant
 
 MODELS = {"vit": ViT, "text": TextTransformer, "clip": CLIP}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -75,6 +77,32 @@ def build_model(model_config: ml_collections.ConfigDict | dict) -> nn.Module:
       check_known(cfg.get(tower, {}), _fields(tower_cls), f"model.{tower}")
       cfg[tower] = _resolve_dtypes(dict(cfg.get(tower, {})))
   return cls(**_resolve_dtypes(cfg))
+
+
+def _head_dim(name: str, tower: dict) -> int:
+  if name == "vit":
+    v = parse_variant(tower.get("variant", "B/16"))
+    return v["width"] // v["num_heads"]
+  variant = tower.get("variant", "B")
+  if variant not in TEXT_VARIANTS:
+    raise UserError(f"text variant '{variant}' is not one of {', '.join(TEXT_VARIANTS)}.")
+  width, _, _, heads = TEXT_VARIANTS[variant]
+  return width // heads
+
+
+def resolve_attention(model_config: ml_collections.ConfigDict, device: Any) -> ml_collections.ConfigDict:
+  """A copy of the `model` section with `attention_impl='auto'` replaced by what `device` runs.
+
+  The trainer, `bigvis bench` and `bigvis aot` resolve against their mesh's devices, so a CPU mesh
+  on a GPU host, or a TPU target compiled from a GPU host, gets the attention it can run.
+  """
+  cfg = ml_collections.ConfigDict(model_config.to_dict(), type_safe=False)
+  towers = [("vit", cfg.image), ("text", cfg.text)] if cfg.name == "clip" else [(cfg.name, cfg)]
+  for name, tower in towers:
+    if tower.get("attention_impl") == "auto":
+      tower.attention_impl = resolve_attention_impl("auto", DTYPES.get(tower.get("dtype"), jnp.float32),
+                                                    _head_dim(name, tower.to_dict()), device)
+  return cfg
 
 
 def model_inputs(model_config: ml_collections.ConfigDict, batch: dict) -> tuple:
