@@ -148,3 +148,26 @@ def test_kernel_categories_and_busy_union():
   assert kb.category("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)") == "attention"
   # Overlapping kernels on two streams count once: [0,10) u [5,12) u [20,25) = 17 us.
   assert kb.busy_time([{"ts": 0, "dur": 10}, {"ts": 5, "dur": 7}, {"ts": 20, "dur": 5}]) == 17
+
+
+def test_gpu_session_script_names_real_runs_and_config_keys():
+  """A typo in `gpu_session.sh` would only show on a lent GPU, whose minutes are scarce: every
+  `--only` name must be a peers run and every override must load on the experiments it targets."""
+  import importlib.util
+  import re
+  spec = importlib.util.spec_from_file_location("peers", os.path.join(REPO, "benchmarks", "peers.py"))
+  peers = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(peers)
+  with open(os.path.join(REPO, "benchmarks", "gpu_session.sh")) as f:
+    script = f.read()
+  names = {s["name"] for s in peers._run_specs(peers.parse_args(["--large", "--no-ceiling"]))}
+  only = [n for group in re.findall(r"--only ([\w,.-]+)", script) for n in group.split(",")]
+  assert only and set(only) <= names, set(only) - names
+  overrides = re.findall(r"--bigvis-set ([\w.]+=\S+)", script)
+  assert overrides
+  for override in overrides:  # CLIP keys go to the CLIP experiment, the rest to ViT-B/16
+    experiment = "experiments/clip_vitb16.py" if override.startswith(("model.image", "model.text")) \
+        else "experiments/vit_b16_i1k.py"
+    config_lib.load(os.path.join(REPO, experiment), [override])
+  for override in re.findall(r"--set (\S+=\S+)", script):
+    config_lib.load(os.path.join(REPO, "experiments/vit_b16_i1k.py"), [override])
