@@ -267,6 +267,32 @@ def test_zeroshot_command_and_embedder_on_a_short_clip_run(tmp_path, capsys):
 
   config, model, params = inference.load_run(str(tmp_path / "run"))
   assert config.experiment == "clip_ti_digits" and params["t"].shape == (1,)
+
+  # The probabilities are CLIP's: softmax over exp(t) x cosine(image, mean of the normalised
+  # prompt embeddings), recomputed here from the towers directly.
+  from PIL import Image
+
+  from bigvis import zeroshot_cli
+  from bigvis.evaluators import features, zeroshot
+  classes, templates = names.split(","), ["an image of a {}.", "{}, drawn in ink."]
+  got = zeroshot_cli.classify(str(tmp_path / "run"), str(tmp_path / "imgs"), names, templates, top_k=10)
+  tokenizer = zeroshot.text_tokenizer(features.zeroshot_section(config, None, "evals"), config, "test")
+  tokens = tokenizer.encode([t.format(c) for c in classes for t in templates])
+  _, ztxt, _ = model.apply({"params": params}, None, tokens, train=False)
+  ztxt = np.asarray(ztxt, np.float64).reshape(len(classes), len(templates), -1)
+  ztxt /= np.linalg.norm(ztxt, axis=-1, keepdims=True)
+  zcls = ztxt.mean(axis=1)
+  zcls /= np.linalg.norm(zcls, axis=-1, keepdims=True)
+  images = [np.asarray(Image.open(tmp_path / "imgs" / n).convert("RGB")) for n, _ in got]
+  zimg = np.asarray(inference.load_image_embedder(str(tmp_path / "run"))(images), np.float64)
+  scale = min(np.exp(float(np.asarray(params["t"])[0])), 100.0)
+  logits = scale * zimg @ zcls.T
+  want = np.exp(logits - logits.max(axis=1, keepdims=True))
+  want /= want.sum(axis=1, keepdims=True)
+  for i, (_, top) in enumerate(got):
+    assert len(top) == 10
+    for name, p in top:
+      assert p == pytest.approx(want[i, classes.index(name)], abs=1e-4)
   embed = inference.load_image_embedder(str(tmp_path / "run"))
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(16, 16), (7, 30), (64, 64)]]
