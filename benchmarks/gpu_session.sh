@@ -7,7 +7,7 @@
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 8 minutes on one H100, most of it
-# compiling: each run is its own process. $OUT ends with 5 files (a lent machine returns at most 8).
+# compiling: each run is its own process. $OUT ends with 6 files (a lent machine returns at most 8).
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -50,16 +50,20 @@ log "CLIP B/16 against open_clip"
 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
 peers --timeout 150 --skip-torch --only bigvis_clip_b16_default --tag _recompute_gelu \
   --bigvis-set model.image.recompute_gelu=true --bigvis-set model.text.recompute_gelu=true
-# 2. Where the B/16 step's time goes now, and its optimised HLO for offline reading.
-log "profile"
-XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
-  timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
-  --profile "$OUT/prof" | tail -1
-"$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 40 > "$OUT/kernels.txt"
-head -12 "$OUT/kernels.txt"
-find "$OUT/prof" -name perfetto_trace.json.gz -exec cp {} "$OUT/trace.json.gz" \; -quit
-(cd "$OUT" && tar czf hlo.tgz hlo/*with_rules*after_optimizations.txt)
-rm -rf "$OUT/prof" "$OUT/hlo"
+# 2. Where the B/16 and CLIP B/16 steps' time goes now, with their optimised HLO for offline
+#    reading (CLIP's first profile showed ~3.9 ms/step of per-layer transposes, source unknown).
+profile() {  # NAME EXPERIMENT: kernel breakdown appended to kernels.txt, HLO kept in hlo/NAME
+  log "profile $1"
+  XLA_FLAGS="--xla_dump_to=$OUT/hlo/$1 --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
+    timeout 150 "$PY" -m bigvis.cli bench --config "$2" --set batch_size=256 --profile "$OUT/prof_$1" | tail -1
+  { echo "== $1"; "$PY" benchmarks/kernel_breakdown.py "$OUT/prof_$1" --top 40; } >> "$OUT/kernels.txt"
+  find "$OUT/prof_$1" -name perfetto_trace.json.gz -exec cp {} "$OUT/trace_$1.json.gz" \; -quit
+  rm -rf "$OUT/prof_$1"
+}
+profile vit_b16 experiments/vit_b16_i1k.py
+profile clip_b16 experiments/clip_vitb16.py
+grep -A8 "^== " "$OUT/kernels.txt"
+(cd "$OUT" && tar czf hlo.tgz hlo/*/*with_rules*after_optimizations.txt) && rm -rf "$OUT/hlo"
 # 3. Fraction of the ceiling across sizes (the ceiling itself first).
 log "L/16 (batch 128) and H/14 (batch 64)"
 "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --timeout 240 --large --skip-torch \
