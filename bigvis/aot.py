@@ -1,12 +1,19 @@
-"""`bigvis aot`: compiles the real train step for a TPU slice from any host and checks that it fits.
+"""`bigvis aot`: compiles the real train step for a TPU slice or NVIDIA GPUs from any host; checks the fit.
 
     bigvis aot --config experiments/vit_h14_i21k.py --topology v5p-256 [--set k=v]...
+    bigvis aot --config experiments/clip_vitb16.py --topology h100-8
 
 libtpu (the `aot` extra) describes a TPU slice as compile-only devices
-(`jax.experimental.topologies`), so the mesh, the sharded train state and the
-jitted step are built by the same functions training uses (`bigvis.train`) and
-XLA:TPU compiles them here, on a CPU. Nothing is allocated: the state and the
-global batch are `jax.ShapeDtypeStruct`s.
+(`jax.experimental.topologies`); JAX's CUDA plugin (the `gpu` extra) does the
+same for H100s from a description of the chip, no GPU needed. The mesh, the
+sharded train state and the jitted step are built by the same functions
+training uses (`bigvis.train`) and XLA compiles them here, on a CPU. Nothing is
+allocated: the state and the global batch are `jax.ShapeDtypeStruct`s.
+
+Besides memory and FLOPs it counts the transposes in the compiled step: a tower
+whose activations XLA laid out as [tokens, width, batch] shows up as a
+transpose per block (CLIP B/16's text tower had 156 for an H100 before
+`layers.row_major`; ViT-B/16 has 9).
 
 Reported per chip: memory (XLA's buffer assignment: arguments, outputs that
 are not donated back into them, temporaries, program) against the chip's HBM;
@@ -53,6 +60,25 @@ class Generation:
   hbm_bytes: int
   peak_flops: float      # dense bf16 FLOP/s per chip
   chip_config: str | None = None  # libtpu chip_config_name; v4 needs "megacore" for one device per chip
+  platform: str = "tpu"
+  target_config: str | None = None  # GPUs: XLA's description of the chip (a gpu TargetConfig text proto)
+
+
+# An H100 SXM as XLA's GPU compiler sees it (its published limits; what a device reports about itself).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84978434048 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+GPUS_PER_HOST = 8
 
 
 GENERATIONS = {
@@ -60,11 +86,14 @@ GENERATIONS = {
     "v5p": Generation("v5p", "TPU v5", 3, 2, True, 95 * GIB, 459e12),
     "v5e": Generation("v5e", "TPU v5 lite", 2, 1, False, 16 * GIB, 197e12),
     "v6e": Generation("v6e", "TPU v6 lite", 2, 1, False, 32 * GIB, 918e12),
+    "h100": Generation("h100", "NVIDIA H100 80GB HBM3", 2, 1, False, 80 * GIB, 989e12,
+                       platform="cuda", target_config=H100_TARGET_CONFIG),
 }
 ALIASES = {"v5litepod": "v5e"}
 VALID_FORMS = ("GEN-N with GEN one of v4, v5p, v5e (or v5litepod), v6e and N a power of two "
                "(TensorCores for v4/v5p, e.g. v4-8, v5p-256; chips for v5e/v6e, e.g. v5e-16, v6e-64), "
-               "or GEN:SHAPE giving the chip grid (e.g. v5p:4x4x12, v4:2x2x1, v5e:4x8, v6e:2x2)")
+               "GEN:SHAPE giving the chip grid (e.g. v5p:4x4x12, v4:2x2x1, v5e:4x8, v6e:2x2), "
+               f"or h100-N for N H100 GPUs (1 to {GPUS_PER_HOST}, or whole hosts of {GPUS_PER_HOST}: h100-64)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +109,9 @@ class Topology:
 
   @property
   def libtpu_name(self) -> str:
+    """The topology as the compiler's plugin takes it: libtpu's `v5p:4x4x8`, CUDA's `1xHOSTSxGPUS`."""
+    if self.generation.platform == "cuda":
+      return "1x" + "x".join(map(str, self.shape))
     return f"{self.generation.libtpu}:{'x'.join(map(str, self.shape))}"
 
 
@@ -96,6 +128,13 @@ def _default_shape(chips: int, dims: int) -> tuple[int, ...]:
 def parse_topology(name: str) -> Topology:
   """`v5p-256`, `v5e-16`, `v5p:4x4x8`, ... -> Topology; anything else is a UserError listing the valid forms."""
   text = name.strip().lower()
+  gpus = re.fullmatch(r"h100-(\d+)", text)
+  if gpus:
+    n = int(gpus.group(1))
+    if n < 1 or (n > GPUS_PER_HOST and n % GPUS_PER_HOST):
+      raise UserError(f"unknown topology '{name}'; use {VALID_FORMS}.")
+    per_host = min(n, GPUS_PER_HOST)
+    return Topology(name, GENERATIONS["h100"], (n // per_host, per_host))
   counted = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text)
   explicit = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)[:=](\d+(?:x\d+)+)", text)
   if counted:
@@ -115,8 +154,28 @@ def parse_topology(name: str) -> Topology:
   raise UserError(f"unknown TPU topology '{name}'; use {VALID_FORMS}.")
 
 
+def _gpu_topology_devices(topology: Topology) -> list[jax.Device]:
+  """The CUDA plugin's compile-only devices for `topology`, described by its target config: no GPU needed."""
+  import jax
+  from jax.experimental import topologies
+  try:
+    desc = topologies.get_topology_desc(platform="cuda", topology=topology.libtpu_name,
+                                        target_config=topology.generation.target_config)
+  except (jax.errors.JaxRuntimeError, RuntimeError, KeyError, ValueError) as e:
+    raise UserError(f"compiling for '{topology.name}' needs JAX's CUDA plugin, which could not describe it "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); install it with "
+                    "make install EXTRAS=gpu.") from None
+  return list(desc.devices)
+
+
 def topology_devices(topology: Topology) -> list[jax.Device]:
-  """libtpu's compile-only devices for the slice, one per chip; nothing on this host is touched."""
+  """The compile-only devices of the slice or GPU hosts, one per chip; nothing on this host is touched."""
+  if topology.generation.platform == "cuda":
+    devices = _gpu_topology_devices(topology)
+    if len(devices) != topology.chips:
+      raise UserError(f"JAX's CUDA plugin gave {len(devices)} devices for '{topology.name}', expected "
+                      f"{topology.chips}.")
+    return devices
   try:
     import libtpu  # noqa: F401
   except ImportError:
@@ -272,7 +331,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       compiled, xla_error = None, str(e).strip().splitlines()[0]
   compile_s = time.time() - t0
 
-  xla_flops = None
+  xla_flops = transposes = None
   if compiled is not None:
     m = compiled.memory_analysis()
     memory = {"argument_bytes": int(m.argument_size_in_bytes),
@@ -284,6 +343,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
     needed = metrics_lib.compiled_memory_bytes(compiled)
     memory["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0) or None
     xla_flops = metrics_lib.compiled_flops(compiled)
+    transposes = count_transposes(compiled.as_text())
 
   chips = topo.chips
   flops_chip, model_chip = hw_flops / chips, model_flops / chips
@@ -313,10 +373,16 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "step_s": step_s,
       "examples_per_sec": config.batch_size / step_s if step_s else None,
       "mfu": model_chip / (step_s * gen.peak_flops) if step_s else None,
+      "transposes": transposes,
       "compile_s": compile_s,
       "jax": jax.__version__,
       "libtpu": _libtpu_version(),
   }
+
+
+def count_transposes(hlo_text: str) -> int:
+  """Transpose instructions (fused or not) in an optimised HLO module's text."""
+  return len(re.findall(r"= \S+ transpose\(", hlo_text))
 
 
 def _libtpu_version() -> str | None:
@@ -335,11 +401,14 @@ def format_report(r: dict[str, Any]) -> str:
   """The human-readable table `bigvis aot` prints above its JSON line."""
   gib = lambda b: f"{b / GIB:8.2f}" if b is not None else "       ?"  # noqa: E731
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+  cores = "" if r["device_kind"].startswith("NVIDIA") else \
+      f", {r['cores_per_chip']} TensorCore{'s' if r['cores_per_chip'] > 1 else ''} each"
   lines = [
       f"{r['experiment'] or 'config'} on {r['topology']} ({r['libtpu_topology']}: {r['chips']} chip{'s' if r['chips'] > 1 else ''} of "
-      f"{r['device_kind']}, {r['cores_per_chip']} TensorCore{'s' if r['cores_per_chip'] > 1 else ''} each)",
+      f"{r['device_kind']}{cores})",
       f"  mesh {mesh} | batch {r['batch_size']:,} ({r['batch_per_chip']:,.6g} per data-parallel chip) | "
-      f"{r['params'] / 1e6:,.1f}M params | compiled in {r['compile_s']:.0f} s",
+      f"{r['params'] / 1e6:,.1f}M params | compiled in {r['compile_s']:.0f} s"
+      + (f" | {r['transposes']} transposes" if r.get("transposes") is not None else ""),
       "  memory per chip                    GiB",
   ]
   m = r["memory"]
@@ -351,7 +420,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"    program                     {gib(m['generated_code_bytes'])}",
     ]
   else:
-    lines.append(f"    XLA:TPU refused to compile: {r['xla_error']}")
+    lines.append(f"    XLA refused to compile: {r['xla_error']}")
     lines.append("    (the total below is the part XLA reported; the whole program needs more)")
   total, hbm = r["total_bytes_per_chip"], r["hbm_bytes_per_chip"]
   share = f"{100 * total / hbm:5.1f}%" if total is not None else "    ?"
@@ -375,16 +444,16 @@ def format_report(r: dict[str, Any]) -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
   """Registers `bigvis aot` on the CLI's subparsers."""
   p = subparsers.add_parser(
-      "aot", help="compile the train step for a TPU slice from this host; memory, FLOPs, fit",
-      description="Compiles the real train step for a TPU topology (needs the `aot` extra: libtpu) and "
-                  "reports per-chip memory against HBM, FLOPs and an estimated step time; exit 1 if it "
-                  "does not fit.")
+      "aot", help="compile the train step for a TPU slice or H100s from this host; memory, FLOPs, fit",
+      description="Compiles the real train step for a TPU topology (needs the `aot` extra: libtpu) or for "
+                  "H100 GPUs (needs the `gpu` extra: JAX's CUDA plugin; no GPU) and reports per-chip memory "
+                  "against HBM, FLOPs and an estimated step time; exit 1 if it does not fit.")
   p.add_argument("--config", required=True, help="experiments/NAME.py[:arg] or a bare experiment name")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                  help="override a config key (repeatable), e.g. --set mesh.fsdp=8")
   p.add_argument("--topology", required=True, metavar="NAME",
                  help="TPU slice: v4-8 .. v4-4096, v5p-8 .. (TensorCores), v5e-1 .. v5e-256, v6e-1 .. v6e-256 "
-                      "(chips), or a chip grid such as v5p:4x4x8 or v5e:2x4")
+                      "(chips), a chip grid such as v5p:4x4x8 or v5e:2x4; or h100-1 .. h100-8, h100-16, ... (GPUs)")
   p.add_argument("--assumed-utilization", type=float, default=ASSUMED_UTILIZATION, metavar="U",
                  help=f"fraction of peak FLOP/s assumed for the step-time estimate (default {ASSUMED_UTILIZATION})")
   p.set_defaults(fn=main)

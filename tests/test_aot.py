@@ -29,6 +29,47 @@ def test_topology_names(name, libtpu_name, chips):
   assert (topo.libtpu_name, topo.chips) == (libtpu_name, chips)
 
 
+@pytest.mark.parametrize("name, compiler_name, gpus", [("h100-1", "1x1x1", 1), ("h100-8", "1x1x8", 8),
+                                                      ("h100-64", "1x8x8", 64)])
+def test_gpu_topology_names(name, compiler_name, gpus):
+  topo = aot.parse_topology(name)
+  assert (topo.libtpu_name, topo.chips, topo.generation.platform) == (compiler_name, gpus, "cuda")
+
+
+@pytest.mark.parametrize("name", ["h100-0", "h100-12", "h100"])
+def test_unknown_gpu_topology_names_the_valid_forms(name):
+  with pytest.raises(UserError, match="h100-N"):
+    aot.parse_topology(name)
+
+
+def _cuda_plugin() -> bool:
+  import importlib.util
+  try:
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+  except ModuleNotFoundError:  # no jax_plugins namespace at all
+    return False
+
+
+def test_gpu_target_without_the_cuda_plugin_is_one_line(capsys):
+  if _cuda_plugin():
+    pytest.skip("JAX's CUDA plugin is installed here")
+  assert cli.main(["aot", "--config", "vit_ti_digits", "--topology", "h100-1"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "CUDA plugin" in err and "EXTRAS=gpu" in err
+
+
+def test_transposes_are_counted_in_the_h100_hlo_of_the_vit_step():
+  """The optimised HLO of ViT-B/16's step from the H100 (benchmarks/results) has 9 transposes."""
+  import gzip
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                      "h100_2026-11-26_vit_b16_default_after_optimizations.hlo.txt.gz")
+  with gzip.open(path, "rt") as f:
+    assert aot.count_transposes(f.read()) == 9
+  assert aot.count_transposes("%t = bf16[4,2]{1,0} transpose(%x), dimensions={1,0}\n"
+                              "%f = bf16[4,2]{1,0} fusion(%x), calls=%fused_transpose") == 1
+
+
 @pytest.mark.parametrize("name", ["v7-8", "v5p-12", "v5p-2", "v5e:2x2x1", "tpu", "v5e-0"])
 def test_unknown_topology_names_the_valid_forms(name):
   with pytest.raises(UserError, match="v5p-256"):
@@ -78,3 +119,11 @@ def test_too_big_for_the_chip_exits_1(capsys):
   out, err = capsys.readouterr()
   assert '"fits": false' in out.splitlines()[-1] and "DOES NOT FIT" in out
   assert len(err.strip().splitlines()) == 1 and "does not fit on v5e-1" in err
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="JAX's CUDA plugin is not installed (make install EXTRAS=gpu)")
+def test_compiles_a_cudnn_vit_for_an_h100_without_a_gpu():
+  config = config_lib.load("vit_ti_digits", ["model.dtype=bfloat16", "model.pool_type=tok", "batch_size=64"])
+  r = aot.compile_for_topology(config, "h100-1")
+  assert r["fits"] and r["device_kind"].startswith("NVIDIA H100") and r["chips"] == 1
+  assert 0 < r["total_bytes_per_chip"] < 2 * 2**30 and r["transposes"] < 20

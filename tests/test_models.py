@@ -256,3 +256,24 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   monkeypatch.setattr(jax, "devices", lambda *a: [h100])  # the host's first device is a GPU
   model, _ = train.model_and_objective(config, cpu_mesh)
   assert model.attention_impl == "xla"
+
+
+def test_gpu_encoder_pins_its_residual_stream_row_major(monkeypatch):
+  """With cuDNN attention (an NVIDIA GPU) the encoder input carries a row-major layout constraint
+  (compiled for an H100, CLIP's text tower went from 156 transposes to 9); elsewhere none."""
+  from bigvis.models.layers import Encoder
+  real_attention = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, k, v, implementation=None, **kw: real_attention(q, k, v, implementation="xla", **kw))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  outs = {}
+  for impl in ("cudnn", "xla"):
+    enc = Encoder(depth=2, num_heads=4, mlp_dim=64, attention_impl=impl, causal=True)
+    p = enc.init(jax.random.key(1), x)
+
+    def loss(p, x):
+      return jnp.sum(enc.apply(p, x) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(p, x))
+    assert ("layout_constraint" in jaxpr) == (impl == "cudnn"), impl
+    outs[impl] = jax.jit(jax.value_and_grad(loss))(p, x)
+  np.testing.assert_allclose(outs["cudnn"][0], outs["xla"][0], rtol=1e-6)
