@@ -7,6 +7,7 @@ parallel, FSDP or tensor parallel without code changes.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -154,7 +155,11 @@ def row_major(x: jax.Array) -> jax.Array:
     from jax.experimental.layout import Layout, with_layout_constraint
   except ImportError:
     return x
-  return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+  try:
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+  except (TypeError, ValueError, AttributeError, NotImplementedError) as e:  # a JAX whose API moved
+    logging.warning("row-major layout constraint unavailable (%s); XLA chooses the layout", e)
+    return x
 
 
 class HeadsDense(nn.Module):
