@@ -143,16 +143,20 @@ def make_image_embedder(config: ml_collections.ConfigDict, model, params,
     arrays = [preprocess(_as_rgb_uint8(im, i)) for i, im in enumerate(images)]
     if not arrays:
       raise UserError("no images to embed.")
-    out = []
-    for lo in range(0, len(arrays), batch_size):
-      chunk = np.stack(arrays[lo:lo + batch_size])
-      n = len(chunk)
-      if n < batch_size:  # one compiled shape for every batch
-        chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-      out.append(np.asarray(embed(params, chunk))[:n])
-    return np.concatenate(out)
+    return _in_fixed_batches(lambda chunk: embed(params, chunk), np.stack(arrays), batch_size)
 
   return embedder
+
+
+def _in_fixed_batches(fn: Callable[[np.ndarray], Any], rows: np.ndarray, batch_size: int) -> np.ndarray:
+  """fn over `rows` in batches of exactly `batch_size` (the last zero-padded): one compiled shape."""
+  out = []
+  for lo in range(0, len(rows), batch_size):
+    chunk = rows[lo:lo + batch_size]
+    n = len(chunk)
+    chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(fn(chunk))[:n])
+  return np.concatenate(out)
 
 
 def load_image_embedder(workdir: str, step: int | None = None,
@@ -170,13 +174,9 @@ def make_text_embedder(model, params, batch_size: int = 256) -> Callable[[np.nda
     return z
 
   def embedder(tokens: np.ndarray) -> np.ndarray:
-    out = []
-    for lo in range(0, len(tokens), batch_size):
-      chunk = tokens[lo:lo + batch_size]
-      n = len(chunk)
-      chunk = np.concatenate([chunk, np.zeros((batch_size - n, chunk.shape[1]), chunk.dtype)])
-      out.append(np.asarray(embed(params, chunk))[:n])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    if not len(tokens):
+      return np.zeros((0, 0), np.float32)
+    return _in_fixed_batches(lambda chunk: embed(params, chunk), np.asarray(tokens), batch_size)
 
   return embedder
 
