@@ -218,11 +218,17 @@ def normalize(mean="imagenet", std=None, key: str = "image") -> Op:
     mean, std = CHANNEL_STATS[mean]
   if std is None:
     raise UserError("normalize: give std together with a numeric mean.")
+  mean, std = (list(v) if isinstance(v, (list, tuple)) else [v] for v in (mean, std))
+  if len(mean) != len(std):
+    raise UserError(f"normalize: mean has {len(mean)} values and std {len(std)}; give one per channel, "
+                    "or one for all.")
   # (x / 255 - mean) / std as one multiply-add.
   scale = tf.constant([1.0 / (255.0 * s) for s in std], tf.float32)
   shift = tf.constant([-m / s for m, s in zip(mean, std)], tf.float32)
 
   def fn(image, seed):
+    if image.shape[-1] != len(std):  # one value for every channel (or channels unknown): broadcast
+      return tf.cast(image, tf.float32) * scale + shift
     # Per channel over [H, W*C] rows rather than broadcasting a [C] vector: TensorFlow's CPU
     # kernels broadcast an innermost dim of 3 slowly (0.72 vs 0.24 ms for a 224^2 image,
     # single-threaded); the arithmetic, and so every output value, is the same.

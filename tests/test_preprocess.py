@@ -94,6 +94,19 @@ def test_normalize_is_per_channel(stats, mean, std):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+def test_normalize_with_one_value_for_every_channel_and_mismatched_stats():
+  image = np.random.default_rng(1).integers(0, 256, (4, 5, 3)).astype(np.uint8)
+  out = preprocess.build("normalize(127.5, 127.5)")({"image": tf.constant(image)}, SEED)["image"].numpy()
+  np.testing.assert_allclose(out, (image / 255 - 127.5) / 127.5, rtol=1e-5, atol=1e-5)
+  out = preprocess.build("normalize([0.5], [0.25])")({"image": tf.constant(image)}, SEED)["image"].numpy()
+  np.testing.assert_allclose(out, (image / 255 - 0.5) / 0.25, rtol=1e-5, atol=1e-5)
+  gray = image[..., :1]  # one channel, imagenet's three statistics: broadcast to three channels
+  out = preprocess.build("normalize('imagenet')")({"image": tf.constant(gray)}, SEED)["image"].numpy()
+  assert out.shape == (4, 5, 3)
+  with pytest.raises(UserError, match="mean has 3 values and std 2"):
+    preprocess.build("normalize([0.1, 0.2, 0.3], [0.5, 0.5])")
+
+
 def test_inception_crop_antialias_switch():
   """antialias=False resizes with the plain bilinear kernel when shrinking; the default antialiases."""
   arr = (np.random.default_rng(0).integers(0, 255, (64, 64, 3))).astype(np.uint8)
