@@ -150,8 +150,7 @@ def activation_rules(mesh: Mesh, rules):
   is set; without them XLA may gather the batch over `fsdp` and keep every
   replica's activations on each device.
   """
-  use_abstract = getattr(jax.sharding, "use_abstract_mesh", None) or jax.set_mesh  # renamed in newer JAX
-  with nn.logical_axis_rules(rules), use_abstract(mesh.abstract_mesh):
+  with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
     yield
 
 
