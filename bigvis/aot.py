@@ -252,13 +252,6 @@ def jaxpr_flops(jaxpr: Any) -> float:
   return total
 
 
-def _without_remat(section: Any) -> Any:
-  """A model config (dict) with every `remat_policy` set to "none", towers included."""
-  if isinstance(section, dict):
-    return {k: ("none" if k == "remat_policy" else _without_remat(v)) for k, v in section.items()}
-  return section
-
-
 def _oom_bytes(message: str) -> int | None:
   """Bytes XLA:TPU said it needs when it refuses to compile a program that does not fit HBM, else None.
 
@@ -286,6 +279,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   import ml_collections
   from bigvis import config as config_lib
   from bigvis import sharding, train
+  from bigvis.models import with_tower_fields
   from data_pipelines.synthetic import synthetic_batch
 
   topo = parse_topology(topology)
@@ -310,7 +304,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   step = train.make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
 
   # The same step without remat: what the model needs, not what the chip recomputes.
-  plain = ml_collections.ConfigDict({**config.to_dict(), "model": _without_remat(config.model.to_dict())})
+  plain = ml_collections.ConfigDict({**config.to_dict(),
+                                     "model": with_tower_fields(config.model, remat_policy="none").to_dict()})
   plain_step = train.make_train_step(plain, train.model_and_objective(plain, mesh)[1], tx, state_shardings,
                                      mesh, rules)
 

@@ -140,7 +140,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   from bigvis import inference, sharding
   from bigvis import metrics as metrics_lib
   from bigvis.evaluators import reports
-  from bigvis.models import build_model, resolve_attention
+  from bigvis.models import build_model
 
   config = inference.load_config(workdir)
   if "model" not in config:
@@ -156,7 +156,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
 
   mesh = eval_mesh(config)
   rules = sharding.rules_from_config(config)
-  model = build_model(resolve_attention(config.model, mesh.devices.flat[0]))
+  model = build_model(config.model, mesh.devices.flat[0])
   restored_step, params = restore_params(workdir, config, mesh, rules, step)
   logging.info("evaluating %s at step %d on %d device(s)", workdir, restored_step, mesh.size)
   evaluators = eval_lib.build_evaluators(chosen, model=model, mesh=mesh, config=config)

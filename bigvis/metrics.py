@@ -52,22 +52,12 @@ def compiled_flops(compiled: Any) -> Optional[float]:
   return float(flops) if flops and flops > 0 else None
 
 
-# Fields that change how a model is computed but not what: reset for the model-FLOP reference.
-_REFERENCE_FIELDS = {"scan": False, "remat_policy": "none", "attention_impl": "xla", "seq_pad_multiple": 0}
-
-
 def reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
-  """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention."""
-  from bigvis.models import MODELS
-  cfg = model_cfg.to_dict()
-
-  def plain(section: dict, cls) -> dict:
-    return {**section, **{k: v for k, v in _REFERENCE_FIELDS.items() if hasattr(cls, k)}}
-  if cfg.get("name") == "clip":
-    cfg["image"] = plain(dict(cfg.get("image", {})), MODELS["vit"])
-    cfg["text"] = plain(dict(cfg.get("text", {})), MODELS["text"])
-    return cfg
-  return plain(cfg, MODELS.get(cfg.get("name"), object))
+  """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention (fields
+  that change how a model is computed but not what)."""
+  from bigvis.models import with_tower_fields
+  return with_tower_fields(model_cfg, scan=False, remat_policy="none", attention_impl="xla",
+                           seq_pad_multiple=0).to_dict()
 
 
 def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:

@@ -7,18 +7,7 @@ import ml_collections
 from flax import traverse_util
 import flax.linen as nn
 
-from bigvis.models import build_model
-
-
-def _plain_attention(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same model with XLA attention in every tower: the kernel changes no parameter, and cuDNN's
-  cannot be traced on a host without an NVIDIA GPU. Scan, remat and padding stay as configured,
-  since scan changes the parameter tree."""
-  cfg = model_cfg.to_dict()
-  for section in (cfg, cfg.get("image"), cfg.get("text")):
-    if isinstance(section, dict) and "attention_impl" in section:
-      section["attention_impl"] = "xla"
-  return ml_collections.ConfigDict(cfg)
+from bigvis.models import build_model, with_tower_fields
 
 
 def abstract_params(model_cfg: ml_collections.ConfigDict, *, boxed: bool = False):
@@ -26,7 +15,9 @@ def abstract_params(model_cfg: ml_collections.ConfigDict, *, boxed: bool = False
 
   `boxed=True` keeps flax's logical-axis boxes, from which shardings are derived.
   """
-  model_cfg = _plain_attention(model_cfg)
+  # XLA attention in every tower: the kernel changes no parameter, and cuDNN's cannot be traced on a
+  # host without an NVIDIA GPU. Scan, remat and padding stay as configured (scan changes the tree).
+  model_cfg = with_tower_fields(model_cfg, attention_impl="xla")
   model = build_model(model_cfg)
   image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
   size = int(image_cfg.get("image_size", 224))

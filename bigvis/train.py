@@ -31,7 +31,7 @@ from bigvis import evaluators as eval_lib
 from bigvis import metrics as metrics_lib
 from bigvis import objectives, optim, sharding
 from bigvis.errors import UserError
-from bigvis.models import build_model, model_inputs, resolve_attention
+from bigvis.models import build_model, model_inputs
 
 TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "model", "objective", "optim",
@@ -77,7 +77,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bo
 
 def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:
   """The model, with `attention_impl='auto'` resolved for the mesh's devices, and its loss function."""
-  model = build_model(resolve_attention(config.model, mesh.devices.flat[0]))
+  model = build_model(config.model, mesh.devices.flat[0])
   return model, objectives.make_objective(config.objective, model)
 
 

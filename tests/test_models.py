@@ -248,6 +248,10 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   vit = model_config("vit", variant="mu/4", dtype="bfloat16")   # head size 32
   assert resolve_attention(vit, h100).attention_impl == "cudnn"
   assert resolve_attention(model_config("vit", variant="mu/4"), h100).attention_impl == "xla"  # float32
+  # A hand-written section without the key gets the module's default ('auto'), decided here too.
+  bare = ml_collections.ConfigDict(dict(name="vit", variant="mu/4", dtype="bfloat16"))
+  assert resolve_attention(bare, h100).attention_impl == "cudnn"
+  assert resolve_attention(bare, cpu).attention_impl == "xla"
 
   config = base_config()
   config.model = vit

@@ -60,12 +60,15 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
-def build_model(model_config: ml_collections.ConfigDict | dict) -> nn.Module:
+def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> nn.Module:
   """Config section `model` (with `name`) -> an unbound Flax module.
 
   Parameters stay float32; `dtype` sets the compute precision (bf16 on
-  accelerators), the usual mixed-precision policy.
+  accelerators), the usual mixed-precision policy. With `device` (a mesh's),
+  `attention_impl='auto'` is decided for that device (`resolve_attention`).
   """
+  if device is not None:
+    model_config = resolve_attention(ml_collections.ConfigDict(dict(model_config)), device)
   cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
   name = cfg.pop("name", None)
   if name not in MODELS:
@@ -79,30 +82,45 @@ def build_model(model_config: ml_collections.ConfigDict | dict) -> nn.Module:
   return cls(**_resolve_dtypes(cfg))
 
 
-def _head_dim(name: str, tower: dict) -> int:
-  if name == "vit":
-    v = parse_variant(tower.get("variant", "B/16"))
+def _towers(cfg: dict) -> list[tuple[type, dict]]:
+  """(module class, section) of each tower in a model config dict: CLIP's image and text, else itself."""
+  if cfg.get("name") == "clip":
+    return [(ViT, cfg.setdefault("image", {})), (TextTransformer, cfg.setdefault("text", {}))]
+  return [(MODELS[cfg["name"]], cfg)] if cfg.get("name") in MODELS else []
+
+
+def with_tower_fields(model_config: ml_collections.ConfigDict | dict, **fields) -> ml_collections.ConfigDict:
+  """A copy of a model config with `fields` set in every tower whose module has them."""
+  cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  for cls, section in _towers(cfg):
+    section.update({k: v for k, v in fields.items() if k in _fields(cls)})
+  return ml_collections.ConfigDict(cfg, type_safe=False)
+
+
+def _head_dim(cls: type, tower: dict) -> int:
+  if cls is ViT:
+    v = parse_variant(tower["variant"])
     return v["width"] // v["num_heads"]
-  variant = tower.get("variant", "B")
-  if variant not in TEXT_VARIANTS:
-    raise UserError(f"text variant '{variant}' is not one of {', '.join(TEXT_VARIANTS)}.")
-  width, _, _, heads = TEXT_VARIANTS[variant]
+  if tower["variant"] not in TEXT_VARIANTS:
+    raise UserError(f"text variant '{tower['variant']}' is not one of {', '.join(TEXT_VARIANTS)}.")
+  width, _, _, heads = TEXT_VARIANTS[tower["variant"]]
   return width // heads
 
 
 def resolve_attention(model_config: ml_collections.ConfigDict, device: Any) -> ml_collections.ConfigDict:
-  """A copy of the `model` section with `attention_impl='auto'` replaced by what `device` runs.
+  """A copy of the `model` section with `attention_impl='auto'` (spelled out or the default) replaced
+  by what `device` runs.
 
-  The trainer, `bigvis bench` and `bigvis aot` resolve against their mesh's devices, so a CPU mesh
-  on a GPU host, or a TPU target compiled from a GPU host, gets the attention it can run.
+  The trainer, `bigvis bench`, `bigvis aot` and `bigvis eval` resolve against their mesh's devices, so
+  a CPU mesh on a GPU host, or a TPU target compiled from a GPU host, gets the attention it can run.
   """
-  cfg = ml_collections.ConfigDict(model_config.to_dict(), type_safe=False)
-  towers = [("vit", cfg.image), ("text", cfg.text)] if cfg.name == "clip" else [(cfg.name, cfg)]
-  for name, tower in towers:
-    if tower.get("attention_impl") == "auto":
-      tower.attention_impl = resolve_attention_impl("auto", DTYPES.get(tower.get("dtype"), jnp.float32),
-                                                    _head_dim(name, tower.to_dict()), device)
-  return cfg
+  cfg = model_config.to_dict()
+  for cls, section in _towers(cfg):
+    tower = {**_defaults(cls), **section}
+    if tower["attention_impl"] == "auto":
+      section["attention_impl"] = resolve_attention_impl(
+          "auto", DTYPES.get(tower["dtype"], tower["dtype"]), _head_dim(cls, tower), device)
+  return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
 def model_inputs(model_config: ml_collections.ConfigDict, batch: dict) -> tuple:
