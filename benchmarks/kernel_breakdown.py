@@ -55,14 +55,17 @@ def newest_trace(root: str) -> str:
 
 
 def device_events(trace: dict, process_pattern: str) -> tuple[list[dict], str]:
-  """Complete ('X') events on the device processes, or the XLA threads of a CPU-only trace."""
+  """Complete ('X') kernel events on the device processes' streams, or the XLA threads of a CPU-only trace."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
   threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
   device_pids = {pid for pid, name in procs.items() if re.search(process_pattern, name)}
   if device_pids:
-    return [e for e in events if e.get("ph") == "X" and e["pid"] in device_pids], "device"
+    on_device = [e for e in events if e.get("ph") == "X" and e["pid"] in device_pids]
+    # Kernels sit on `Stream #N` threads; some profilers add module/op summary lines beside them.
+    streams = [e for e in on_device if threads.get((e["pid"], e.get("tid")), "").startswith("Stream")]
+    return streams or on_device, "device"
   cpu = [e for e in events if e.get("ph") == "X" and threads.get((e["pid"], e.get("tid")), "").startswith("tf_XLAEigen")]
   return cpu, "cpu-threads"
 

@@ -98,9 +98,12 @@ def _run_specs(args: argparse.Namespace) -> list[dict]:
       bigvis(*LARGE_VARIANTS[0], "vit_l16", args.large_batch, "vit")
       torch("timm_vit_huge_patch14_224", "vit_h14", "timm:vit_huge_patch14_224", args.huge_batch, "vit")
       bigvis(*LARGE_VARIANTS[1], "vit_h14", args.huge_batch, "vit")
+  def matches(s, o):  # a family, or a run by its name with or without --tag
+    return o in (s["group"], s["name"], s["name"].removesuffix(args.tag))
+
   def chosen(s):
-    return s["group"] in args.only or s["name"] in args.only or s["name"].removesuffix(args.tag) in args.only
-  unmatched = [o for o in args.only if not any(s["group"] == o or s["name"].removesuffix(args.tag) == o for s in specs)]
+    return any(matches(s, o) for o in args.only)
+  unmatched = [o for o in args.only if not any(matches(s, o) for s in specs)]
   if unmatched:  # a typo must not spend GPU time on nothing
     raise SystemExit(f"peers: --only names no run: {', '.join(unmatched)} (runs: "
                      f"{', '.join(s['name'].removesuffix(args.tag) for s in specs)}).")

@@ -278,14 +278,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # several processes the signal reaches each at a different step, and the save is collective: JAX's
   # preemption service (which catches SIGTERM itself) agrees on one step for all of them.
   several = jax.process_count() > 1
-  stop = {"signal": None}
-  previous_handler = None if several else _install_sigterm(stop)
-
-  def preempted(step: int) -> bool:
-    if several:
-      from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step)
-    return stop["signal"] is not None
+  if several:
+    from jax.experimental import multihost_utils
+    preempted, previous_handler = multihost_utils.reached_preemption_sync_point, None
+  else:
+    stop = {"signal": None}
+    previous_handler = _install_sigterm(stop)
+    preempted = lambda step: stop["signal"] is not None  # noqa: E731
 
   # The loop.
   step, last_log_t, last_log_step = start_step, time.time(), start_step

@@ -148,6 +148,13 @@ def test_kernel_categories_and_busy_union():
   assert kb.category("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)") == "attention"
   # Overlapping kernels on two streams count once: [0,10) u [5,12) u [20,25) = 17 us.
   assert kb.busy_time([{"ts": 0, "dur": 10}, {"ts": 5, "dur": 7}, {"ts": 20, "dur": 5}]) == 17
+  # Only the device's stream threads are kernels; a summary line beside them is not counted.
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "XLA Modules"}}]
+  kernel = {"ph": "X", "pid": 1, "tid": 7, "ts": 0, "dur": 5, "name": "loop_add_fusion"}
+  module = {"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 50, "name": "jit_with_rules"}
+  assert kb.device_events({"traceEvents": meta + [kernel, module]}, r"/device:GPU") == ([kernel], "device")
 
 
 def test_gpu_session_script_names_real_runs_and_config_keys():
