@@ -101,10 +101,7 @@ def test_peers_only_with_an_unknown_run_is_an_error():
 
 def test_peers_gpu_runs_have_valid_configs():
   """Every bigvis run `peers.py --large` would start on a GPU loads and traces (shapes only)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("peers", os.path.join(REPO, "benchmarks", "peers.py"))
-  peers = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(peers)
+  peers = _benchmark_module("peers")
   specs = peers._run_specs(peers.parse_args(["--large", "--skip-torch"]))
   lines = {line.split(":")[0]: line for line in peers.check_specs(specs)}
   assert sum("params" in line for line in lines.values()) == 9
@@ -133,11 +130,56 @@ def test_profile_and_kernel_breakdown(tmp_path):
   assert "matmul" in result["by_category_ms"]
 
 
-def test_kernel_categories_and_busy_union():
+def _benchmark_module(name: str):
+  """A script under benchmarks/ imported as a module."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("kb", os.path.join(REPO, "benchmarks", "kernel_breakdown.py"))
-  kb = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(kb)
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_kernel_breakdown_of_the_h100_trace():
+  """The kept H100 trace of a B/16 step reads as benchmarks/README.md's table says."""
+  out = _script(["benchmarks/kernel_breakdown.py", "benchmarks/results/h100_2026-11-26_vit_b16_gap_cudnn_trace.json.gz",
+                 "--steps", "3", "--json"])
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["source"] == "device"
+  for kind, ms in (("matmul", 33.86), ("reduction", 13.74), ("elementwise fusion", 11.71), ("attention", 10.58),
+                   ("convolution", 2.33), ("copy/transpose", 0.34)):
+    assert r["by_category_ms"][kind] == pytest.approx(ms, abs=0.01), kind
+  assert r["busy_ms_per_step"] == pytest.approx(72.36, abs=0.01)
+  assert r["span_ms_per_step"] == pytest.approx(73.12, abs=0.01)
+
+
+def test_peers_table_of_the_h100_runs():
+  """`peers.py --table` on the kept H100 lines gives the README's ratios to timm."""
+  peers = _benchmark_module("peers")
+  with open(os.path.join(REPO, "benchmarks", "results", "h100_2026-11-26_s2.jsonl")) as f:
+    rows = {line.split()[0]: line.split() for line in peers.table([json.loads(l) for l in f]).splitlines()[1:]}
+  assert rows["bigvis_vit_b16_default_conv_patch"][1:3] == ["3445.3", "74.3"]
+  assert rows["bigvis_vit_b16_default_conv_patch"][-1] == "1.06"
+  assert rows["bigvis_vit_b16_default_conv_patch_separate_qkv"][-1] == "1.04"
+  assert rows["bigvis_vit_b16_default_matmul_patch"][-1] == "0.95"
+
+
+def test_model_flops_ignore_how_the_model_is_computed():
+  """Scan, remat, padding and the attention kernel change no model FLOPs (ViT and both CLIP towers)."""
+  from bigvis import metrics
+  from data_pipelines.synthetic import synthetic_batch
+  how = {"scan": True, "remat_policy": "full", "seq_pad_multiple": 8, "attention_impl": "cudnn"}
+  for name in ("vit_ti_digits", "clip_ti_digits"):
+    plain = config_lib.load(name)
+    batch = synthetic_batch(plain.model, 2, 0)
+    towers = ("model.image.", "model.text.") if name.startswith("clip") else ("model.",)
+    other = config_lib.load(name, [f"{t}{k}={v}" for t in towers for k, v in how.items()])
+    want = metrics.model_flops_per_example(plain, batch)
+    assert want and metrics.model_flops_per_example(other, batch) == want, name
+
+
+def test_kernel_categories_and_busy_union():
+  kb = _benchmark_module("kernel_breakdown")
   assert kb.category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "matmul"
   assert kb.category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
   assert kb.category("loop_add_fusion_12") == "elementwise fusion"
@@ -160,11 +202,8 @@ def test_kernel_categories_and_busy_union():
 def test_gpu_session_script_names_real_runs_and_config_keys():
   """A typo in `gpu_session.sh` would only show on a lent GPU, whose minutes are scarce: every
   `--only` name must be a peers run and every override must load on the experiments it targets."""
-  import importlib.util
   import re
-  spec = importlib.util.spec_from_file_location("peers", os.path.join(REPO, "benchmarks", "peers.py"))
-  peers = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(peers)
+  peers = _benchmark_module("peers")
   with open(os.path.join(REPO, "benchmarks", "gpu_session.sh")) as f:
     script = f.read()
   names = {s["name"] for s in peers._run_specs(peers.parse_args(["--large", "--no-ceiling"]))}
