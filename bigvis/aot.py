@@ -98,7 +98,7 @@ VALID_FORMS = ("GEN-N with GEN one of v4, v5p, v5e (or v5litepod), v6e and N a p
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-  """A TPU slice: its generation and chip grid."""
+  """A TPU slice (its generation and chip grid) or H100 hosts (`shape` = hosts, GPUs per host)."""
   name: str
   generation: Generation
   shape: tuple[int, ...]
@@ -269,7 +269,7 @@ def _oom_bytes(message: str) -> int | None:
 
 def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
                          assumed_utilization: float = ASSUMED_UTILIZATION) -> dict[str, Any]:
-  """Compiles `config`'s train step for a TPU slice and returns per-chip memory, FLOPs and fit.
+  """Compiles `config`'s train step for a TPU slice or H100s and returns per-chip memory, FLOPs and fit.
 
   The mesh is `config.mesh` over the slice's chips, the state and batch are
   shapes with the shardings training would give them, and the step is
@@ -349,6 +349,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "topology": topo.name,
       "libtpu_topology": topo.libtpu_name,
       "device_kind": devices[0].device_kind,
+      "platform": gen.platform,
       "chips": chips,
       "cores_per_chip": gen.cores_per_chip,
       "mesh": {k: int(v) for k, v in mesh.shape.items()},
@@ -371,7 +372,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "transposes": transposes,
       "compile_s": compile_s,
       "jax": jax.__version__,
-      "libtpu": _libtpu_version(),
+      "libtpu": _libtpu_version() if gen.platform == "tpu" else None,
   }
 
 
@@ -396,7 +397,7 @@ def format_report(r: dict[str, Any]) -> str:
   """The human-readable table `bigvis aot` prints above its JSON line."""
   gib = lambda b: f"{b / GIB:8.2f}" if b is not None else "       ?"  # noqa: E731
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
-  cores = "" if r["device_kind"].startswith("NVIDIA") else \
+  cores = "" if r["platform"] != "tpu" else \
       f", {r['cores_per_chip']} TensorCore{'s' if r['cores_per_chip'] > 1 else ''} each"
   lines = [
       f"{r['experiment'] or 'config'} on {r['topology']} ({r['libtpu_topology']}: {r['chips']} chip{'s' if r['chips'] > 1 else ''} of "

@@ -38,7 +38,7 @@ def test_gpu_topology_names(name, compiler_name, gpus):
 
 @pytest.mark.parametrize("name", ["h100-0", "h100-12", "h100"])
 def test_unknown_gpu_topology_names_the_valid_forms(name):
-  with pytest.raises(UserError, match="h100-N"):
+  with pytest.raises(UserError, match=f"topology '{name}'; .*or h100-N for N H100 GPUs"):
     aot.parse_topology(name)
 
 
@@ -113,6 +113,8 @@ def test_tiny_vit_compiles_for_a_tpu_slice_and_fits():
   # remat recomputes part of the forward pass: more FLOPs executed than the model needs
   assert r["flops_per_chip"] > r["model_flops_per_chip"] > 0
   assert r["step_s"] > 0 and 0 < r["mfu"] < r["assumed_utilization"]
+  assert r["platform"] == "tpu" and isinstance(r["transposes"], int) and r["transposes"] >= 0
+  assert f"| {r['transposes']} transposes" in aot.format_report(r)
 
 
 @needs_libtpu
@@ -129,4 +131,5 @@ def test_compiles_a_cudnn_vit_for_an_h100_without_a_gpu():
   config = config_lib.load("vit_ti_digits", ["model.dtype=bfloat16", "model.pool_type=tok", "batch_size=64"])
   r = aot.compile_for_topology(config, "h100-1")
   assert r["fits"] and r["device_kind"].startswith("NVIDIA H100") and r["chips"] == 1
+  assert r["platform"] == "cuda" and r["libtpu"] is None
   assert 0 < r["total_bytes_per_chip"] < 2 * 2**30 and r["transposes"] < 20

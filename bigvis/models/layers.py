@@ -235,9 +235,10 @@ def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 # GELU(h + bias) whose backward pass keeps only `h` (and the bias) and recomputes the rest. Plain
-# autodiff lets XLA save GELU's inner tanh next to its output, and the backward then reads the GEMM
-# output, the tanh and the incoming gradient: on ViT-B/16 (H100, JAX 0.11.2) four passes over the
-# [tokens, mlp] activations per layer where three do (tanh is cheap to recompute). `jax.checkpoint`
+# autodiff lets XLA save GELU's inner tanh next to its output (forward: read h, write GELU and tanh),
+# and the backward then reads h, the tanh and the incoming gradient and writes the gradient: on
+# ViT-B/16 (H100, JAX 0.11.2) seven passes over the [tokens, mlp] activations per layer where five
+# do (tanh is cheap to recompute). `jax.checkpoint`
 # rather than a custom VJP: its optimisation barrier keeps XLA from merging the recomputation back
 # into the forward pass.
 bias_gelu_recomputed = jax.checkpoint(_bias_gelu, policy=jax.checkpoint_policies.nothing_saveable)
