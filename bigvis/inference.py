@@ -143,18 +143,20 @@ def make_image_embedder(config: ml_collections.ConfigDict, model, params,
     arrays = [preprocess(_as_rgb_uint8(im, i)) for i, im in enumerate(images)]
     if not arrays:
       raise UserError("no images to embed.")
-    return _in_fixed_batches(lambda chunk: embed(params, chunk), np.stack(arrays), batch_size)
+    return _in_fixed_batches(lambda chunk: embed(params, chunk), arrays, batch_size)
 
   return embedder
 
 
-def _in_fixed_batches(fn: Callable[[np.ndarray], Any], rows: np.ndarray, batch_size: int) -> np.ndarray:
+def _in_fixed_batches(fn: Callable[[np.ndarray], Any], rows: Sequence[np.ndarray] | np.ndarray,
+                      batch_size: int) -> np.ndarray:
   """fn over `rows` in batches of exactly `batch_size` (the last zero-padded): one compiled shape."""
   out = []
   for lo in range(0, len(rows), batch_size):
-    chunk = rows[lo:lo + batch_size]
+    chunk = np.stack(rows[lo:lo + batch_size])
     n = len(chunk)
-    chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+    if n < batch_size:
+      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
     out.append(np.asarray(fn(chunk))[:n])
   return np.concatenate(out)
 
@@ -168,15 +170,15 @@ def load_image_embedder(workdir: str, step: int | None = None,
 
 def make_text_embedder(model, params, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
   """Token ids [n, length] -> a CLIP run's L2-normalised text embeddings [n, dim]."""
-  @jax.jit
-  def embed(p, tokens):
-    _, z, _ = model.apply({"params": p}, None, tokens, train=False)
-    return z
+  from bigvis.evaluators.zeroshot import text_embedder
+  embed = text_embedder(model)
 
   def embedder(tokens: np.ndarray) -> np.ndarray:
     if not len(tokens):
       return np.zeros((0, 0), np.float32)
-    return _in_fixed_batches(lambda chunk: embed(params, chunk), np.asarray(tokens), batch_size)
+    return _in_fixed_batches(
+        lambda chunk: embed(params, {"tokens": chunk, "index": np.zeros(len(chunk), np.int32)})["z"],
+        np.asarray(tokens), batch_size)
 
   return embedder
 
