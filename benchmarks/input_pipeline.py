@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
   for var in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
     os.environ[var] = str(args.cores)
   sys.path.insert(0, REPO)
+  import bigvis  # noqa: F401  first: it chooses TensorFlow's host allocator before TensorFlow allocates
   import tensorflow as tf
   tf.config.threading.set_intra_op_parallelism_threads(args.cores)
   tf.config.threading.set_inter_op_parallelism_threads(args.cores)
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
   jpegs = make_jpegs(args.num_images)
   sizes = [len(j) for j in jpegs]
   print(json.dumps({"images": len(jpegs), "mean_jpeg_kib": float(np.mean(sizes)) / 1024, "batch": args.batch,
-                    "cores": args.cores, "seconds": args.seconds, "repeats": args.repeats}), flush=True)
+                    "cores": args.cores, "seconds": args.seconds, "repeats": args.repeats,
+                    "tf_cpu_allocator_use_bfc": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC")}), flush=True)
   runs_by_method: dict[str, list[dict[str, Any]]] = {}
   with tempfile.TemporaryDirectory(prefix="bigvis-pp-bench-") as folder:
     pattern = write_shards(jpegs, folder)

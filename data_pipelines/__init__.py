@@ -2,6 +2,8 @@
 import importlib.util
 import os
 
+import bigvis  # noqa: F401  before TensorFlow: it chooses TensorFlow's host allocator
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # tf.data runs on the host; keep TensorFlow off the accelerators JAX owns. Experiment files and the
