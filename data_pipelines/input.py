@@ -116,6 +116,25 @@ def train_iterator(cfg, *, global_batch_size, seed, start_step=0, process_index=
   return iter(ds.as_numpy_iterator())
 
 
+def _padded_to_full_batches(raw: tf.data.Dataset, global_batch_size: int) -> tf.data.Dataset:
+  """`(index, example)` for every example, `_mask` True, then copies of the first (`_mask` False) up to a
+  whole number of global batches, all in one pass.
+
+  The split's size is not counted beforehand (that would read it twice): the first padding copy's index
+  is the size, so a scan learns it there and ends the stream at the next multiple of the global batch.
+  """
+  real = raw.map(lambda x: {**x, "_mask": tf.constant(True)})
+  pads = raw.take(1).map(lambda x: {**x, "_mask": tf.constant(False)}).cache().repeat(global_batch_size - 1)
+
+  def track(size, item):
+    i, x = item
+    size = tf.where((size < 0) & tf.logical_not(x["_mask"]), i, size)
+    keep = x["_mask"] | (i < (size + global_batch_size - 1) // global_batch_size * global_batch_size)
+    return size, (i, x, keep)
+  stream = real.concatenate(pads).enumerate().scan(tf.constant(-1, tf.int64), track)
+  return stream.take_while(lambda i, x, keep: keep).map(lambda i, x, keep: (i, x))
+
+
 def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1, where: str = "evals") -> Iterator[dict[str, np.ndarray]]:
   """One pass over an eval split as this process's part of each global batch; `_mask` marks real examples.
@@ -125,15 +144,12 @@ def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, proc
   """
   check_known(cfg, SOURCE_KEYS, where)
   batch = local_batch_size(global_batch_size, process_count)
-  raw = _drop_bad(make_source(cfg, where, 0, 1))
-  n = int(raw.reduce(np.int64(0), lambda c, _: c + 1))
-  if n == 0:
-    raise UserError(f"{where} has no usable examples.")
-  raw = raw.map(lambda x: {**x, "_mask": tf.constant(True)})
-  pad = (-n) % global_batch_size
-  padded = raw.concatenate(raw.take(1).map(lambda x: {**x, "_mask": tf.constant(False)}).repeat(pad))
-  mine = padded.enumerate().filter(lambda i, x: (i % global_batch_size) // batch == process_index)
+  padded = _padded_to_full_batches(_drop_bad(make_source(cfg, where, 0, 1)), global_batch_size)
+  mine = padded.filter(lambda i, x: (i % global_batch_size) // batch == process_index)
   ds = _preprocess(mine, cfg.get("pp", ""), 0, 0, indexed=True)
-  yield from ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator()
-
-
+  empty = True
+  for b in ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator():
+    empty = False
+    yield b
+  if empty:  # every process sees the same (empty) stream, so all of them stop here
+    raise UserError(f"{where} has no usable examples.")
