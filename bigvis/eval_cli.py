@@ -100,13 +100,10 @@ def restore_params(workdir: str, config, mesh, rules, step: int | None) -> tuple
 
 
 def build_report(name: str, cfg, evaluator, metrics: dict[str, Any]):
-  """The evaluator's own report, the zero-shot template table, or its metrics as a table."""
+  """The evaluator's own report (from its last run), or its metrics as a table."""
   from bigvis.evaluators import reports
   if hasattr(evaluator, "report"):
     return evaluator.report()
-  if cfg.get("type", name) == "zeroshot" and hasattr(evaluator, "templates"):
-    return reports.zeroshot_report(name, metrics, list(evaluator.templates),
-                                   list(getattr(evaluator, "class_names", ()) or ()))
   return reports.metrics_report(name, metrics, intro=f"Metrics of the `{cfg.get('type', name)}` evaluator.")
 
 

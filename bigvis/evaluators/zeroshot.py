@@ -30,6 +30,7 @@ import numpy as np
 from bigvis import sharding
 from bigvis.config import check_known
 from bigvis.errors import UserError
+from bigvis.evaluators import reports
 from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, eval_batch_size, split_batches
 
 # The 7 of CLIP's 80 ImageNet templates its authors found to ensemble best (openai/CLIP,
@@ -156,6 +157,7 @@ class Evaluator:
     if "data" not in cfg:
       raise UserError(f"{where}.data is not set; give the labelled image split to classify.")
     self.cfg, self.name, self.mesh = cfg, name, mesh
+    self._metrics: dict[str, float] | None = None
     self.class_names = class_names_from(cfg.get("class_names"), f"{where}.class_names")
     self.templates = templates_from(cfg.get("prompts"), f"{where}.prompts")
     tokenizer = text_tokenizer(cfg, config, where)
@@ -200,7 +202,14 @@ class Evaluator:
     if t > 1:
       for i in range(t):
         metrics[f"top1_template{i}"] = float(np.mean(out["per_template"][:, i] == labels))
+    self._metrics = metrics
     return metrics
+
+  def report(self) -> reports.Report:
+    """Top-1 of each prompt template alone and of their ensemble, from the last `run`."""
+    if self._metrics is None:
+      raise RuntimeError("report() needs run() first.")
+    return reports.zeroshot_report(self.name, self._metrics, self.templates, self.class_names)
 
 
 def zeroshot_logits(zimg: np.ndarray, ztxt: np.ndarray, scale: float = 1.0) -> np.ndarray:
