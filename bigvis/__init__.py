@@ -18,5 +18,4 @@ def _host_memory_mb() -> int | None:
 # import of bigvis, before anything of TensorFlow's runs; a setting of the user's own wins. The pool's
 # 64 GB default cap is raised to the machine's memory, so large in-memory caches fit as before.
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-if _host_memory_mb():
-  os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(max(_host_memory_mb(), 1 << 16)))
+os.environ.setdefault("TF_CPU_BFC_MEM_LIMIT_IN_MB", str(max(_host_memory_mb() or 0, 1 << 16)))

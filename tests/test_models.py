@@ -240,7 +240,7 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   mesh's, so a CPU mesh on a GPU host (or a TPU target) gets XLA's attention."""
   from bigvis import sharding, train
   from bigvis.config import base_config
-  from bigvis.models import model_config, resolve_attention
+  from bigvis.models import model_config, resolve_attention, with_tower_fields
   h100, cpu = _FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), _FakeDevice("cpu", "cpu")
   clip = model_config("clip", image=dict(variant="B/16", dtype="bfloat16"),
                       text=dict(variant="B", dtype="bfloat16", attention_impl="xla"))
@@ -248,6 +248,10 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   assert (on_gpu.image.attention_impl, on_gpu.text.attention_impl) == ("cudnn", "xla")  # explicit stands
   assert resolve_attention(clip, cpu).image.attention_impl == "xla"
   assert clip.image.attention_impl == "auto"  # a copy: the run's config is left as written
+  as_dicts = clip.to_dict()  # plain dicts (tests, hand-written configs) are copied too, towers included
+  assert resolve_attention(as_dicts, h100).image.attention_impl == "cudnn"
+  assert with_tower_fields(as_dicts, remat_policy="full").text.remat_policy == "full"
+  assert as_dicts == clip.to_dict()
   vit = model_config("vit", variant="mu/4", dtype="bfloat16")   # head size 32
   assert resolve_attention(vit, h100).attention_impl == "cudnn"
   assert resolve_attention(model_config("vit", variant="mu/4"), h100).attention_impl == "xla"  # float32

@@ -1,6 +1,7 @@
 """Model registry: `model.name` in the config picks the module, the rest are its fields."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -68,8 +69,8 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
   `attention_impl='auto'` is decided for that device (`resolve_attention`).
   """
   if device is not None:
-    model_config = resolve_attention(ml_collections.ConfigDict(dict(model_config)), device)
-  cfg = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    model_config = resolve_attention(model_config, device)
+  cfg = _copied_dict(model_config)
   name = cfg.pop("name", None)
   if name not in MODELS:
     raise UserError(f"model.name '{name}' is not one of {', '.join(MODELS)}.")
@@ -82,6 +83,11 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
   return cls(**_resolve_dtypes(cfg))
 
 
+def _copied_dict(model_config: ml_collections.ConfigDict | dict) -> dict:
+  """A deep copy of a model config as plain dicts, so rewriting a tower never touches the caller's."""
+  return model_config.to_dict() if hasattr(model_config, "to_dict") else copy.deepcopy(dict(model_config))
+
+
 def _towers(cfg: dict) -> list[tuple[type, dict]]:
   """(module class, section) of each tower in a model config dict: CLIP's image and text, else itself."""
   if cfg.get("name") == "clip":
@@ -91,7 +97,7 @@ def _towers(cfg: dict) -> list[tuple[type, dict]]:
 
 def with_tower_fields(model_config: ml_collections.ConfigDict | dict, **fields) -> ml_collections.ConfigDict:
   """A copy of a model config with `fields` set in every tower whose module has them."""
-  cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  cfg = _copied_dict(model_config)
   for cls, section in _towers(cfg):
     section.update({k: v for k, v in fields.items() if k in _fields(cls)})
   return ml_collections.ConfigDict(cfg, type_safe=False)
@@ -107,14 +113,14 @@ def _head_dim(cls: type, tower: dict) -> int:
   return width // heads
 
 
-def resolve_attention(model_config: ml_collections.ConfigDict, device: Any) -> ml_collections.ConfigDict:
+def resolve_attention(model_config: ml_collections.ConfigDict | dict, device: Any) -> ml_collections.ConfigDict:
   """A copy of the `model` section with `attention_impl='auto'` (spelled out or the default) replaced
   by what `device` runs.
 
   The trainer, `bigvis bench`, `bigvis aot` and `bigvis eval` resolve against their mesh's devices, so
   a CPU mesh on a GPU host, or a TPU target compiled from a GPU host, gets the attention it can run.
   """
-  cfg = model_config.to_dict()
+  cfg = _copied_dict(model_config)
   for cls, section in _towers(cfg):
     tower = {**_defaults(cls), **section}
     if tower["attention_impl"] == "auto":
