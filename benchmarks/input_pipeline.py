@@ -12,7 +12,9 @@ normalisation, batched into [B, 224, 224, 3] numpy arrays in the main process.
   tf.data   `data_pipelines.input.train_dataset` on TFRecord shards written by
             `data_pipelines.shards.write_examples` (cached in memory after the
             first epoch), exactly as training builds it; its threads are bounded
-            to `--cores` (private thread pool, no intra-op parallelism).
+            to `--cores` (private thread pool, no intra-op parallelism). The
+            resize is bigvis's native op where it could be built (the first
+            output line says `"native_resize"`), else TensorFlow's.
   Pillow    a `multiprocessing.Pool` of `--cores` workers, each decoding with
             Pillow (libjpeg-turbo), cropping and resizing in one `resize(box=)`
             call, flipping and normalising in place with numpy into batches in
@@ -289,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
 
   jpegs = make_jpegs(args.num_images)
   sizes = [len(j) for j in jpegs]
+  from data_pipelines import native_ops
   print(json.dumps({"images": len(jpegs), "mean_jpeg_kib": float(np.mean(sizes)) / 1024, "batch": args.batch,
                     "cores": args.cores, "seconds": args.seconds, "repeats": args.repeats,
-                    "tf_cpu_allocator_use_bfc": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC")}), flush=True)
+                    "tf_cpu_allocator_use_bfc": os.environ.get("TF_CPU_ALLOCATOR_USE_BFC"),
+                    "native_resize": native_ops.image_ops() is not None}), flush=True)
   runs_by_method: dict[str, list[dict[str, Any]]] = {}
   with tempfile.TemporaryDirectory(prefix="bigvis-pp-bench-") as folder:
     pattern = write_shards(jpegs, folder)

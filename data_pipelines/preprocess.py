@@ -16,6 +16,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from bigvis.errors import UserError
+from data_pipelines import native_ops
 
 Op = Callable[[dict, tf.Tensor], dict]
 _REGISTRY: dict[str, Callable[..., Op]] = {}
@@ -109,7 +110,13 @@ def _resize_like(image: tf.Tensor, size: tuple, method: str = "bilinear", antial
   The antialiasing kernel is only needed when shrinking; when enlarging it
   gives the same pixels at several times the cost, so it is skipped.
   `antialias=False` skips it when shrinking too (big_vision's choice: faster, aliases).
+  Bilinear resizes of single images go through bigvis's native op where it could be built
+  (`native_ops`): the same values to float precision, several times faster on the host.
   """
+  native = native_ops.image_ops() if method == "bilinear" else None
+  if native is not None and image.shape.rank == 3 and image.dtype in (tf.uint8, tf.float32):
+    # Its kernel widens only along an axis that shrinks, which is the choice made below.
+    return native.bigvis_resize(image, tf.cast(tf.stack(size), tf.int32), antialias=antialias)
   if not antialias:
     return tf.image.resize(image, size, method=method, antialias=False)
   h, w = tf.shape(image)[0], tf.shape(image)[1]

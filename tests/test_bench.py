@@ -62,7 +62,9 @@ def test_input_pipeline_benchmark_prints_ratio():
   proc = _script(["benchmarks/input_pipeline.py", "--num-images", "16", "--seconds", "1", "--repeats", "1",
                   "--batch", "8", "--variants", "tfdata_decode_crop_fused", "--pillow", "shm"])
   assert proc.returncode == 0, proc.stderr[-2000:]
-  last = proc.stdout.strip().splitlines()[-1]
+  lines = proc.stdout.strip().splitlines()
+  assert json.loads(lines[0])["native_resize"] is True  # timed with bigvis's own resize op
+  last = lines[-1]
   assert last.startswith("ratio_vs_pillow=")
   assert float(last.split("=")[1]) > 0
 
