@@ -58,6 +58,8 @@ def build(source: Path = SOURCE, cache: Path | None = None, compiler: str | None
   if target.exists():
     return target
   folder.mkdir(parents=True, exist_ok=True)
+  _log.info("bigvis: building native image ops with %s (first use on this machine, about 10 s) into %s",
+            compiler, folder)
   fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=folder)
   os.close(fd)
   try:
@@ -74,7 +76,11 @@ def build(source: Path = SOURCE, cache: Path | None = None, compiler: str | None
 
 
 def load(source: Path = SOURCE, cache: Path | None = None, compiler: str | None = None) -> ModuleType | None:
-  """The op module built from `source`, or None (with one warning saying why) if it cannot be had."""
+  """The op module built from `source`, or None (with one warning saying why) if it cannot be had.
+
+  Load one build per process: two copies of a library from different paths register the same
+  kernels twice, and TensorFlow then refuses to run either.
+  """
   try:
     return tf.load_op_library(str(build(source, cache, compiler)))
   except (RuntimeError, OSError, tf.errors.OpError) as e:
