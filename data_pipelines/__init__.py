@@ -4,6 +4,13 @@ import os
 
 import bigvis  # noqa: F401  before TensorFlow: it chooses TensorFlow's host allocator
 
+
+def cache_root() -> str:
+  """Where bigvis keeps what it builds on first use (bundled datasets, native ops): $BIGVIS_CACHE or
+  ~/.cache/bigvis."""
+  return os.environ.get("BIGVIS_CACHE") or os.path.expanduser("~/.cache/bigvis")
+
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # tf.data runs on the host; keep TensorFlow off the accelerators JAX owns. Experiment files and the

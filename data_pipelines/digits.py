@@ -1,7 +1,7 @@
 """The bundled "digits" sets: scikit-learn's 1,797 real 8x8 handwritten digits as TFRecord shards.
 
 Built deterministically on first use under `$BIGVIS_DATA_DIR` (default
-`~/.cache/bigvis/datasets`) so tiny experiments run on a laptop with no download.
+`~/.cache/bigvis/datasets`, or under `$BIGVIS_CACHE`) so tiny experiments run on a laptop with no download.
 Images are 8x8 RGB PNGs, white strokes on black (pixel = value * 255 / 16).
 A seed-0 permutation splits them into 1,497 train and 300 test images.
 
@@ -25,6 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from bigvis.errors import UserError
+from data_pipelines import cache_root
 
 VERSION = "v1"  # bump when images, split, captions or tokenizer settings change
 KINDS = ("classification", "captions")
@@ -49,8 +50,8 @@ TOKENIZER_VOCAB = 200
 
 
 def data_dir() -> str:
-  """Root folder of bundled datasets: $BIGVIS_DATA_DIR or ~/.cache/bigvis/datasets."""
-  return os.environ.get("BIGVIS_DATA_DIR") or os.path.expanduser("~/.cache/bigvis/datasets")
+  """Root folder of bundled datasets: $BIGVIS_DATA_DIR, else `datasets` in bigvis's cache."""
+  return os.environ.get("BIGVIS_DATA_DIR") or os.path.join(cache_root(), "datasets")
 
 
 def caption(label: int, template: int) -> str:

@@ -3,9 +3,8 @@
 TensorFlow's antialiased resize spends most of the input pipeline's time in one slow loop
 (benchmarks/README.md, "Input pipeline"). `native/image_resize.cc` computes the same values several
 times faster. The first process that needs it compiles it with the machine's C++ compiler against
-the installed TensorFlow (about 10 s) and caches the library under `$BIGVIS_CACHE` (default
-`~/.cache/bigvis`), keyed by the source, TensorFlow's version and the compiler, so later runs load it
-at once. Without a compiler, or with `BIGVIS_NATIVE_OPS=0`, the pipeline uses TensorFlow's own ops,
+the installed TensorFlow (about 10 s) and caches the library in bigvis's cache (`$BIGVIS_CACHE`,
+default `~/.cache/bigvis`), so later runs load it at once. Without a compiler, or with `BIGVIS_NATIVE_OPS=0`, the pipeline uses TensorFlow's own ops,
 after one warning that names the reason.
 """
 from __future__ import annotations
@@ -23,15 +22,10 @@ from types import ModuleType
 
 import tensorflow as tf
 
+from data_pipelines import cache_root
+
 SOURCE = Path(__file__).with_name("native") / "image_resize.cc"
 _log = logging.getLogger(__name__)
-
-
-def cache_root() -> Path:
-  """Where built libraries live: `$BIGVIS_CACHE`, else `$XDG_CACHE_HOME/bigvis`, else `~/.cache/bigvis`."""
-  if os.environ.get("BIGVIS_CACHE"):
-    return Path(os.environ["BIGVIS_CACHE"])
-  return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bigvis"
 
 
 def _compile_command(compiler: str, source: Path, target: Path) -> list[str]:
@@ -44,6 +38,9 @@ def _compile_command(compiler: str, source: Path, target: Path) -> list[str]:
 def build(source: Path = SOURCE, cache: Path | None = None, compiler: str | None = None) -> Path:
   """Compiles `source` into a shared library (or finds it already built) and returns its path.
 
+  The library lives under `cache` (default: `native/` in bigvis's cache), in a folder named by a hash
+  of the source, TensorFlow's version, the machine type and the whole compile command.
+
   Raises `RuntimeError` naming what went wrong. Concurrent builders are safe: each writes its own
   temporary file and renames it into place.
   """
@@ -51,9 +48,9 @@ def build(source: Path = SOURCE, cache: Path | None = None, compiler: str | None
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler '{compiler}' on PATH (set CXX to one)")
   key = hashlib.sha256(b"\0".join([
-      source.read_bytes(), tf.__version__.encode(), compiler.encode(), platform.machine().encode(),
+      source.read_bytes(), tf.__version__.encode(), platform.machine().encode(),
       " ".join(_compile_command(compiler, Path("s"), Path("t"))).encode()])).hexdigest()[:16]
-  folder = (cache or cache_root()) / "native" / key
+  folder = (cache or Path(cache_root())) / "native" / key
   target = folder / f"{source.stem}.so"
   if target.exists():
     return target

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_pipelines import native_ops, preprocess
+from data_pipelines import digits, native_ops, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,13 @@ def _jpeg(h: int, w: int) -> bytes:
   return tf.io.encode_jpeg(tf.cast(smooth, tf.uint8), quality=90).numpy()
 
 
+def _op_types(op) -> set[str]:
+  """The op types of `op` traced for one encoded image (top level: the native op is not in a branch)."""
+  fn = tf.function(lambda data, seed: op({"image": data}, seed)["image"])
+  graph = fn.get_concrete_function(tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)).graph
+  return {o.type for o in graph.get_operations()}
+
+
 @pytest.mark.parametrize("spec", ["decode_jpeg_and_inception_crop(224)|flip_lr|normalize('imagenet')",
                                   "decode|resize_small(64)|central_crop(64)",
                                   "decode_jpeg_and_inception_crop(96, antialias=False)"])
@@ -59,19 +66,26 @@ def test_pipeline_output_is_the_same_without_native_ops(ops, monkeypatch, spec):
   """Every seed's crop, flip and values agree between the native path and TensorFlow's ops."""
   data = tf.constant(_jpeg(333, 471))
   op = preprocess.build(spec)
+  assert "BigvisResize" in _op_types(op)  # the pipeline really takes the native path...
   native = [op({"image": data}, tf.constant([s, 1], tf.int64))["image"].numpy() for s in range(12)]
   monkeypatch.setattr(native_ops, "image_ops", lambda: None)
   op = preprocess.build(spec)
+  assert "BigvisResize" not in _op_types(op)  # ...and TensorFlow's resize without it
   plain = [op({"image": data}, tf.constant([s, 1], tf.int64))["image"].numpy() for s in range(12)]
   for a, b in zip(native, plain):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, atol=2e-3 if a.max() > 10 else 5e-5)  # 0-255 or normalised
 
 
-def test_build_is_cached_and_concurrent_safe(tmp_path):
-  first = native_ops.build(cache=tmp_path)
+def test_build_is_cached_beside_the_datasets(tmp_path, monkeypatch):
+  """One cache for everything bigvis makes on first use: BIGVIS_CACHE moves datasets and libraries."""
+  monkeypatch.setenv("BIGVIS_CACHE", str(tmp_path))
+  monkeypatch.delenv("BIGVIS_DATA_DIR", raising=False)
+  assert digits.data_dir() == str(tmp_path / "datasets")
+  first = native_ops.build()
+  assert first.is_relative_to(tmp_path / "native")
   stamp = first.stat().st_mtime_ns
-  assert native_ops.build(cache=tmp_path) == first and first.stat().st_mtime_ns == stamp  # not rebuilt
+  assert native_ops.build() == first and first.stat().st_mtime_ns == stamp  # not rebuilt
   assert not list(first.parent.glob("*.partial"))
   # Not loaded: a second copy of the library in this process would register its kernels twice.
 

@@ -46,7 +46,7 @@ Taps ComputeTaps(int64_t in_size, int64_t out_size, bool antialias) {
   taps.first.resize(out_size);
   taps.count.resize(out_size);
   taps.weight.assign(out_size * taps.width, 0.0f);
-  std::vector<float> w(taps.width + 2);
+  std::vector<float> w(taps.width);
   for (int64_t i = 0; i < out_size; ++i) {
     const float centre = (static_cast<float>(i) + 0.5f) * inv_scale;
     int64_t lo = static_cast<int64_t>(std::ceil(centre - support - 0.5f));
