@@ -292,3 +292,27 @@ def test_gpu_encoder_pins_its_residual_stream_row_major(monkeypatch):
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(outs["xla"][1]))  # key-bias grads are ~0
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6 * scale),
                outs["cudnn"][1], outs["xla"][1])
+
+
+def test_patch_embedding_matmul_equals_the_convolution():
+  """`patch_embedding='matmul'` is the strided convolution as one GEMM: same parameters, outputs and
+  gradients (an image size that leaves a partial patch included), and no convolution in the program."""
+  from bigvis.models.vit import PatchEmbedding
+  image = jax.random.normal(jax.random.key(0), (2, 19, 21, 3))  # 4 x 5 whole 4-px patches, remainders
+  results = {}
+  for impl in ("conv", "matmul"):
+    emb = PatchEmbedding(8, 4, impl=impl)
+    params = emb.init(jax.random.key(1), image)  # the same names, shapes and initial values either way
+
+    def loss(p, x):
+      return jnp.sum(jnp.sin(emb.apply(p, x)))
+    results[impl] = (params, emb.apply(params, image), jax.grad(loss, argnums=(0, 1))(params, image),
+                     jax.jit(loss).lower(params, image).as_text())
+  (p_conv, y_conv, g_conv, hlo_conv), (p_mm, y_mm, g_mm, hlo_mm) = results["conv"], results["matmul"]
+  jax.tree.map(np.testing.assert_array_equal, p_conv, p_mm)
+  assert y_mm.shape == (2, 4, 5, 8)
+  np.testing.assert_allclose(y_mm, y_conv, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), g_mm, g_conv)
+  assert "convolution" in hlo_conv and "convolution" not in hlo_mm
+  with pytest.raises(UserError, match="model.patch_embedding 'fft'"):
+    PatchEmbedding(8, 4, impl="fft").init(jax.random.key(1), image)

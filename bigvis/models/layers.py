@@ -234,14 +234,22 @@ def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
   return nn.gelu(h + bias)
 
 
-# GELU(h + bias) whose backward pass keeps only `h` (and the bias) and recomputes the rest. Plain
-# autodiff lets XLA save GELU's inner tanh next to its output (forward: read h, write GELU and tanh),
-# and the backward then reads h, the tanh and the incoming gradient and writes the gradient: on
-# ViT-B/16 (H100, JAX 0.11.2) seven passes over the [tokens, mlp] activations per layer where five
-# do (tanh is cheap to recompute). `jax.checkpoint`
-# rather than a custom VJP: its optimisation barrier keeps XLA from merging the recomputation back
-# into the forward pass.
-bias_gelu_recomputed = jax.checkpoint(_bias_gelu, policy=jax.checkpoint_policies.nothing_saveable)
+# GELU whose backward pass keeps only its input and recomputes the rest. Plain autodiff lets XLA save
+# GELU's inner tanh next to its output (forward: read h + bias, write GELU and tanh), and the backward
+# then reads the input, the tanh and the incoming gradient: on ViT-B/16 (H100, JAX 0.11.2) seven
+# passes over the [tokens, mlp] activations per layer where five do (tanh is cheap to recompute).
+# `jax.checkpoint` rather than a custom VJP: its optimisation barrier keeps XLA from merging the
+# recomputation back into the forward pass. The bias add stays outside the checkpoint, so what is
+# saved is h + bias, the GEMM's biased output: then XLA's GEMM rewriter can hand bias and GELU to
+# cuBLASLt's BIAS_GELU_AUX epilogue (it writes GELU's output and its input, and the separate GELU
+# fusion disappears); with the bias inside, the unbiased h would have to be saved and the GEMM keep
+# a plain epilogue.
+_gelu_recomputed = jax.checkpoint(nn.gelu, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def bias_gelu_recomputed(h: jax.Array, bias: jax.Array) -> jax.Array:
+  """GELU(h + bias), the same values and gradients as `_bias_gelu`, saving only h + bias."""
+  return _gelu_recomputed(h + bias)
 
 
 class Dense(nn.Module):

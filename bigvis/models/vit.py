@@ -89,6 +89,47 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
+PATCH_EMBEDDINGS = ("conv", "matmul")
+
+
+class PatchEmbedding(nn.Module):
+  """Each non-overlapping p x p patch -> a `width` vector: a strided convolution's parameters and result.
+
+  `impl="conv"` runs the convolution; `impl="matmul"` gathers the patches and runs one GEMM. Why both:
+  on an H100 the convolution's weight gradient ran as an indexed implicit-GEMM kernel (≈2.3 ms of a
+  74 ms ViT-B/16 step for ≈0.1 TFLOP), while the matmul form, before the encoder pinned its input to
+  row-major (`layers.row_major`), left the tokens in a [tokens, width, batch] layout that cost every
+  block transposes (benchmarks/README.md).
+  """
+  width: int
+  patch_size: int
+  impl: str = "conv"
+  use_bias: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array) -> jax.Array:
+    """[n, H, W, c] -> [n, H // p, W // p, width]; rows and columns past the last whole patch are dropped."""
+    if self.impl not in PATCH_EMBEDDINGS:
+      raise UserError(f"model.patch_embedding '{self.impl}' is not one of {PATCH_EMBEDDINGS}.")
+    p = self.patch_size
+    n, height, width_px, c = image.shape
+    kernel = self.param("kernel", param_with_axes(nn.initializers.lecun_normal(), (None, None, "patch", "embed")),
+                        (p, p, c, self.width)).astype(self.dtype)
+    x = image.astype(self.dtype)
+    if self.impl == "conv":
+      y = jax.lax.conv_general_dilated(x, kernel, (p, p), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      h, w = height // p, width_px // p
+      patches = x[:, :h * p, :w * p].reshape(n, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+      y = jax.lax.dot_general(patches.reshape(n, h, w, p * p * c), kernel.reshape(p * p * c, self.width),
+                              (((3,), (0,)), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", param_with_axes(nn.initializers.zeros, ("embed",)), (self.width,))
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class ViT(nn.Module):
   """ViT image encoder with optional classification head.
 
@@ -114,19 +155,15 @@ class ViT(nn.Module):
   seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it
   fused_qkv: bool = True         # query/key/value projections as one GEMM (same parameters)
   recompute_gelu: bool = False   # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
+  patch_embedding: str = "conv"  # "conv" | "matmul": how PatchEmbedding computes (same parameters)
 
   @nn.compact
   def __call__(self, image, *, train: bool = False):
     v = parse_variant(self.variant)
     p, width = v["patch_size"], v["width"]
     x = image.astype(self.dtype)
-    # A strided convolution, not a reshape + matmul: on an H100 (JAX 0.11.2) the matmul form left
-    # the token activations in a [tokens, width, batch] layout that XLA kept through the encoder,
-    # adding transposes in every block (82.7 against 74.3 ms per B/16 step; benchmarks/README.md).
-    x = nn.Conv(width, (p, p), strides=(p, p), padding="VALID", name="embedding", dtype=self.dtype,
-                use_bias=self.conv_bias,
-                kernel_init=param_with_axes(nn.initializers.lecun_normal(), (None, None, "patch", "embed")),
-                bias_init=param_with_axes(nn.initializers.zeros, ("embed",)))(x)
+    x = PatchEmbedding(width, p, impl=self.patch_embedding, use_bias=self.conv_bias, dtype=self.dtype,
+                       name="embedding")(x)
     n, h, w, _ = x.shape
     x = x.reshape(n, h * w, width)
 
