@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
   import ml_collections
 
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
-  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap`.
+  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ... patch=matmul`.
 
   `auto` attention shows what it resolves to on `device` (default: the process's first device).
   """
@@ -48,12 +48,14 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
       parts.append(f"ctx{c['context_length']}")
     parts.append(str(c.get("dtype", "float32")))
     for key, short in (("attention_impl", "attn"), ("pool_type", "pool"), ("seq_pad_multiple", "pad"),
-                       ("remat_policy", "remat"), ("scan", "scan")):
+                       ("remat_policy", "remat"), ("scan", "scan"), ("patch_embedding", "patch")):
       if key in c:
         value = c[key]
         if key == "attention_impl" and value == "auto":
           value = f"auto:{r[key]}"
         parts.append(f"{short}={value}")
+    if c.get("recompute_gelu"):
+      parts.append("gelu=recomputed")
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

@@ -115,7 +115,8 @@ def test_peers_gpu_runs_have_valid_configs():
   assert lines["bigvis_clip_b16_pad8_cudnn"].count("attn=cudnn") == 2
   assert lines["bigvis_clip_b16_pad8_cudnn"].count("pad=8") == 2
   for big, n in (("bigvis_vit_l16_gap_cudnn", "304.3M"), ("bigvis_vit_h14_gap_cudnn", "632.0M")):
-    assert "attn=cudnn pool=gap pad=0 remat=none scan=False" in lines[big] and f"{n} params" in lines[big]
+    assert "attn=cudnn pool=gap pad=0 remat=none scan=False patch=matmul" in lines[big] and f"{n} params" in lines[big]
+  assert "gelu=" not in lines["bigvis_vit_b16_default"]
 
 
 def test_profile_and_kernel_breakdown(tmp_path):
