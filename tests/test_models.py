@@ -314,5 +314,10 @@ def test_patch_embedding_matmul_equals_the_convolution():
   np.testing.assert_allclose(y_mm, y_conv, rtol=1e-5, atol=1e-5)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5), g_mm, g_conv)
   assert "convolution" in hlo_conv and "convolution" not in hlo_mm
+  # What ViT used before PatchEmbedding: its parameters and checkpoints carry over unchanged.
+  old = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID", name="embedding")
+  p_old = old.init(jax.random.key(1), image)
+  jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(p_mm), p_old)
+  np.testing.assert_allclose(y_mm, old.apply(p_old, image), rtol=1e-5, atol=1e-5)
   with pytest.raises(UserError, match="model.patch_embedding 'fft'"):
     PatchEmbedding(8, 4, impl="fft").init(jax.random.key(1), image)
