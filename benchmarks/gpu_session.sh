@@ -7,7 +7,8 @@
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 8 minutes on one H100, most of it
-# compiling: each run is its own process. $OUT ends with 4 files (a lent machine returns at most 8).
+# compiling: each run is its own process. $OUT ends with 4 files (peers.jsonl, kernels.txt, hlo.tgz,
+# table.txt; a lent machine returns at most 8).
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -41,11 +42,14 @@ peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
 # 2. Fraction of the ceiling across sizes.
 log "L/16 (batch 128) and H/14 (batch 64)"
 peers --timeout 240 --large --skip-torch --only bigvis_vit_l16_gap_cudnn,bigvis_vit_h14_gap_cudnn
-# 3. Where the B/16 step's time goes now.
+# 3. Where the B/16 step's time goes now, with the card's optimised HLO for reading offline (which
+#    fusion is which kernel; `bigvis aot --topology h100-1` only approximates the card's choices).
 log "profile"
-timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
+XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
+  timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
   --profile "$OUT/prof" | tail -1
 "$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 40 > "$OUT/kernels.txt"; rm -rf "$OUT/prof"
+(cd "$OUT" && tar czf hlo.tgz hlo/*with_rules*after_optimizations.txt) && rm -rf "$OUT/hlo"
 # 4. If time is left: the batch that fills the chip; GELU recomputed in the backward pass (18 % less
 #    activation memory; 1.5 % slower on an H200 in 2026-11).
 log "extras"
