@@ -87,7 +87,7 @@ def load(source: Path = SOURCE, cache: Path | None = None, compiler: str | None 
 
 @functools.cache
 def image_ops() -> ModuleType | None:
-  """`bigvis_resize` and friends for this process, or None when `BIGVIS_NATIVE_OPS=0` or unbuildable."""
+  """The op module (`bigvis_resize`) for this process, or None when `BIGVIS_NATIVE_OPS=0` or unbuildable."""
   if os.environ.get("BIGVIS_NATIVE_OPS", "1").strip().lower() in ("0", "false", "no", "off"):
     return None
   return load()

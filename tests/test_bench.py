@@ -117,6 +117,9 @@ def test_peers_gpu_runs_have_valid_configs():
   for big, n in (("bigvis_vit_l16_gap_cudnn", "304.3M"), ("bigvis_vit_h14_gap_cudnn", "632.0M")):
     assert "attn=cudnn pool=gap pad=0 remat=none scan=False patch=matmul" in lines[big] and f"{n} params" in lines[big]
   assert "gelu=" not in lines["bigvis_vit_b16_default"]
+  recomputed = peers.check_specs(peers._run_specs(peers.parse_args(
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=true"])))
+  assert any("gelu=recomputed" in line for line in recomputed), recomputed
 
 
 def test_profile_and_kernel_breakdown(tmp_path):
@@ -156,11 +159,20 @@ def test_kernel_breakdown_of_the_h100_trace():
   assert r["span_ms_per_step"] == pytest.approx(73.12, abs=0.01)
 
 
-def test_peers_table_of_the_h100_runs():
-  """`peers.py --table` on the kept H100 lines gives the README's ratios to timm."""
+def test_peers_table_of_the_kept_gpu_runs():
+  """`peers.py --table` on the kept H100 and H200 lines gives the READMEs' ratios to timm and open_clip."""
   peers = _benchmark_module("peers")
-  with open(os.path.join(REPO, "benchmarks", "results", "h100_2026-11-26_s2.jsonl")) as f:
-    rows = {line.split()[0]: line.split() for line in peers.table([json.loads(l) for l in f]).splitlines()[1:]}
+
+  def rows_of(name):
+    with open(os.path.join(REPO, "benchmarks", "results", name)) as f:
+      return {line.split()[0]: line.split() for line in peers.table([json.loads(l) for l in f]).splitlines()[1:]}
+  rows = rows_of("h200_2026-11-26.jsonl")  # README "Speed"
+  assert rows["bigvis_vit_b16_default_mm"][1:3] == ["3862.7", "66.3"] and rows["bigvis_vit_b16_default_mm"][-1] == "1.10"
+  assert rows["bigvis_vit_b16_default"][-1] == "1.07"
+  assert rows["bigvis_vit_b16_default_mm_b512"][-1] == "1.11"
+  assert rows["bigvis_clip_b16_default_mm"][1] == "3080.7" and rows["bigvis_clip_b16_default_mm"][-1] == "1.10"
+  assert rows["bigvis_vit_b16_default_rg"][-1] == "1.05" and rows["bigvis_vit_b16_default_nt"][-1] == "1.04"
+  rows = rows_of("h100_2026-11-26_s2.jsonl")
   assert rows["bigvis_vit_b16_default_conv_patch"][1:3] == ["3445.3", "74.3"]
   assert rows["bigvis_vit_b16_default_conv_patch"][-1] == "1.06"
   assert rows["bigvis_vit_b16_default_conv_patch_separate_qkv"][-1] == "1.04"

@@ -232,6 +232,9 @@ def test_recomputed_gelu_saves_only_the_gemm_output_and_matches_autodiff():
   np.testing.assert_allclose(a, b, rtol=1e-6)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), ga, gb)
   assert len(saved_recomputed) == 2 and not any("tanh" in line for line in saved_recomputed), saved_recomputed
+  # What is kept is h + bias, the GEMM's biased output (cuBLASLt's BIAS_GELU_AUX epilogue writes it).
+  assert any("output of add" in line and "bias_gelu_recomputed" in line for line in saved_recomputed), \
+      saved_recomputed
   assert any("tanh" in line for line in saved_plain), saved_plain
 
 

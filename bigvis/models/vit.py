@@ -161,9 +161,8 @@ class ViT(nn.Module):
   def __call__(self, image, *, train: bool = False):
     v = parse_variant(self.variant)
     p, width = v["patch_size"], v["width"]
-    x = image.astype(self.dtype)
     x = PatchEmbedding(width, p, impl=self.patch_embedding, use_bias=self.conv_bias, dtype=self.dtype,
-                       name="embedding")(x)
+                       name="embedding")(image)
     n, h, w, _ = x.shape
     x = x.reshape(n, h * w, width)
 
