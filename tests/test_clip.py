@@ -58,7 +58,7 @@ def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None):
   loss_fn = objectives.make_objective(ml_collections.ConfigDict(dict(name="clip")), model)
 
   def f(p, b):
-    with nn.logical_axis_rules(rules):
+    with sharding.activation_rules(mesh, rules):  # as the trainer runs the model
       (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, b, jax.random.key(0))
     return loss, grads
 
@@ -95,6 +95,28 @@ def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_
   assert diff <= 1e-5 * total
   # Per parameter too; the floor covers gradients that are zero but for rounding (attention key biases).
   for (path, g_ref), g in zip(flat_ref, flat):
+    err = np.linalg.norm(g - g_ref)
+    assert err <= 1e-5 * np.linalg.norm(g_ref) + 1e-7 * total, (jax.tree_util.keystr(path), err)
+
+
+@pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)],
+                         ids=["data2_fsdp4", "data2_fsdp2_tensor2"])
+def test_pallas_norm_clip_on_8_device_meshes_equals_the_one_device_xla_norm(tiny, mesh_cfg, monkeypatch):
+  """`norm_impl='pallas'` under a mesh: each device runs the kernels on its own rows (shard_map over
+  the batch axes; interpreted here), and the loss and gradients are those of XLA's LayerNorm on one
+  device, the scale and bias gradients summed over the devices' rows."""
+  _, boxed, batch, (ref_loss, ref_grads, _) = tiny
+  pallas = {**TINY, "image": {**TINY["image"], "norm_impl": "pallas_interpret"},
+            "text": {**TINY["text"], "norm_impl": "pallas_interpret"}}
+  from bigvis.models import fused_norm
+  per_device_calls = []
+  monkeypatch.setattr(fused_norm, "shard_map", lambda f, **kw: per_device_calls.append(kw) or jax.shard_map(f, **kw))
+  loss, grads, _ = _loss_and_grads(build_model(pallas), boxed, batch, mesh_cfg)
+  assert per_device_calls and all(kw["in_specs"][0][0] == ("data", "fsdp") for kw in per_device_calls)
+  assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+  flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
+  total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for _, g in flat_ref))
+  for (path, g_ref), g in zip(flat_ref, jax.tree.leaves(grads)):
     err = np.linalg.norm(g - g_ref)
     assert err <= 1e-5 * np.linalg.norm(g_ref) + 1e-7 * total, (jax.tree_util.keystr(path), err)
 

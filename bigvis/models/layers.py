@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigvis.errors import UserError
+from bigvis.models.fused_norm import residual_layernorm
+
 Dtype = Any
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 REMAT_POLICIES = {
@@ -35,24 +38,56 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
-class LayerNorm(nn.Module):
-  """LayerNorm whose scale and bias are named on the `embed` axis."""
-  dtype: Dtype = jnp.float32
-  epsilon: float = 1e-6
+NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
+class _NormParams(nn.Module):
+  """nn.LayerNorm's scale and bias (same names, shapes and initialisers), for the Pallas kernels."""
 
   @nn.compact
-  def __call__(self, x):
-    return nn.LayerNorm(
+  def __call__(self, width: int):
+    scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)), (width,))
+    bias = self.param("bias", param_with_axes(nn.initializers.zeros, ("norm",)), (width,))
+    return scale, bias
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm whose scale and bias are named on the `embed` axis.
+
+  `impl`: "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels for NVIDIA GPUs
+  (`fused_norm`; "pallas_interpret" runs them in Pallas's interpreter, for checking on a CPU). The
+  kernels apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) so the
+  residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
+  The parameters are the same either way.
+  """
+  dtype: Dtype = jnp.float32
+  epsilon: float = 1e-6
+  impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, *, keep_input: bool = False):
+    if self.impl not in NORM_IMPLS:
+      raise UserError(f"model.norm_impl '{self.impl}' is not one of {', '.join(NORM_IMPLS)}.")
+    if keep_input and self.impl != "xla":
+      scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
+      batch_axes = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_embed")[-x.ndim:])
+      if batch_axes[-1] is not None:
+        raise UserError(f"model.norm_impl '{self.impl}' needs each token's {x.shape[-1]} features on one "
+                        f"device, but the sharding rules split them over mesh axis {batch_axes[-1]!r}.")
+      return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
+                                interpret=self.impl == "pallas_interpret", batch_axes=tuple(batch_axes)[:-1])
+    y = nn.LayerNorm(
         epsilon=self.epsilon, dtype=self.dtype,
         scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
         bias_init=param_with_axes(nn.initializers.zeros, ("norm",)))(x)
+    return (x, y) if keep_input else y
 
 
 CUDNN_PAD_MULTIPLE = 8
 
 
-def _cudnn_capable(device: Any) -> bool:
-  """An NVIDIA GPU of compute capability 8.0 or newer (cuDNN's flash attention: Ampere, Hopper, ...)."""
+def nvidia_sm80_or_newer(device: Any) -> bool:
+  """An NVIDIA GPU of compute capability 8.0 or newer (cuDNN's flash attention, Pallas's Triton kernels: Ampere, Hopper, ...)."""
   if device.platform not in ("gpu", "cuda"):
     return False
   capability = getattr(device, "compute_capability", None)
@@ -85,7 +120,7 @@ def resolve_attention_impl(impl: str, dtype: Any = jnp.bfloat16, head_dim: int =
       device = jax.devices()[0]
     except RuntimeError:
       return "xla"
-  return "cudnn" if _cudnn_capable(device) else "xla"
+  return "cudnn" if nvidia_sm80_or_newer(device) else "xla"
 
 
 def attention_pad_multiple(impl: str, length: int, requested: int = 0) -> int:
@@ -139,7 +174,6 @@ def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, i
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_len,
                                         implementation=impl)
   except RuntimeError as e:  # e.g. "cuDNN is not detected." on CPU/TPU
-    from bigvis.errors import UserError
     raise UserError(f"attention_impl='{impl}' is not available here ({e}); use attention_impl='xla'.") from e
 
 
@@ -188,10 +222,23 @@ class HeadsDense(nn.Module):
     bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
     if weights_only:
       return kernel, bias
-    x_dims = tuple(range(x.ndim - self.contract, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((x_dims, tuple(range(self.contract))), ((), ())))
-    return y + bias.astype(self.dtype)
+    return flat_dense(x, kernel, bias, self.contract, self.dtype)
+
+
+def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, contract: int, dtype: Dtype) -> jax.Array:
+  """x [..., *in] @ kernel [*in, *out] + bias [*out] -> [..., *out], computed as one 2-D GEMM with a
+  1-D bias (the reshapes are free in row-major layouts).
+
+  Why flat: XLA hands a 1-D bias to cuBLASLt's BIAS epilogue, but an N-D one (e.g. [heads, kv]) is
+  first broadcast to the whole output and added through the GEMM's C operand, an extra write and
+  read of the output (ViT-B/16's query/key/value bias: 1.7 ms a step on an H200).
+  """
+  batch_shape, out_shape = x.shape[:x.ndim - contract], kernel.shape[contract:]
+  fan_in, fan_out = int(np.prod(kernel.shape[:contract])), int(np.prod(out_shape))
+  y = jax.lax.dot_general(x.reshape(*batch_shape, fan_in).astype(dtype),
+                          kernel.reshape(fan_in, fan_out).astype(dtype),
+                          (((len(batch_shape),), (0,)), ((), ())))
+  return (y + bias.reshape(fan_out).astype(dtype)).reshape(*batch_shape, *out_shape)
 
 
 class Attention(nn.Module):
@@ -216,10 +263,13 @@ class Attention(nn.Module):
                                     dtype=self.dtype, name=name)
     if self.fused_qkv and inputs_kv is None:
       weights = [dense(name)(x, weights_only=True) for name in ("query", "key", "value")]
-      kernel = jnp.stack([w for w, _ in weights], axis=1).astype(self.dtype)  # [embed, 3, heads, kv]
-      bias = jnp.stack([b for _, b in weights]).astype(self.dtype)
-      qkv = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
-      q, k, v = (qkv[..., i, :, :] for i in range(3))
+      # Heads outermost ([embed, heads, 3, kv]): flattened for the GEMM, the output dim then keeps
+      # the heads' tensor-parallel sharding; with [embed, 3, heads, kv] it could not (compiled for
+      # 8 H100s with mesh.tensor=2, that resharding added 131 transposes to the ViT-B/16 step).
+      kernel = jnp.stack([w for w, _ in weights], axis=2)
+      bias = jnp.stack([b for _, b in weights], axis=1)
+      qkv = flat_dense(x, kernel, bias, 1, self.dtype)
+      q, k, v = (qkv[..., i, :] for i in range(3))
     else:
       q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
@@ -234,22 +284,16 @@ def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
   return nn.gelu(h + bias)
 
 
-# GELU whose backward pass keeps only its input and recomputes the rest. Plain autodiff lets XLA save
-# GELU's inner tanh next to its output (forward: read h + bias, write GELU and tanh), and the backward
-# then reads the input, the tanh and the incoming gradient: on ViT-B/16 (H100, JAX 0.11.2) seven
-# passes over the [tokens, mlp] activations per layer where five do (tanh is cheap to recompute).
+# GELU whose backward pass keeps only the GEMM's output and recomputes the rest. Plain autodiff lets
+# XLA save GELU's inner tanh next to its output (forward: read h, write GELU and tanh), and the
+# backward then reads h, the tanh and the incoming gradient: on ViT-B/16 seven passes over the
+# [tokens, mlp] activations per layer where five do (tanh is cheap to recompute).
 # `jax.checkpoint` rather than a custom VJP: its optimisation barrier keeps XLA from merging the
-# recomputation back into the forward pass. The bias add stays outside the checkpoint, so what is
-# saved is h + bias, the GEMM's biased output: then XLA's GEMM rewriter can hand bias and GELU to
-# cuBLASLt's BIAS_GELU_AUX epilogue (it writes GELU's output and its input, and the separate GELU
-# fusion disappears); with the bias inside, the unbiased h would have to be saved and the GEMM keep
-# a plain epilogue.
-_gelu_recomputed = jax.checkpoint(nn.gelu, policy=jax.checkpoint_policies.nothing_saveable)
-
-
-def bias_gelu_recomputed(h: jax.Array, bias: jax.Array) -> jax.Array:
-  """GELU(h + bias), the same values and gradients as `_bias_gelu`, saving only h + bias."""
-  return _gelu_recomputed(h + bias)
+# recomputation back into the forward pass. The bias add is inside the checkpoint on purpose: what
+# is saved is then the GEMM's unbiased output, and the GEMM keeps a plain epilogue. With the bias
+# outside, XLA hands bias + GELU to cuBLASLt's BIAS_GELU_AUX epilogue, whose GEMM ran at ≈550
+# TFLOP/s where the step's others average ≈720 (H200, 2026-11): 1.5 % slower overall.
+bias_gelu_recomputed = jax.checkpoint(_bias_gelu, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 class Dense(nn.Module):
@@ -304,15 +348,16 @@ class EncoderBlock(nn.Module):
   attention_impl: str = "xla"
   fused_qkv: bool = True
   recompute_gelu: bool = False
+  norm_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    y = LayerNorm(dtype=self.dtype, name="norm_attn")(x)
+    x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_attn")(x, keep_input=True)
     y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal,
                   impl=self.attention_impl, fused_qkv=self.fused_qkv, name="attn")(y, mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = LayerNorm(dtype=self.dtype, name="norm_mlp")(x)
+    x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_mlp")(x, keep_input=True)
     y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
             name="mlp")(y, deterministic)
     return x + nn.Dropout(self.dropout)(y, deterministic)
@@ -344,6 +389,7 @@ class Encoder(nn.Module):
   scan: bool = False
   fused_qkv: bool = True
   recompute_gelu: bool = False
+  norm_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -351,7 +397,7 @@ class Encoder(nn.Module):
       x = row_major(x)
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   dropout=self.dropout, causal=self.causal, attention_impl=self.attention_impl,
-                  fused_qkv=self.fused_qkv, recompute_gelu=self.recompute_gelu)
+                  fused_qkv=self.fused_qkv, recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl)
     block = ScannableBlock
     if self.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))

@@ -38,6 +38,7 @@ class TextTransformer(nn.Module):
   seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it (cuDNN: 77 -> 80)
   fused_qkv: bool = True         # query/key/value projections as one GEMM (same parameters)
   recompute_gelu: bool = False   # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
+  norm_impl: str = "xla"         # or "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -58,7 +59,7 @@ class TextTransformer(nn.Module):
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
                 attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
-                recompute_gelu=self.recompute_gelu,
+                recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl,
                 name="encoder")(x, mask, not train)
     x = x[:, :length]
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
