@@ -6,7 +6,7 @@
 #   OUT=runs/gpu bash benchmarks/gpu_session.sh            # repo root, on the GPU machine
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
-# TensorFlow: `bigvis bench` runs on synthetic batches). About 8 minutes on one H100, most of it
+# TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100, most of it
 # compiling: each run is its own process. $OUT ends with 4 files (peers.jsonl, kernels.txt, hlo.tgz,
 # table.txt; a lent machine returns at most 8).
 set -u
@@ -32,29 +32,45 @@ import jax; print('devices', jax.devices())
 peers() { "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --no-ceiling "$@"; }
 b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 
+RG=(--bigvis-set model.recompute_gelu=true)
+PL=(--bigvis-set model.norm_impl=pallas)
+GK=(--bigvis-set model.gelu_impl=pallas)
+CLIP_RG_PL=(--bigvis-set model.image.recompute_gelu=true --bigvis-set model.text.recompute_gelu=true
+            --bigvis-set model.image.norm_impl=pallas --bigvis-set model.text.norm_impl=pallas)
+
 # 1. The goals side by side, the experiments as they are: the card's matmul ceiling (the basis of
-#    "fraction of the ceiling"), ViT-B/16 against timm, CLIP B/16 against open_clip.
+#    "fraction of the ceiling") and ViT-B/16 against timm.
 log "ceiling, B/16 against timm"
 "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --timeout 150 \
   --only timm_vit_base_patch16_224,bigvis_vit_b16_default
-log "CLIP B/16 against open_clip"
+# 2. The seventh session's candidates, prepared without a GPU (benchmarks/README.md, "Prepared on a
+#    CPU host"): GELU recomputed from the unbiased GEMM output (XLA's fusion, or its backward as a
+#    Pallas kernel) and the blocks' LayerNorms as one-pass Pallas kernels, together first, then
+#    apart. Whichever is fastest should become the experiments' default.
+log "B/16 candidates"
+b16 "${RG[@]}" "${PL[@]}" --tag _rg_pl
+b16 "${GK[@]}" "${PL[@]}" --tag _gk_pl
+b16 "${RG[@]}" --tag _rg
+b16 "${PL[@]}" --tag _pl
+log "CLIP B/16 against open_clip, and with recomputed GELU and Pallas LayerNorms"
 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
-# 2. Fraction of the ceiling across sizes.
-log "L/16 (batch 128) and H/14 (batch 64)"
-peers --timeout 240 --large --skip-torch --only bigvis_vit_l16_gap_cudnn,bigvis_vit_h14_gap_cudnn
-# 3. Where the B/16 step's time goes now, with the card's optimised HLO for reading offline (which
-#    fusion is which kernel; `bigvis aot --topology h100-1` only approximates the card's choices).
+peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_RG_PL[@]}" --tag _rg_pl
+# 3. Where the B/16 step's time goes with both candidates, with the card's optimised HLO for reading
+#    offline (which fusion is which kernel; `bigvis aot --topology h100-1` only approximates the
+#    card's choices; benchmarks/hlo_traffic.py sums its bytes per kernel).
 log "profile"
 XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
   timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
-  --profile "$OUT/prof" | tail -1
+  --set model.recompute_gelu=true --set model.norm_impl=pallas --profile "$OUT/prof" | tail -1
 "$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 40 > "$OUT/kernels.txt"; rm -rf "$OUT/prof"
 (cd "$OUT" && tar czf hlo.tgz hlo/*with_rules*after_optimizations.txt) && rm -rf "$OUT/hlo"
-# 4. If time is left: the batch that fills the chip; GELU recomputed in the backward pass (peak
-#    memory 15.8 against 19.3 GiB; 1.5 % slower on an H200 in 2026-11).
+# 4. If time is left: fraction of the ceiling across sizes (met in the first session: L/16 0.52 and
+#    H/14 0.51 against B/16's 0.46), then the batch that fills the chip.
+log "L/16 (batch 128) and H/14 (batch 64)"
+peers --timeout 240 --large --skip-torch --only bigvis_vit_l16_gap_cudnn,bigvis_vit_h14_gap_cudnn
 log "extras"
+b16 "${RG[@]}" "${PL[@]}" --bigvis-set model.fused_qkv=false --tag _rg_pl_sep  # q/k/v as three GEMMs
 b16 --batch 512 --tag _b512
-b16 --bigvis-set model.recompute_gelu=true --tag _rg
 
 log "all runs"
 "$PY" benchmarks/peers.py --table "$J" | tee "$OUT/table.txt"

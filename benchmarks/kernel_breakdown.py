@@ -27,6 +27,7 @@ import sys
 # cuDNN's attention backward runs helper kernels (dO.O, dQ conversion) beside the flash kernel; the
 # patch embedding's convolution is an implicit GEMM in NHWC.
 CATEGORIES = (
+    ("pallas (bigvis)", re.compile(r"bigvis_pallas|pallas_call")),  # bigvis/models/pallas_kernels.py
     ("attention", re.compile(r"fmha|flash|sdpa|attention|softmax_fusion|dot_do_o|convert_dq", re.I)),
     ("convolution", re.compile(r"implicit_gemm|fprop_optimized|nhwcAddPadding|convolution", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|nvjet|cublas|wgmma|matmul|\bdot|_dot_|dot_general", re.I)),

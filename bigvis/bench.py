@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
   import ml_collections
 
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
-  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ... patch=matmul`.
+  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ... patch=matmul`
+  (`gelu=` and `norm=` only where they differ from the defaults).
 
   `auto` attention shows what it resolves to on `device` (default: the process's first device).
   """
@@ -56,6 +57,9 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
         parts.append(f"{short}={value}")
     if c.get("recompute_gelu"):
       parts.append("gelu=recomputed")
+    for key, short in (("norm_impl", "norm"), ("gelu_impl", "gelu_kernel")):
+      if c.get(key, "xla") != "xla":
+        parts.append(f"{short}={c[key]}")
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

@@ -57,7 +57,7 @@ def reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
   that change how a model is computed but not what)."""
   from bigvis.models import with_tower_fields
   return with_tower_fields(model_cfg, scan=False, remat_policy="none", attention_impl="xla",
-                           norm_impl="xla", seq_pad_multiple=0).to_dict()
+                           norm_impl="xla", gelu_impl="xla", seq_pad_multiple=0).to_dict()
 
 
 def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:

@@ -116,10 +116,11 @@ def test_peers_gpu_runs_have_valid_configs():
   assert lines["bigvis_clip_b16_pad8_cudnn"].count("pad=8") == 2
   for big, n in (("bigvis_vit_l16_gap_cudnn", "304.3M"), ("bigvis_vit_h14_gap_cudnn", "632.0M")):
     assert "attn=cudnn pool=gap pad=0 remat=none scan=False patch=matmul" in lines[big] and f"{n} params" in lines[big]
-  assert "gelu=" not in lines["bigvis_vit_b16_default"]
-  recomputed = peers.check_specs(peers._run_specs(peers.parse_args(
-      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=true"])))
-  assert any("gelu=recomputed" in line for line in recomputed), recomputed
+  assert "gelu=" not in lines["bigvis_vit_b16_default"] and "norm=" not in lines["bigvis_vit_b16_default"]
+  changed = peers.check_specs(peers._run_specs(peers.parse_args(
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=true",
+       "--bigvis-set", "model.norm_impl=pallas"])))
+  assert any("gelu=recomputed norm=pallas" in line for line in changed), changed
 
 
 def test_profile_and_kernel_breakdown(tmp_path):
@@ -203,6 +204,7 @@ def test_kernel_categories_and_busy_union():
   assert kb.category("loop_convert_multiply_fusion_11") == "elementwise fusion"  # "convert" is no convolution
   assert kb.category("sm80_xmma_fprop_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
   assert kb.category("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)") == "attention"
+  assert kb.category("bigvis_pallas_layernorm_backward") == "pallas (bigvis)"  # not "reduction"/"matmul"
   # Overlapping kernels on two streams count once: [0,10) u [5,12) u [20,25) = 17 us.
   assert kb.busy_time([{"ts": 0, "dur": 10}, {"ts": 5, "dur": 7}, {"ts": 20, "dur": 5}]) == 17
   # Only the device's stream threads are kernels; a summary line beside them is not counted.
@@ -224,11 +226,53 @@ def test_gpu_session_script_names_real_runs_and_config_keys():
   names = {s["name"] for s in peers._run_specs(peers.parse_args(["--large", "--no-ceiling"]))}
   only = [n for group in re.findall(r"--only ([\w,.-]+)", script) for n in group.split(",")]
   assert only and set(only) <= names, set(only) - names
-  overrides = re.findall(r"--bigvis-set ([\w.]+=\S+)", script)
+  overrides = re.findall(r"--bigvis-set ([\w.]+=[^\s)]+)", script)  # also inside bash arrays: (...)
   assert overrides
   for override in overrides:  # CLIP keys go to the CLIP experiment, the rest to ViT-B/16
     experiment = "experiments/clip_vitb16.py" if override.startswith(("model.image", "model.text")) \
         else "experiments/vit_b16_i1k.py"
     config_lib.load(os.path.join(REPO, experiment), [override])
-  for override in re.findall(r"--set (\S+=\S+)", script):
+  assert {"model.norm_impl=pallas", "model.image.norm_impl=pallas", "model.fused_qkv=false"} <= set(overrides)
+  for override in re.findall(r"--set (\S+=[^\s)]+)", script):
     config_lib.load(os.path.join(REPO, "experiments/vit_b16_i1k.py"), [override])
+
+
+_GPU_HLO = """HloModule jit_step
+
+%fused_add (a: bf16[4,16], b: bf16[4,16]) -> bf16[4,16] {
+  ROOT %add = bf16[4,16]{1,0} add(%a, %b)
+}
+
+ENTRY %main (p0: bf16[4,8], p1: bf16[8,16], p2: f32[16], p3: f32[16], p4: f32[16], p5: f32[16]) -> bf16[4,16] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %p1 = bf16[8,16]{1,0} parameter(1)
+  %p2 = f32[16]{0} parameter(2)
+  %cublas-gemm.1 = (bf16[4,16]{1,0}, s8[64]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/encoder/block03/mlp/dot_general"}
+  %get-tuple-element.7 = bf16[4,16]{1,0} get-tuple-element(%cublas-gemm.1), index=0
+  %pallas_call.2 = bf16[4,16]{1,0} custom-call(%get-tuple-element.7, %p2), custom_call_target="__gpu$xla.gpu.triton"
+  ROOT %loop_add_fusion.12 = bf16[4,16]{1,0} fusion(%get-tuple-element.7, /*index=1*/%pallas_call.2), kind=kLoop, calls=%fused_add, metadata={op_name="jit(step)/encoder/block11/add"}
+}
+"""
+
+
+def test_hlo_traffic_sums_operands_and_outputs_per_kernel_kind():
+  """benchmarks/hlo_traffic.py: bytes per kernel from an optimised HLO module, GEMMs and attention
+  apart from the memory-bound rest (XLA's fusions and Pallas kernels)."""
+  traffic = _benchmark_module("hlo_traffic")
+  assert traffic.shape_bytes("(bf16[2,3]{1,0}, f32[4]{0})") == 28
+  records = {r["kind"]: r for r in traffic.traffic(_GPU_HLO)}
+  assert set(records) == {"custom-call __cublas$lt$matmul", "custom-call __gpu$xla.gpu.triton", "loop_add_fusion"}
+  assert (records["custom-call __cublas$lt$matmul"]["bytes_in"], records["custom-call __cublas$lt$matmul"]["bytes_out"]) \
+      == (64 + 256, 128 + 64)
+  assert records["custom-call __gpu$xla.gpu.triton"]["bytes_in"] == 128 + 64
+  # Operand lists carry /*index=N*/ comments past the fifth operand: they must not hide an operand.
+  assert records["loop_add_fusion"]["bytes_in"] == 256 and records["loop_add_fusion"]["op"] == "jit(step)/encoder/blockNN/add"
+  assert traffic.memory_bound_bytes(list(records.values())) == (128 + 64 + 128) + (256 + 128)
+  summary = traffic.report(list(records.values()), top=2)
+  assert "outside GEMMs and attention" in summary and "heaviest 2" in summary
+  # A real module: a CPU compile of a fused elementwise step reads both inputs and writes the result.
+  import jax.numpy as jnp
+  text = jax.jit(lambda x, y: jnp.tanh(x * 2.0 + y)).lower(jnp.ones((64, 32)), jnp.ones((64, 32))).compile().as_text()
+  assert sum(r["bytes_in"] + r["bytes_out"] for r in traffic.traffic(text)) == 3 * 64 * 32 * 4
+  with pytest.raises(ValueError, match="no ENTRY computation"):
+    traffic.traffic("not hlo")

@@ -1,4 +1,5 @@
 """CLIP: paper configs, the contrastive loss on every mesh, zero-shot and retrieval evals, inference."""
+import collections
 import os
 import subprocess
 import sys
@@ -101,18 +102,23 @@ def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_
 
 @pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)],
                          ids=["data2_fsdp4", "data2_fsdp2_tensor2"])
-def test_pallas_norm_clip_on_8_device_meshes_equals_the_one_device_xla_norm(tiny, mesh_cfg, monkeypatch):
-  """`norm_impl='pallas'` under a mesh: each device runs the kernels on its own rows (shard_map over
-  the batch axes; interpreted here), and the loss and gradients are those of XLA's LayerNorm on one
-  device, the scale and bias gradients summed over the devices' rows."""
+def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(tiny, mesh_cfg, monkeypatch):
+  """`norm_impl` and `gelu_impl` = 'pallas' under a mesh: each device runs the kernels on its own
+  shard (shard_map over the batch axes, and the MLP's hidden units where tensor parallelism splits
+  them; interpreted here), and the loss and gradients are those of XLA's fusions on one device, the
+  scale and bias gradients summed over the devices' rows."""
   _, boxed, batch, (ref_loss, ref_grads, _) = tiny
-  pallas = {**TINY, "image": {**TINY["image"], "norm_impl": "pallas_interpret"},
-            "text": {**TINY["text"], "norm_impl": "pallas_interpret"}}
-  from bigvis.models import fused_norm
+  kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret"}
+  pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
+  from bigvis.models import pallas_kernels
   per_device_calls = []
-  monkeypatch.setattr(fused_norm, "shard_map", lambda f, **kw: per_device_calls.append(kw) or jax.shard_map(f, **kw))
+  monkeypatch.setattr(pallas_kernels, "shard_map", lambda f, **kw: per_device_calls.append(kw) or jax.shard_map(f, **kw))
   loss, grads, _ = _loss_and_grads(build_model(pallas), boxed, batch, mesh_cfg)
-  assert per_device_calls and all(kw["in_specs"][0][0] == ("data", "fsdp") for kw in per_device_calls)
+  kinds = collections.Counter(len(kw["in_specs"]) for kw in per_device_calls)  # norm: x, scale, bias
+  assert kinds[3] == 2 * kinds[2] > 0, kinds  # 2 LayerNorms per GELU, in every block of both towers
+  assert all(kw["in_specs"][0][0] == ("data", "fsdp") for kw in per_device_calls)
+  gelu_hidden_axes = {kw["in_specs"][0][-1] for kw in per_device_calls if len(kw["in_specs"]) == 2}
+  assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp
   assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for _, g in flat_ref))

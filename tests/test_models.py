@@ -369,7 +369,7 @@ def test_pallas_layernorm_kernels_match_flax_with_the_residual_gradient_added(dt
   """The one-pass kernels (in Pallas's interpreter): nn.LayerNorm's values, and gradients for x (the
   residual path's included), scale and bias; 130 rows (not a whole number of kernel blocks) of 24
   features (loaded as 32 lanes, the tail masked)."""
-  from bigvis.models.fused_norm import residual_layernorm
+  from bigvis.models.pallas_kernels import residual_layernorm
   dt = jnp.dtype(dtype)
   x = (jax.random.normal(jax.random.key(0), (2, 65, 24)) * 2 + 0.5).astype(dt)
   scale = jax.random.normal(jax.random.key(1), (24,)) * 0.3 + 1
@@ -396,25 +396,52 @@ def test_pallas_layernorm_kernels_match_flax_with_the_residual_gradient_added(dt
     assert np.linalg.norm(u - v) <= tol * np.linalg.norm(u), name
 
 
-def test_pallas_norm_vit_equals_the_xla_norm_vit_and_is_refused_off_nvidia_gpus():
-  """`model.norm_impl='pallas'`: the same parameters, loss and gradients as XLA's LayerNorm (kernels
-  interpreted here); a CPU mesh gets a one-sentence error naming the field; a bad value is named."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_pallas_bias_gelu_backward_kernel_matches_autodiff(dtype):
+  """GELU(h + bias) with its backward as one kernel (interpreted): jax.nn.gelu's values and h and
+  bias gradients; 90 rows (not a whole number of 64-row blocks) of 300 (not of 256-column blocks)."""
+  from bigvis.models.pallas_kernels import bias_gelu
+  dt = jnp.dtype(dtype)
+  h = (jax.random.normal(jax.random.key(0), (2, 45, 300)) * 2).astype(dt)
+  bias = (jax.random.normal(jax.random.key(1), (300,)) * 0.5).astype(dt)
+  w = jax.random.normal(jax.random.key(2), (300, 7)).astype(dt)
+
+  def loss(gelu, h, bias):
+    return jnp.sum(jnp.sin((gelu(h, bias) @ w).astype(jnp.float32)))
+  a, ga = jax.value_and_grad(functools.partial(loss, lambda h, b: jax.nn.gelu(h + b)), argnums=(0, 1))(h, bias)
+  b, gb = jax.value_and_grad(functools.partial(loss, functools.partial(bias_gelu, interpret=True)),
+                             argnums=(0, 1))(h, bias)
+  np.testing.assert_allclose(a, b, rtol=1e-6)  # the forward is XLA's, the same expression
+  tol = 1e-5 if dtype == "float32" else 2e-2  # the kernel computes in float32, bf16 autodiff in bf16
+  for name, u, v in zip(("h", "bias"), ga, gb):
+    u, v = np.asarray(u, np.float32), np.asarray(v, np.float32)
+    assert np.linalg.norm(u - v) <= tol * np.linalg.norm(u), name
+
+
+@pytest.mark.parametrize("field", ["norm_impl", "gelu_impl"])
+def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field):
+  """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
+  XLA's fusions (kernels interpreted here); a CPU mesh gets a one-sentence error naming the field;
+  a bad value is named."""
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False)
+  pallas = dict(base, **{field: "pallas_interpret"})
   p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
-  p_pallas = nn.unbox(build_model(dict(base, norm_impl="pallas_interpret")).init(jax.random.key(0), x)["params"])
+  p_pallas = nn.unbox(build_model(pallas).init(jax.random.key(0), x)["params"])
   jax.tree.map(np.testing.assert_array_equal, p, p_pallas)  # same tree, names and initial values
 
   def loss(params, cfg):
     return jnp.sum(build_model(cfg).apply({"params": params}, x)[0] ** 2)
   a, ga = jax.value_and_grad(loss)(p, base)
-  b, gb = jax.value_and_grad(loss)(p, dict(base, norm_impl="pallas_interpret"))
+  b, gb = jax.value_and_grad(loss)(p, pallas)
   np.testing.assert_allclose(a, b, rtol=1e-5)
-  assert float(jnp.abs(gb["encoder"]["block00"]["block"]["norm_mlp"]["LayerNorm_0"]["scale"]).max()) > 0
+  block = gb["encoder"]["block00"]["block"]
+  assert float(jnp.abs(block["norm_mlp"]["LayerNorm_0"]["scale"]).max()) > 0
+  assert float(jnp.abs(block["mlp"]["Dense_0"]["bias"]).max()) > 0
   scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
 
-  with pytest.raises(UserError, match="model.norm_impl 'pallas' runs Triton kernels on NVIDIA GPUs"):
-    build_model(dict(base, norm_impl="pallas"), device=jax.devices("cpu")[0])
-  with pytest.raises(UserError, match="model.norm_impl 'triton' is not one of xla, pallas"):
-    build_model(dict(base, norm_impl="triton")).init(jax.random.key(0), x)
+  with pytest.raises(UserError, match=f"model.{field} 'pallas' runs Triton kernels on NVIDIA GPUs"):
+    build_model(dict(base, **{field: "pallas"}), device=jax.devices("cpu")[0])
+  with pytest.raises(UserError, match=f"model.{field} 'triton' is not one of xla, pallas"):
+    build_model(dict(base, **{field: "triton"})).init(jax.random.key(0), x)

@@ -70,7 +70,7 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
   """
   if device is not None:
     model_config = resolve_attention(model_config, device)
-    check_norm_impl(model_config, device)
+    check_kernel_impls(model_config, device)
   cfg = _copied_dict(model_config)
   name = cfg.pop("name", None)
   if name not in MODELS:
@@ -130,14 +130,16 @@ def resolve_attention(model_config: ml_collections.ConfigDict | dict, device: An
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
-def check_norm_impl(model_config: ml_collections.ConfigDict | dict, device: Any) -> None:
-  """A one-sentence error when a tower asks for the Pallas LayerNorm kernels on a device that cannot
-  run them (they are Triton kernels: NVIDIA GPUs of compute capability 8.0 or newer)."""
+def check_kernel_impls(model_config: ml_collections.ConfigDict | dict, device: Any) -> None:
+  """A one-sentence error when a tower asks for bigvis's Pallas kernels (`norm_impl`, `gelu_impl`) on
+  a device that cannot run them (they are Triton kernels: NVIDIA GPUs of compute capability ≥ 8.0)."""
   cfg = _copied_dict(model_config)
   for cls, section in _towers(cfg):
-    if {**_defaults(cls), **section}.get("norm_impl") == "pallas" and not nvidia_sm80_or_newer(device):
-      raise UserError(f"model.norm_impl 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
-                      f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")
+    tower = {**_defaults(cls), **section}
+    for field in ("norm_impl", "gelu_impl"):
+      if tower.get(field) == "pallas" and not nvidia_sm80_or_newer(device):
+        raise UserError(f"model.{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
+                        f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")
 
 
 def model_inputs(model_config: ml_collections.ConfigDict, batch: dict) -> tuple:

@@ -7,6 +7,7 @@ parallel, FSDP or tensor parallel without code changes.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Optional
 
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigvis.errors import UserError
-from bigvis.models.fused_norm import residual_layernorm
+from bigvis.models.pallas_kernels import bias_gelu as pallas_bias_gelu
+from bigvis.models.pallas_kernels import residual_layernorm
 
 Dtype = Any
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
@@ -38,7 +40,21 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, axes)
 
 
-NORM_IMPLS = ("xla", "pallas", "pallas_interpret")
+# How the LayerNorms (`norm_impl`) and the MLP's bias + GELU (`gelu_impl`) are computed: XLA's
+# fusions, or bigvis's Pallas kernels (`pallas_kernels`; NVIDIA GPUs), or those kernels run by Pallas's
+# interpreter ("pallas_interpret": any backend, slow; how the tests check them on a CPU).
+KERNEL_IMPLS = ("xla", "pallas", "pallas_interpret")
+
+
+def _check_kernel_impl(field: str, value: str) -> None:
+  if value not in KERNEL_IMPLS:
+    raise UserError(f"model.{field} '{value}' is not one of {', '.join(KERNEL_IMPLS)}.")
+
+
+def _activation_mesh_axes(names: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
+  """The mesh axes (a PartitionSpec's entries) the sharding rules give an activation's trailing
+  `ndim` logical names; all None outside a mesh."""
+  return tuple(nn.logical_to_mesh_axes(names[-ndim:]))
 
 
 class _NormParams(nn.Module):
@@ -54,9 +70,8 @@ class _NormParams(nn.Module):
 class LayerNorm(nn.Module):
   """LayerNorm whose scale and bias are named on the `embed` axis.
 
-  `impl`: "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels for NVIDIA GPUs
-  (`fused_norm`; "pallas_interpret" runs them in Pallas's interpreter, for checking on a CPU). The
-  kernels apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) so the
+  `impl` (one of KERNEL_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels.
+  They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) so the
   residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
   The parameters are the same either way.
   """
@@ -66,16 +81,15 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, keep_input: bool = False):
-    if self.impl not in NORM_IMPLS:
-      raise UserError(f"model.norm_impl '{self.impl}' is not one of {', '.join(NORM_IMPLS)}.")
+    _check_kernel_impl("norm_impl", self.impl)
     if keep_input and self.impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
-      batch_axes = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_embed")[-x.ndim:])
+      batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
       if batch_axes[-1] is not None:
         raise UserError(f"model.norm_impl '{self.impl}' needs each token's {x.shape[-1]} features on one "
                         f"device, but the sharding rules split them over mesh axis {batch_axes[-1]!r}.")
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
-                                interpret=self.impl == "pallas_interpret", batch_axes=tuple(batch_axes)[:-1])
+                                interpret=self.impl == "pallas_interpret", batch_axes=batch_axes[:-1])
     y = nn.LayerNorm(
         epsilon=self.epsilon, dtype=self.dtype,
         scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
@@ -316,21 +330,28 @@ class Mlp(nn.Module):
   """Two dense layers with GELU; the hidden units sit on the `mlp` axis.
 
   `recompute_gelu` saves only the first GEMM's output for the backward pass (`bias_gelu_recomputed`);
-  the result and gradients are the same.
+  `gelu_impl='pallas'` does too, its backward one Pallas kernel (`pallas_kernels.bias_gelu`). The
+  result and gradients are the same.
   """
   mlp_dim: int
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   out_dim: Optional[int] = None
   recompute_gelu: bool = False
+  gelu_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     width = self.out_dim or x.shape[-1]
+    _check_kernel_impl("gelu_impl", self.gelu_impl)
+    if self.gelu_impl != "xla":
+      axes = _activation_mesh_axes(("act_batch", "act_length", "act_mlp"), x.ndim)
+      epilogue = functools.partial(pallas_bias_gelu, interpret=self.gelu_impl == "pallas_interpret", axes=axes)
+    else:
+      epilogue = bias_gelu_recomputed if self.recompute_gelu else _bias_gelu
     x = Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0",
               kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("embed", "mlp")),
-              bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(
-                  x, bias_gelu_recomputed if self.recompute_gelu else _bias_gelu)
+              bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(x, epilogue)
     x = constrain(x, ("act_batch", "act_length", "act_mlp"))
     x = nn.Dropout(self.dropout)(x, deterministic)
     return nn.Dense(width, dtype=self.dtype, name="Dense_1",
@@ -349,6 +370,7 @@ class EncoderBlock(nn.Module):
   fused_qkv: bool = True
   recompute_gelu: bool = False
   norm_impl: str = "xla"
+  gelu_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -359,7 +381,7 @@ class EncoderBlock(nn.Module):
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_mlp")(x, keep_input=True)
     y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
-            name="mlp")(y, deterministic)
+            gelu_impl=self.gelu_impl, name="mlp")(y, deterministic)
     return x + nn.Dropout(self.dropout)(y, deterministic)
 
 
@@ -390,6 +412,7 @@ class Encoder(nn.Module):
   fused_qkv: bool = True
   recompute_gelu: bool = False
   norm_impl: str = "xla"
+  gelu_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -397,7 +420,8 @@ class Encoder(nn.Module):
       x = row_major(x)
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   dropout=self.dropout, causal=self.causal, attention_impl=self.attention_impl,
-                  fused_qkv=self.fused_qkv, recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl)
+                  fused_qkv=self.fused_qkv, recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl,
+                  gelu_impl=self.gelu_impl)
     block = ScannableBlock
     if self.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))

@@ -39,6 +39,7 @@ class TextTransformer(nn.Module):
   fused_qkv: bool = True         # query/key/value projections as one GEMM (same parameters)
   recompute_gelu: bool = False   # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "xla"         # or "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
+  gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -59,7 +60,7 @@ class TextTransformer(nn.Module):
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
                 attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
-                recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl,
+                recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl, gelu_impl=self.gelu_impl,
                 name="encoder")(x, mask, not train)
     x = x[:, :length]
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)

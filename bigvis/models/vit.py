@@ -156,6 +156,7 @@ class ViT(nn.Module):
   fused_qkv: bool = True         # query/key/value projections as one GEMM (same parameters)
   recompute_gelu: bool = False   # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "xla"         # or "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
+  gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
   patch_embedding: str = "matmul"  # or "conv": how PatchEmbedding computes (same parameters and result)
 
   @nn.compact
@@ -190,7 +191,8 @@ class ViT(nn.Module):
     x = Encoder(depth=v["depth"], num_heads=v["num_heads"], mlp_dim=v["mlp_dim"], dtype=self.dtype,
                 dropout=self.dropout, attention_impl=impl,
                 remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
-                recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl, name="encoder")(x, mask, not train)
+                recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl,
+                gelu_impl=self.gelu_impl, name="encoder")(x, mask, not train)
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
     x = x[:, :length]  # drop padding tokens
     aux = {"encoded": x}
