@@ -7,8 +7,8 @@
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100, most of it
-# compiling: each run is its own process. $OUT ends with 4 files (peers.jsonl, kernels.txt, hlo.tgz,
-# table.txt; a lent machine returns at most 8).
+# compiling: each run is its own process. $OUT ends with 5 files (pallas_check.jsonl, peers.jsonl,
+# kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
@@ -37,6 +37,11 @@ PL=(--bigvis-set model.norm_impl=pallas)
 GK=(--bigvis-set model.gelu_impl=pallas)
 CLIP_RG_PL=(--bigvis-set model.image.recompute_gelu=true --bigvis-set model.text.recompute_gelu=true
             --bigvis-set model.image.norm_impl=pallas --bigvis-set model.text.norm_impl=pallas)
+
+# 0. bigvis's Pallas kernels against XLA's fusions at ViT-B/16's shapes: do they agree on this card,
+#    and how long does each take (seconds; steps 2 and 3 time them inside the whole step).
+log "Pallas kernels against XLA"
+timeout 120 "$PY" benchmarks/pallas_kernels_check.py | tee "$OUT/pallas_check.jsonl"
 
 # 1. The goals side by side, the experiments as they are: the card's matmul ceiling (the basis of
 #    "fraction of the ceiling") and ViT-B/16 against timm.

@@ -276,3 +276,15 @@ def test_hlo_traffic_sums_operands_and_outputs_per_kernel_kind():
   assert sum(r["bytes_in"] + r["bytes_out"] for r in traffic.traffic(text)) == 3 * 64 * 32 * 4
   with pytest.raises(ValueError, match="no ENTRY computation"):
     traffic.traffic("not hlo")
+
+
+def test_pallas_kernels_check_agrees_with_xla_in_the_interpreter(capsys):
+  """benchmarks/pallas_kernels_check.py, which a GPU session runs first: on a CPU, with the kernels
+  interpreted, both report times and agree with XLA's fusions to float32 rounding."""
+  check = _benchmark_module("pallas_kernels_check")
+  assert check.main(["--rows", "70", "--width", "24", "--mlp", "300", "--dtype", "float32",
+                     "--steps", "1", "--interpret"]) == 0
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [r["kernel"] for r in lines] == ["layernorm", "bias_gelu"]
+  for r in lines:
+    assert r["max_rel_err"] < 1e-5 and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r
