@@ -6,8 +6,9 @@
 #   OUT=runs/gpu bash benchmarks/gpu_session.sh            # repo root, on the GPU machine
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
-# TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100, most of it
-# compiling: each run is its own process. $OUT ends with 5 files (pallas_check.jsonl, peers.jsonl,
+# TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100 (an estimate:
+# 8.5 measured before the seventh session added runs), most of it compiling: each run is its own
+# process. $OUT ends with 5 files (pallas_check.jsonl, peers.jsonl,
 # kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 OUT=${OUT:-runs/gpu_session}

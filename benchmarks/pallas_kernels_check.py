@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bigvis.models import pallas_kernels  # noqa: E402
 
 
-def _time_ms(fn, args, steps: int) -> float:
+def _time_ms(fn: Callable, args: tuple, steps: int) -> float:
   jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
   for _ in range(steps):
@@ -39,14 +40,14 @@ def _time_ms(fn, args, steps: int) -> float:
   return statistics.median(times)
 
 
-def _max_rel_err(reference, candidate) -> float:
+def _max_rel_err(reference: Any, candidate: Any) -> float:
   errs = [float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
           / max(float(np.max(np.abs(np.asarray(a, np.float32)))), 1e-30)
           for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(candidate))]
   return max(errs)
 
 
-def compare(name: str, xla_fn, pallas_fn, args: tuple, steps: int) -> dict:
+def compare(name: str, xla_fn: Callable, pallas_fn: Callable, args: tuple, steps: int) -> dict:
   """Value and gradients of two scalar functions of `args`, jitted; their times and disagreement."""
   xla_grad = jax.jit(jax.value_and_grad(xla_fn, argnums=tuple(range(len(args)))))
   pallas_grad = jax.jit(jax.value_and_grad(pallas_fn, argnums=tuple(range(len(args)))))
@@ -57,9 +58,9 @@ def compare(name: str, xla_fn, pallas_fn, args: tuple, steps: int) -> dict:
           "max_rel_err": _max_rel_err(reference, candidate)}
 
 
-def layernorm_case(rows: int, width: int, dtype, interpret: bool) -> tuple:
-  """The block's LayerNorm with the residual path: loss = <y, c> + <x, d>, so dy = c and the residual
-  gradient = d, as a block's backward would bring them."""
+def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool) -> tuple[Callable, Callable, tuple]:
+  """(XLA's, the kernels' loss, their arguments) for the block's LayerNorm with the residual path:
+  loss = <y, c> + <x, d>, so dy = c and the residual gradient = d, as a block's backward brings them."""
   keys = jax.random.split(jax.random.key(0), 5)
   x = (jax.random.normal(keys[0], (rows, width)) * 2 + 0.3).astype(dtype)
   scale = 1 + 0.1 * jax.random.normal(keys[1], (width,))
@@ -80,8 +81,9 @@ def layernorm_case(rows: int, width: int, dtype, interpret: bool) -> tuple:
   return xla, pallas, (x, scale, bias)
 
 
-def bias_gelu_case(rows: int, mlp: int, dtype, interpret: bool) -> tuple:
-  """GELU(h + bias) after the first MLP GEMM: loss = <GELU(h + bias), c>."""
+def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Callable, Callable, tuple]:
+  """(XLA's, the kernel's loss, their arguments) for GELU(h + bias) after the first MLP GEMM:
+  loss = <GELU(h + bias), c>."""
   keys = jax.random.split(jax.random.key(1), 3)
   h = (jax.random.normal(keys[0], (rows, mlp)) * 2).astype(dtype)
   bias = (0.1 * jax.random.normal(keys[1], (mlp,))).astype(dtype)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
 
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
   """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ... patch=matmul`
-  (`gelu=` and `norm=` only where they differ from the defaults).
+  (`gelu=recomputed|pallas` and `norm=pallas` only where they differ from the defaults).
 
   `auto` attention shows what it resolves to on `device` (default: the process's first device).
   """
@@ -55,11 +55,12 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
         if key == "attention_impl" and value == "auto":
           value = f"auto:{r[key]}"
         parts.append(f"{short}={value}")
-    if c.get("recompute_gelu"):
+    if c.get("gelu_impl", "xla") != "xla":
+      parts.append(f"gelu={c['gelu_impl']}")  # saves only h, whatever recompute_gelu says
+    elif c.get("recompute_gelu"):
       parts.append("gelu=recomputed")
-    for key, short in (("norm_impl", "norm"), ("gelu_impl", "gelu_kernel")):
-      if c.get(key, "xla") != "xla":
-        parts.append(f"{short}={c[key]}")
+    if c.get("norm_impl", "xla") != "xla":
+      parts.append(f"norm={c['norm_impl']}")
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

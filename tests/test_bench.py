@@ -121,6 +121,9 @@ def test_peers_gpu_runs_have_valid_configs():
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=true",
        "--bigvis-set", "model.norm_impl=pallas"])))
   assert any("gelu=recomputed norm=pallas" in line for line in changed), changed
+  kernel = peers.check_specs(peers._run_specs(peers.parse_args(
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.gelu_impl=pallas"])))
+  assert any(line.endswith("gelu=pallas, 86.6M params, batch 256") for line in kernel), kernel
 
 
 def test_profile_and_kernel_breakdown(tmp_path):

@@ -1,6 +1,7 @@
 """CLIP: paper configs, the contrastive loss on every mesh, zero-shot and retrieval evals, inference."""
 import collections
 import os
+import re
 import subprocess
 import sys
 
@@ -50,8 +51,9 @@ def _tiny_batch(n=16, seed=0):
   return {"image": rng.standard_normal((n, 8, 8, 3)).astype(np.float32), "labels": tokens}
 
 
-def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None):
-  """The `clip` objective's loss and gradients on the global batch, jitted over the given mesh."""
+def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None, *, collectives=False):
+  """The `clip` objective's loss and gradients on the global batch, jitted over the given mesh; with
+  `collectives`, also the compiled step's all-reduces (their result shapes, sorted)."""
   mesh = sharding.make_mesh(mesh_cfg, devices)
   rules = sharding.DEFAULT_RULES
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
@@ -66,7 +68,11 @@ def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None):
   with sharding.use_mesh(mesh):
     step = jax.jit(f, in_shardings=(param_sh, sharding.batch_sharding(mesh)),
                    out_shardings=(sharding.replicated(mesh), param_sh))
-    loss, grads = step(params, sharding.global_batch(batch, mesh))
+    global_batch = sharding.global_batch(batch, mesh)
+    loss, grads = step(params, global_batch)
+    if collectives:
+      hlo = step.lower(params, global_batch).compile().as_text()
+      return float(loss), jax.tree.map(np.asarray, grads), sorted(re.findall(r"= (\S+) all-reduce\(", hlo))
   return float(loss), jax.tree.map(np.asarray, grads), param_sh
 
 
@@ -107,18 +113,26 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   shard (shard_map over the batch axes, and the MLP's hidden units where tensor parallelism splits
   them; interpreted here), and the loss and gradients are those of XLA's fusions on one device, the
   scale and bias gradients summed over the devices' rows."""
-  _, boxed, batch, (ref_loss, ref_grads, _) = tiny
+  model, boxed, batch, (ref_loss, ref_grads, _) = tiny
   kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret"}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
   from bigvis.models import pallas_kernels
-  per_device_calls = []
-  monkeypatch.setattr(pallas_kernels, "shard_map", lambda f, **kw: per_device_calls.append(kw) or jax.shard_map(f, **kw))
-  loss, grads, _ = _loss_and_grads(build_model(pallas), boxed, batch, mesh_cfg)
-  kinds = collections.Counter(len(kw["in_specs"]) for kw in per_device_calls)  # norm: x, scale, bias
-  assert kinds[3] == 2 * kinds[2] > 0, kinds  # 2 LayerNorms per GELU, in every block of both towers
-  assert all(kw["in_specs"][0][0] == ("data", "fsdp") for kw in per_device_calls)
-  gelu_hidden_axes = {kw["in_specs"][0][-1] for kw in per_device_calls if len(kw["in_specs"]) == 2}
+  per_device = collections.defaultdict(list)  # kernel wrapper -> the in_specs of each call
+
+  def recording_shard_map(f, **kw):
+    per_device[f.func.__name__].append(kw["in_specs"])
+    return jax.shard_map(f, **kw)
+  monkeypatch.setattr(pallas_kernels, "shard_map", recording_shard_map)
+  loss, grads, all_reduces = _loss_and_grads(build_model(pallas), boxed, batch, mesh_cfg, collectives=True)
+  calls = {name: len(specs) for name, specs in per_device.items()}
+  # 2 LayerNorms (forward and backward) per GELU backward, in every block of both towers.
+  assert calls["_layernorm_forward"] == calls["_layernorm_backward"] == 2 * calls["_bias_gelu_backward"] > 0, calls
+  assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name])
+  gelu_hidden_axes = {specs[0][-1] for specs in per_device["_bias_gelu_backward"]}
   assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp
+  # The kernels add no collective: wrapping the custom VJP (not each kernel) in shard_map had autodiff
+  # sum x's gradient over `tensor`, one more activation-sized all-reduce per LayerNorm.
+  assert all_reduces == _loss_and_grads(model, boxed, batch, mesh_cfg, collectives=True)[2]
   assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for _, g in flat_ref))
@@ -328,6 +342,17 @@ def test_zeroshot_command_and_embedder_on_a_short_clip_run(tmp_path, capsys):
   assert z.shape == (4, 128)
   np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(z[0], embed(images[:1])[0], atol=1e-5)  # independent of the batch
+
+  # A run trained with the Pallas kernels (GPU only) is served on a CPU by XLA's LayerNorm and GELU:
+  # the same parameters and embeddings.
+  import json
+  with open(tmp_path / "run" / "config.json") as f:
+    trained = json.load(f)
+  for tower in ("image", "text"):
+    trained["model"].setdefault(tower, {}).update(norm_impl="pallas", gelu_impl="pallas")
+  with open(tmp_path / "run" / "config.json", "w") as f:
+    json.dump(trained, f)
+  np.testing.assert_allclose(inference.load_image_embedder(str(tmp_path / "run"))(images[:1])[0], z[0], atol=1e-6)
 
   assert cli.main(["zeroshot", "--workdir", str(tmp_path / "run"), "--images", str(tmp_path / "imgs"),
                    "--labels", "a,b", "--step", "3"]) == 2

@@ -110,40 +110,45 @@ def test_fused_qkv_projection_equals_separate_projections(name):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
 
 
-def _projection_bias_ranks(jaxpr) -> list[tuple[int, int]]:
-  """(kernel rank, bias rank before broadcasting) of every `dot + broadcast(bias)` in `jaxpr`."""
+def _projection_bias_shapes(jaxpr) -> list[tuple[int, int]]:
+  """(kernel rank, non-unit dims of the bias as it enters the add or its broadcast) of every
+  `dot_general + bias` in `jaxpr` and the jaxprs nested in it."""
   from jax.extend import core as jex_core
   found, producer = [], {}
   for eqn in jaxpr.eqns:
     for sub in eqn.params.values():  # nested jaxprs (jit, checkpoint, custom_jvp) hold layers too
       sub = getattr(sub, "jaxpr", sub)
       if isinstance(sub, jex_core.Jaxpr):
-        found += _projection_bias_ranks(sub)
+        found += _projection_bias_shapes(sub)
     for v in eqn.outvars:
       producer[v] = eqn
     if eqn.primitive.name != "add":
       continue
-    ins = [producer.get(v) if not isinstance(v, jex_core.Literal) else None for v in eqn.invars]
-    dots = [e for e in ins if e is not None and e.primitive.name == "dot_general"
+    ins = [None if isinstance(v, jex_core.Literal) else producer.get(v) for v in eqn.invars]
+    dots = [i for i, e in enumerate(ins) if e is not None and e.primitive.name == "dot_general"
             and not e.params["dimension_numbers"][1][0]]  # no batch dims: a projection, not attention
-    bcasts = [e for e in ins if e is not None and e.primitive.name == "broadcast_in_dim"]
-    if dots and bcasts:
-      found.append((dots[0].invars[1].aval.ndim, bcasts[0].invars[0].aval.ndim))
+    if len(dots) != 1:
+      continue
+    bias, bias_eqn = eqn.invars[1 - dots[0]], ins[1 - dots[0]]
+    if bias_eqn is not None and bias_eqn.primitive.name == "broadcast_in_dim":
+      bias = bias_eqn.invars[0]
+    found.append((ins[dots[0]].invars[1].aval.ndim, sum(d != 1 for d in bias.aval.shape)))
   return found
 
 
 @pytest.mark.parametrize("fused_qkv", [True, False])
 def test_projections_are_2d_gemms_with_a_1d_bias(fused_qkv):
-  """Every dense projection is a 2-D GEMM plus a 1-D bias: XLA hands a 1-D bias to cuBLASLt's BIAS
-  epilogue, where an N-D one (the [3, heads, kv] query/key/value bias) is broadcast to the whole
-  output and added through the GEMM's C operand (an extra write and read of it per block)."""
+  """Every dense projection is a 2-D GEMM plus a bias with one non-unit dim: XLA hands such a bias
+  to cuBLASLt's BIAS epilogue, where an N-D one (the [3, heads, kv] query/key/value bias) is
+  broadcast to the whole output and added through the GEMM's C operand (an extra write and read of
+  it per block)."""
   model = build_model(dict(name="vit", variant="mu/4", num_classes=3, fused_qkv=fused_qkv))
   x = jnp.ones((2, 16, 16, 3))
   params = model.init(jax.random.key(0), x)
-  ranks = _projection_bias_ranks(jax.make_jaxpr(lambda p: model.apply(p, x))(params).jaxpr)
-  attention_projections = 2 if fused_qkv else 4  # (q/k/v fused or 3 separate) + output, per block
-  assert len(ranks) >= attention_projections, ranks
-  assert set(ranks) == {(2, 1)}, ranks
+  found = _projection_bias_shapes(jax.make_jaxpr(lambda p: model.apply(p, x))(params).jaxpr)
+  per_block = (1 if fused_qkv else 3) + 3  # query/key/value, output, the MLP's two
+  assert len(found) == parse_variant("mu/4")["depth"] * per_block + 2, found  # + patch embedding, head
+  assert set(found) == {(2, 1)}, found
 
 
 class _FakeDevice:
@@ -444,4 +449,7 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   with pytest.raises(UserError, match=f"model.{field} 'pallas' runs Triton kernels on NVIDIA GPUs"):
     build_model(dict(base, **{field: "pallas"}), device=jax.devices("cpu")[0])
   with pytest.raises(UserError, match=f"model.{field} 'triton' is not one of xla, pallas"):
-    build_model(dict(base, **{field: "triton"})).init(jax.random.key(0), x)
+    build_model(dict(base, **{field: "triton"}))
+  clip = dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", **{field: "triton"}))
+  with pytest.raises(UserError, match=f"model.text.{field} 'triton' is not one of"):  # the tower's key
+    build_model(clip)

@@ -12,7 +12,7 @@ import ml_collections
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
-from bigvis.models.layers import nvidia_sm80_or_newer, resolve_attention_impl
+from bigvis.models.layers import KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
 
@@ -70,7 +70,7 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
   """
   if device is not None:
     model_config = resolve_attention(model_config, device)
-    check_kernel_impls(model_config, device)
+  check_kernel_impls(model_config, device)
   cfg = _copied_dict(model_config)
   name = cfg.pop("name", None)
   if name not in MODELS:
@@ -130,15 +130,21 @@ def resolve_attention(model_config: ml_collections.ConfigDict | dict, device: An
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
-def check_kernel_impls(model_config: ml_collections.ConfigDict | dict, device: Any) -> None:
-  """A one-sentence error when a tower asks for bigvis's Pallas kernels (`norm_impl`, `gelu_impl`) on
-  a device that cannot run them (they are Triton kernels: NVIDIA GPUs of compute capability ≥ 8.0)."""
+def check_kernel_impls(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
+  """A one-sentence error naming the key for a `norm_impl`/`gelu_impl` that is not one of
+  KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels cannot run:
+  they are Triton kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
   cfg = _copied_dict(model_config)
+  clip = cfg.get("name") == "clip"
   for cls, section in _towers(cfg):
     tower = {**_defaults(cls), **section}
+    prefix = "model." + (("image." if cls is ViT else "text.") if clip else "")
     for field in ("norm_impl", "gelu_impl"):
-      if tower.get(field) == "pallas" and not nvidia_sm80_or_newer(device):
-        raise UserError(f"model.{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
+      value = tower.get(field, "xla")
+      if value not in KERNEL_IMPLS:
+        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(KERNEL_IMPLS)}.")
+      if value == "pallas" and device is not None and not nvidia_sm80_or_newer(device):
+        raise UserError(f"{prefix}{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
                         f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")
 
 

@@ -6,16 +6,17 @@ same kernels in Pallas's interpreter (any backend; slow), which is how the tests
 * `residual_layernorm`, the pre-LN block's LayerNorm. XLA computes a LayerNorm in two passes over
   the activations forward (the statistics, then the normalised output) and three backward (two row
   reductions, then the input gradient fused with the residual stream's). Compiled for an H100 that
-  is ≈237 MB of the ViT-B/16 step's traffic per LayerNorm that a kernel holding each row in
-  registers does not move. These kernels read x once and write y once forward; backward they read
+  is ≈237 MB of the ViT-B/16 step's traffic per LayerNorm (24 of them) that a kernel holding each
+  row in registers does not move. These kernels read x once and write y once forward; backward they read
   x, dy and the residual gradient once and write the summed input gradient, with per-program
   partial sums for the scale and bias gradients. The residual gradient has to enter the kernel or
   it costs a separate add: so the function is `x -> (x, LayerNorm(x))`, and the cotangent of the
   first output (everything the residual path sends back) is added inside the backward kernel.
 * `bias_gelu`, GELU(h + bias) after the first MLP GEMM, saving only h. Its backward kernel
   recomputes GELU's derivative and writes the input gradient with per-program partial sums of the
-  bias gradient: XLA's fusion for the same work (elementwise output plus a column reduction) ran at
-  about half the H200's memory bandwidth (4.8 ms a ViT-B/16 step, 2026-11).
+  bias gradient. XLA's fusion for the same work (an elementwise output plus a column reduction) is,
+  by its time and shapes, probably the H200 profile's largest reduction: 4.8 ms a ViT-B/16 step,
+  about half the card's memory bandwidth (2026-11).
 """
 from __future__ import annotations
 
@@ -98,61 +99,90 @@ def _compiler_params(interpret: bool) -> Any:
   return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
 
 
-def _forward(x2, scale, bias, eps, out_dtype, interpret):
-  n_rows, n_cols = x2.shape
-  kernel = functools.partial(_forward_kernel, n_rows=n_rows, n_cols=n_cols, eps=eps)
+def _layernorm_forward(x, scale, bias, *, eps, out_dtype, interpret):
+  """x [..., width] -> (y like x in out_dtype, mean and rstd [...]): one device's rows."""
+  width = x.shape[-1]
+  n_rows = x.size // width
+  kernel = functools.partial(_forward_kernel, n_rows=n_rows, n_cols=width, eps=eps)
   stats = jax.ShapeDtypeStruct((n_rows,), jnp.float32)
-  return pl.pallas_call(
+  y, mean, rstd = pl.pallas_call(
       kernel, grid=(pl.cdiv(n_rows, FORWARD_ROWS),), name="bigvis_pallas_layernorm_forward",
-      out_shape=[jax.ShapeDtypeStruct((n_rows, n_cols), out_dtype), stats, stats],
-      compiler_params=_compiler_params(interpret), interpret=interpret)(x2, scale, bias)
+      out_shape=[jax.ShapeDtypeStruct((n_rows, width), out_dtype), stats, stats],
+      compiler_params=_compiler_params(interpret), interpret=interpret)(x.reshape(n_rows, width), scale, bias)
+  return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
 
-def _backward(x2, dy2, dres2, mean, rstd, scale, interpret):
-  n_rows, n_cols = x2.shape
+def _layernorm_backward(x, dy, dres, mean, rstd, scale, *, interpret):
+  """(dx like x, partial scale and bias sums [programs, width]): one device's rows."""
+  width = x.shape[-1]
+  n_rows = x.size // width
   programs = pl.cdiv(n_rows, BACKWARD_ROWS)
-  kernel = functools.partial(_backward_kernel, n_rows=n_rows, n_cols=n_cols)
-  partial_sums = jax.ShapeDtypeStruct((programs, n_cols), jnp.float32)
-  return pl.pallas_call(
+  kernel = functools.partial(_backward_kernel, n_rows=n_rows, n_cols=width)
+  partial_sums = jax.ShapeDtypeStruct((programs, width), jnp.float32)
+  rows = lambda a: a.reshape(n_rows, -1)  # noqa: E731
+  dx, dscale, dbias = pl.pallas_call(
       kernel, grid=(programs,), name="bigvis_pallas_layernorm_backward",
-      out_shape=[jax.ShapeDtypeStruct((n_rows, n_cols), x2.dtype), partial_sums, partial_sums],
-      compiler_params=_compiler_params(interpret), interpret=interpret)(x2, dy2, dres2, mean, rstd, scale)
+      out_shape=[jax.ShapeDtypeStruct((n_rows, width), x.dtype), partial_sums, partial_sums],
+      compiler_params=_compiler_params(interpret), interpret=interpret)(
+          rows(x), rows(dy), rows(dres), mean.reshape(n_rows), rstd.reshape(n_rows), scale)
+  return dx.reshape(x.shape), dscale, dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _residual_layernorm(x, scale, bias, eps, out_dtype, interpret):
-  return _residual_layernorm_fwd(x, scale, bias, eps, out_dtype, interpret)[0]
+P = jax.sharding.PartitionSpec
 
 
-def _residual_layernorm_fwd(x, scale, bias, eps, out_dtype, interpret):
-  width = x.shape[-1]
-  y, mean, rstd = _forward(x.reshape(-1, width), scale, bias, eps, out_dtype, interpret)
-  return (x, y.reshape(x.shape)), (x, mean, rstd, scale, bias)  # x is the input itself: no copy
+def _flat_mesh_axes(entries: tuple[Any, ...]) -> tuple[str, ...]:
+  """Every mesh axis named in PartitionSpec entries, in order: the axes that split a flattened dim."""
+  names = []
+  for entry in entries:
+    names += [] if entry is None else [entry] if isinstance(entry, str) else list(entry)
+  return tuple(names)
 
 
-def _residual_layernorm_bwd(eps, out_dtype, interpret, saved, cotangents):
-  del eps, out_dtype
-  x, mean, rstd, scale, bias = saved
-  dres, dy = cotangents  # dres: all the residual path sends back to x
-  width = x.shape[-1]
-  dx, dscale, dbias = _backward(x.reshape(-1, width), dy.reshape(-1, width).astype(x.dtype),
-                                dres.reshape(-1, width).astype(x.dtype), mean, rstd, scale, interpret)
-  return (dx.reshape(x.shape), jnp.sum(dscale, axis=0).astype(scale.dtype),
-          jnp.sum(dbias, axis=0).astype(bias.dtype))
-
-
-_residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
-
-
-def _per_device(call, args: tuple, in_specs: tuple, out_specs: Any) -> Any:
+def _per_device(call, args: tuple, in_specs: tuple | None, out_specs: Any) -> Any:
   """`call(*args)` on each device's own shard under a mesh (a Pallas call has no partitioning rule of
-  its own, so XLA would otherwise gather the activations onto every device); directly without one.
-  A spec of None marks the call as unsharded."""
+  its own, so XLA would otherwise gather the activations onto every device); directly without one
+  (`in_specs` None: no sharding to follow).
+
+  Inside the custom VJPs, around each Pallas call, not around the custom VJP: then no shard_map is
+  transposed by autodiff, which (without replication checking) would sum x's gradient over the
+  axes x is replicated on, an activation-sized all-reduce under tensor parallelism.
+  """
   mesh = jax.sharding.get_abstract_mesh()
   if in_specs is None or mesh.empty or mesh.size == 1:
     return call(*args)
   # check_vma=False: a Pallas call's outputs carry no record of which mesh axes they vary over.
   return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _residual_layernorm(x, scale, bias, eps, out_dtype, interpret, batch_axes):
+  return _residual_layernorm_fwd(x, scale, bias, eps, out_dtype, interpret, batch_axes)[0]
+
+
+def _residual_layernorm_fwd(x, scale, bias, eps, out_dtype, interpret, batch_axes):
+  forward = functools.partial(_layernorm_forward, eps=eps, out_dtype=out_dtype, interpret=interpret)
+  specs = None if batch_axes is None else (P(*batch_axes, None), P(*batch_axes))
+  y, mean, rstd = _per_device(forward, (x, scale, bias), specs and (specs[0], P(), P()),
+                              specs and (specs[0], specs[1], specs[1]))
+  return (x, y), (x, mean, rstd, scale)  # x is the input itself: no copy
+
+
+def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, saved, cotangents):
+  del eps, out_dtype
+  x, mean, rstd, scale = saved
+  dres, dy = cotangents  # dres: all the residual path sends back to x
+  backward = functools.partial(_layernorm_backward, interpret=interpret)
+  in_specs = out_specs = None
+  if batch_axes is not None:
+    rows, stats, partials = P(*batch_axes, None), P(*batch_axes), P(_flat_mesh_axes(batch_axes), None)
+    in_specs, out_specs = (rows, rows, rows, stats, stats, P()), (rows, partials, partials)
+  dx, dscale, dbias = _per_device(backward, (x, dy, dres, mean, rstd, scale), in_specs, out_specs)
+  # scale and bias are one LayerNorm's parameters, of one dtype.
+  return dx, jnp.sum(dscale, axis=0).astype(scale.dtype), jnp.sum(dbias, axis=0).astype(scale.dtype)
+
+
+_residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
 
 
 def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
@@ -163,11 +193,8 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
   Under a mesh, `batch_axes` is x's PartitionSpec without the last (normalised) axis, which must be
   whole on every device: each device then runs the kernels on its own rows.
   """
-  def call(x, scale, bias):
-    return _residual_layernorm(x, scale, bias, float(epsilon), jnp.dtype(dtype), interpret)
-  P = jax.sharding.PartitionSpec
-  spec = None if batch_axes is None else P(*batch_axes, None)
-  return _per_device(call, (x, scale, bias), None if spec is None else (spec, P(), P()), (spec, spec))
+  return _residual_layernorm(x, scale, bias, float(epsilon), jnp.dtype(dtype), interpret,
+                             None if batch_axes is None else tuple(batch_axes))
 
 
 # --- GELU(h + bias), backward as one kernel ------------------------------------------------------
@@ -204,44 +231,49 @@ def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_
   plgpu.store(dbias_ref.at[row_block, cols], dbias, mask=col_ok)
 
 
-def _bias_gelu_backward(h2, bias, dg2, interpret):
-  n_rows, n_cols = h2.shape
-  grid = (pl.cdiv(n_rows, GELU_ROWS), pl.cdiv(n_cols, GELU_COLS))
-  kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=n_cols)
-  return pl.pallas_call(
+def _bias_gelu_backward(h, bias, dg, *, interpret):
+  """(dh like h, partial bias sums [row programs, width]): one device's shard."""
+  width = h.shape[-1]
+  n_rows = h.size // width
+  grid = (pl.cdiv(n_rows, GELU_ROWS), pl.cdiv(width, GELU_COLS))
+  kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=width)
+  dh, dbias = pl.pallas_call(
       kernel, grid=grid, name="bigvis_pallas_bias_gelu_backward",
-      out_shape=[jax.ShapeDtypeStruct((n_rows, n_cols), h2.dtype),
-                 jax.ShapeDtypeStruct((grid[0], n_cols), jnp.float32)],
-      compiler_params=_compiler_params(interpret), interpret=interpret)(h2, bias, dg2)
+      out_shape=[jax.ShapeDtypeStruct((n_rows, width), h.dtype),
+                 jax.ShapeDtypeStruct((grid[0], width), jnp.float32)],
+      compiler_params=_compiler_params(interpret), interpret=interpret)(
+          h.reshape(n_rows, width), bias, dg.reshape(n_rows, width))
+  return dh.reshape(h.shape), dbias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _bias_gelu(h, bias, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bias_gelu_with_kernel_backward(h, bias, interpret, axes):
   # Forward in XLA (flax's nn.gelu, the tanh approximation): one fusion reading h, writing GELU.
   return jax.nn.gelu(h + bias, approximate=True)
 
 
-def _bias_gelu_fwd(h, bias, interpret):
-  return _bias_gelu(h, bias, interpret), (h, bias)
+def _bias_gelu_fwd(h, bias, interpret, axes):
+  return _bias_gelu_with_kernel_backward(h, bias, interpret, axes), (h, bias)
 
 
-def _bias_gelu_bwd(interpret, saved, dg):
+def _bias_gelu_bwd(interpret, axes, saved, dg):
   h, bias = saved
-  width = h.shape[-1]
-  dh, dbias = _bias_gelu_backward(h.reshape(-1, width), bias, dg.reshape(-1, width).astype(h.dtype), interpret)
-  return dh.reshape(h.shape), jnp.sum(dbias, axis=0).astype(bias.dtype)
+  backward = functools.partial(_bias_gelu_backward, interpret=interpret)
+  in_specs = out_specs = None
+  if axes is not None:
+    in_specs = (P(*axes), P(axes[-1]), P(*axes))
+    out_specs = (P(*axes), P(_flat_mesh_axes(axes[:-1]), axes[-1]))
+  dh, dbias = _per_device(backward, (h, bias, dg), in_specs, out_specs)
+  return dh, jnp.sum(dbias, axis=0).astype(bias.dtype)
 
 
-_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+_bias_gelu_with_kernel_backward.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 def bias_gelu(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
               axes: tuple[Any, ...] | None = None) -> jax.Array:
-  """GELU(h + bias) (flax's tanh approximation), saving only h and computing the backward in one
-  Pallas kernel. Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
-  `tensor`): each device runs the kernel on its own shard."""
-  def call(h, bias):
-    return _bias_gelu(h, bias, interpret)
-  P = jax.sharding.PartitionSpec
-  specs = None if axes is None else (P(*axes), P(axes[-1]))
-  return _per_device(call, (h, bias), specs, None if axes is None else P(*axes))
+  """GELU(h + bias) (flax's tanh approximation), saving only h; its backward (the derivative of GELU
+  recomputed, times the incoming gradient, and the bias gradient) is one Pallas kernel. Under a
+  mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over `tensor`): each device
+  runs the kernel on its own shard."""
+  return _bias_gelu_with_kernel_backward(h, bias, interpret, None if axes is None else tuple(axes))
