@@ -5,9 +5,9 @@ traffic can be checked on a CPU host before a GPU session measures it. Compile f
 one and dump the program (autotuning needs the card, so Triton GEMMs are turned off: otherwise the
 compile fuses GELU into Triton GEMMs that the card's autotuner would have replaced by cuBLAS):
 
-  XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.* \\
+  XLA_FLAGS="--xla_dump_to=runs/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.* \\
     --xla_gpu_enable_triton_gemm=false" bigvis aot --config experiments/vit_b16_i1k.py --topology h100-1
-  python benchmarks/hlo_traffic.py /tmp/hlo/*sm_9.0a_gpu_after_optimizations.txt [--top 20]
+  python benchmarks/hlo_traffic.py runs/hlo/*sm_9.0a_gpu_after_optimizations.txt [--top 20]
 
 Each fusion or custom call in the entry computation counts its operands plus its outputs, an upper
 bound on what it reads and writes (a slice fusion reads only part of its operand). GEMMs, cuDNN
