@@ -55,9 +55,9 @@ def compiled_flops(compiled: Any) -> Optional[float]:
 def reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
   """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention (fields
   that change how a model is computed but not what)."""
-  from bigvis.models import with_tower_fields
+  from bigvis.models import XLA_KERNELS, with_tower_fields
   return with_tower_fields(model_cfg, scan=False, remat_policy="none", attention_impl="xla",
-                           norm_impl="xla", gelu_impl="xla", seq_pad_multiple=0).to_dict()
+                           seq_pad_multiple=0, **XLA_KERNELS).to_dict()
 
 
 def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> float | None:

@@ -7,7 +7,7 @@ import ml_collections
 from flax import traverse_util
 import flax.linen as nn
 
-from bigvis.models import build_model, with_tower_fields
+from bigvis.models import XLA_KERNELS, build_model, with_tower_fields
 
 
 def abstract_params(model_cfg: ml_collections.ConfigDict, *, boxed: bool = False):
@@ -16,8 +16,9 @@ def abstract_params(model_cfg: ml_collections.ConfigDict, *, boxed: bool = False
   `boxed=True` keeps flax's logical-axis boxes, from which shardings are derived.
   """
   # XLA attention and XLA's LayerNorm and GELU in every tower: the kernels change no parameter, and
-  # cuDNN's and the Pallas ones cannot be traced on a host without an NVIDIA GPU. Scan, remat and padding stay as configured (scan changes the tree).
-  model_cfg = with_tower_fields(model_cfg, attention_impl="xla", norm_impl="xla", gelu_impl="xla")
+  # cuDNN's and the Pallas ones cannot be traced on a host without an NVIDIA GPU. Scan, remat and
+  # padding stay as configured (scan changes the tree).
+  model_cfg = with_tower_fields(model_cfg, attention_impl="xla", **XLA_KERNELS)
   model = build_model(model_cfg)
   image_cfg = model_cfg.image if model_cfg.name == "clip" else model_cfg
   size = int(image_cfg.get("image_size", 224))

@@ -130,6 +130,11 @@ def resolve_attention(model_config: ml_collections.ConfigDict | dict, device: An
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
+# The fields that pick XLA's fusions over bigvis's Pallas kernels: the same parameters and results on
+# any device, for the places that build a model off the GPU it trained on (shapes, FLOPs, inference).
+XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
+
+
 def check_kernel_impls(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
   """A one-sentence error naming the key for a `norm_impl`/`gelu_impl` that is not one of
   KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels cannot run:

@@ -42,13 +42,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 # How the LayerNorms (`norm_impl`) and the MLP's bias + GELU (`gelu_impl`) are computed: XLA's
 # fusions, or bigvis's Pallas kernels (`pallas_kernels`; NVIDIA GPUs), or those kernels run by Pallas's
-# interpreter ("pallas_interpret": any backend, slow; how the tests check them on a CPU).
+# interpreter ("pallas_interpret": any backend, slow; how the tests check them on a CPU). Checked,
+# with the tower's key in the message, by `models.check_kernel_impls` when a model is built.
 KERNEL_IMPLS = ("xla", "pallas", "pallas_interpret")
-
-
-def _check_kernel_impl(field: str, value: str) -> None:
-  if value not in KERNEL_IMPLS:
-    raise UserError(f"model.{field} '{value}' is not one of {', '.join(KERNEL_IMPLS)}.")
 
 
 def _activation_mesh_axes(names: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
@@ -81,7 +77,6 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, keep_input: bool = False):
-    _check_kernel_impl("norm_impl", self.impl)
     if keep_input and self.impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
       batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
@@ -307,7 +302,12 @@ def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
 # is saved is then the GEMM's unbiased output, and the GEMM keeps a plain epilogue. With the bias
 # outside, XLA hands bias + GELU to cuBLASLt's BIAS_GELU_AUX epilogue, whose GEMM ran at ≈550
 # TFLOP/s where the step's others average ≈720 (H200, 2026-11): 1.5 % slower overall.
-bias_gelu_recomputed = jax.checkpoint(_bias_gelu, policy=jax.checkpoint_policies.nothing_saveable)
+_bias_gelu_checkpointed = jax.checkpoint(_bias_gelu, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def bias_gelu_recomputed(h: jax.Array, bias: jax.Array) -> jax.Array:
+  """GELU(h + bias), the same values and gradients as `_bias_gelu`, saving only h (and bias)."""
+  return _bias_gelu_checkpointed(h, bias)
 
 
 class Dense(nn.Module):
@@ -330,8 +330,8 @@ class Mlp(nn.Module):
   """Two dense layers with GELU; the hidden units sit on the `mlp` axis.
 
   `recompute_gelu` saves only the first GEMM's output for the backward pass (`bias_gelu_recomputed`);
-  `gelu_impl='pallas'` does too, its backward one Pallas kernel (`pallas_kernels.bias_gelu`). The
-  result and gradients are the same.
+  `gelu_impl='pallas'` always does (whatever `recompute_gelu` says), its backward one Pallas kernel
+  (`pallas_kernels.bias_gelu`). The result and gradients are the same.
   """
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -343,7 +343,6 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     width = self.out_dim or x.shape[-1]
-    _check_kernel_impl("gelu_impl", self.gelu_impl)
     if self.gelu_impl != "xla":
       axes = _activation_mesh_axes(("act_batch", "act_length", "act_mlp"), x.ndim)
       epilogue = functools.partial(pallas_bias_gelu, interpret=self.gelu_impl == "pallas_interpret", axes=axes)
