@@ -1,4 +1,5 @@
 """ViT variants, pooling, position embeddings, scan/remat and padded sequences."""
+import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -368,27 +369,45 @@ def test_patch_embedding_matmul_equals_the_convolution():
     PatchEmbedding(8, 4, impl="fft").init(jax.random.key(1), image)
 
 
-@pytest.mark.parametrize("field", ["norm_impl", "gelu_impl"])
-def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field):
+@pytest.mark.parametrize("field, extra", [("norm_impl", {}), ("norm_impl", {"fused_qkv": False}),
+                                          ("norm_impl", {"dropout": 0.1}), ("gelu_impl", {})],
+                         ids=["norm", "norm_separate_qkv", "norm_dropout", "gelu"])
+def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field, extra, monkeypatch):
   """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
   XLA's fusions (kernels interpreted here; the kernels alone, in float32 and bfloat16 on ragged
   shapes, are checked through benchmarks/pallas_kernels_check.py in test_bench); a CPU mesh gets a
-  one-sentence error naming the field; a bad value is named."""
+  one-sentence error naming the field; a bad value is named. The norms' kernels also take the out
+  projection's bias gradient (not under dropout: then XLA does) and, with separate query and
+  key/value GEMMs, their two input gradients."""
+  from bigvis.models import pallas_kernels
+  calls = []
+  real = pallas_kernels._residual_layernorm
+
+  def recording(x, scale, bias, input_bias, *static):
+    calls.append((input_bias is not None, static[-1]))  # (bias gradient in the kernel, copies)
+    return real(x, scale, bias, input_bias, *static)
+  monkeypatch.setattr(pallas_kernels, "_residual_layernorm", recording)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-  base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False)
+  base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, **extra)
   pallas = dict(base, **{field: "pallas_interpret"})
   p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
   p_pallas = nn.unbox(build_model(pallas).init(jax.random.key(0), x)["params"])
   jax.tree.map(np.testing.assert_array_equal, p, p_pallas)  # same tree, names and initial values
 
-  def loss(params, cfg):
-    return jnp.sum(build_model(cfg).apply({"params": params}, x)[0] ** 2)
+  def loss(params, cfg):  # train=True: dropout, where there is some, with the same key for both
+    out = build_model(cfg).apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    return jnp.sum(out[0] ** 2)
   a, ga = jax.value_and_grad(loss)(p, base)
+  calls.clear()
   b, gb = jax.value_and_grad(loss)(p, pallas)
   np.testing.assert_allclose(a, b, rtol=1e-5)
+  if field == "norm_impl":  # per block: the attention's norm, then the MLP's
+    copies = 1 if extra.get("fused_qkv", True) else 2
+    blocks = sum(name.startswith("block") for name in p["encoder"])
+    assert calls == [(False, copies), ("dropout" not in extra, 1)] * blocks, calls
   block = gb["encoder"]["block00"]["block"]
-  assert float(jnp.abs(block["norm_mlp"]["LayerNorm_0"]["scale"]).max()) > 0
-  assert float(jnp.abs(block["mlp"]["Dense_0"]["bias"]).max()) > 0
+  for name in (["norm_mlp", "LayerNorm_0", "scale"], ["mlp", "Dense_0", "bias"], ["attn", "out", "bias"]):
+    assert float(jnp.abs(functools.reduce(dict.__getitem__, name, block)).max()) > 0, name
   scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
 
@@ -399,3 +418,35 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   clip = dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", **{field: "triton"}))
   with pytest.raises(UserError, match=f"model.text.{field} 'triton' is not one of"):  # the tower's key
     build_model(clip)
+
+
+@pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False)])
+def test_the_key_bias_gets_no_gradient_because_its_gradient_is_zero(causal, masked):
+  """A key bias adds q·b_k to every logit in a query's row, which softmax ignores: its gradient is
+  zero (autodiff's is rounding), with masks and causally too. So Attention stops it rather than
+  read the key gradient to sum it, in both the fused and the separate projections; the query and
+  value biases still get theirs."""
+  from bigvis.models.layers import Attention, dot_product_attention
+  keys = jax.random.split(jax.random.key(0), 7)
+  q, k, v, c = (jax.random.normal(keys[i], (2, 7, 3, 8)) for i in range(4))
+  mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]]) if masked else None
+
+  def loss(bq, bk, bv):
+    out = dot_product_attention(q + bq, k + bk, v + bv, mask=mask, causal=causal, impl="xla")
+    return jnp.sum(out * c)
+  gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(*(jax.random.normal(keys[4 + i], (3, 8)) for i in range(3)))
+  assert float(jnp.abs(gk).max()) <= 1e-5 * float(jnp.abs(gq).max()), (gk, gq)
+  assert float(jnp.abs(gv).max()) > 0.1
+
+  x = jax.random.normal(keys[6], (2, 7, 24))
+  for fused in (True, False):
+    attention = Attention(num_heads=3, causal=causal, fused_qkv=fused)
+    params = nn.unbox(attention.init(jax.random.key(1), x)["params"])
+    params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
+
+    def module_loss(params):
+      return jnp.sum(attention.apply({"params": params}, x, mask) ** 2)
+    grads = jax.grad(module_loss)(params)
+    assert float(jnp.abs(grads["key"]["bias"]).max()) == 0.0
+    assert float(jnp.abs(grads["key"]["kernel"]).max()) > 0
+    assert min(float(jnp.abs(grads[name]["bias"]).max()) for name in ("query", "value", "out")) > 0

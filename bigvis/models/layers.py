@@ -69,14 +69,16 @@ class LayerNorm(nn.Module):
   `impl` (one of KERNEL_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels.
   They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) so the
   residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
-  The parameters are the same either way.
+  There `copies` and `input_bias` hand the kernel two more passes of the block's backward (see
+  `pallas_kernels.residual_layernorm`); `input_bias` only with the kernels. The parameters are the
+  same either way.
   """
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6
   impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, *, keep_input: bool = False):
+  def __call__(self, x, *, keep_input: bool = False, copies: int = 1, input_bias: Optional[jax.Array] = None):
     if keep_input and self.impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
       batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
@@ -84,12 +86,15 @@ class LayerNorm(nn.Module):
         raise UserError(f"model.norm_impl '{self.impl}' needs each token's {x.shape[-1]} features on one "
                         f"device, but the sharding rules split them over mesh axis {batch_axes[-1]!r}.")
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
-                                interpret=self.impl == "pallas_interpret", batch_axes=batch_axes[:-1])
+                                interpret=self.impl == "pallas_interpret", batch_axes=batch_axes[:-1],
+                                copies=copies, input_bias=input_bias)
+    if input_bias is not None:  # its gradient would be lost: the caller stopped it for the kernel
+      raise ValueError("LayerNorm's input_bias needs keep_input=True and the Pallas kernels")
     y = nn.LayerNorm(
         epsilon=self.epsilon, dtype=self.dtype,
         scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
         bias_init=param_with_axes(nn.initializers.zeros, ("norm",)))(x)
-    return (x, y) if keep_input else y
+    return (x,) + (y,) * copies if keep_input else y
 
 
 CUDNN_PAD_MULTIPLE = 8
@@ -219,9 +224,11 @@ class HeadsDense(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, weights_only: bool = False):
+  def __call__(self, x, *, weights_only: bool = False, bias_gradient: bool = True):
     """x [..., *in] -> [..., *features]; with `weights_only`, (kernel, bias) for x's trailing shape,
-    so a caller can fuse several such layers into one GEMM under their own parameter names."""
+    so a caller can fuse several such layers into one GEMM under their own parameter names. Without
+    `bias_gradient`, (output, bias): the bias is added with its gradient stopped, for the caller to
+    supply it (or to leave it zero where it is zero: the key projection's)."""
     in_shape = x.shape[-self.contract:]
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
 
@@ -231,6 +238,8 @@ class HeadsDense(nn.Module):
     bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
     if weights_only:
       return kernel, bias
+    if not bias_gradient:
+      return flat_dense(x, kernel, jax.lax.stop_gradient(bias), self.contract, self.dtype), bias
     return flat_dense(x, kernel, bias, self.contract, self.dtype)
 
 
@@ -256,6 +265,10 @@ class Attention(nn.Module):
   `fused_qkv` computes self-attention's query, key and value projections as one GEMM over the
   three kernels side by side (one bias add, one input gradient instead of three summed); the
   parameters keep their separate names and shapes either way.
+
+  The key bias gets no gradient, because its gradient is exactly zero: it adds q·b_k to every logit
+  in a query's row, which softmax ignores (the key gradients' column sums cancel; with masks too).
+  XLA would still read the key gradient to sum it, a pass of [tokens, width] per block.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -264,7 +277,9 @@ class Attention(nn.Module):
   fused_qkv: bool = True
 
   @nn.compact
-  def __call__(self, x, mask=None, inputs_kv=None):
+  def __call__(self, x, mask=None, inputs_kv=None, *, out_bias_gradient: bool = True):
+    """Without `out_bias_gradient`, (output, the out projection's bias): the bias is added with its
+    gradient stopped, for the caller to supply (`EncoderBlock` with the Pallas norms)."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kv = x if inputs_kv is None else inputs_kv
@@ -276,16 +291,21 @@ class Attention(nn.Module):
       # the heads' tensor-parallel sharding; with [embed, 3, heads, kv] it could not (compiled for
       # 8 H100s with mesh.tensor=2, that resharding added 131 transposes to the ViT-B/16 step).
       kernel = jnp.stack([w for w, _ in weights], axis=2)
-      bias = jnp.stack([b for _, b in weights], axis=1)
+      (_, query_bias), (_, key_bias), (_, value_bias) = weights
+      bias = jnp.stack([query_bias, jax.lax.stop_gradient(key_bias), value_bias], axis=1)
       qkv = flat_dense(x, kernel, bias, 1, self.dtype)
       q, k, v = (qkv[..., i, :] for i in range(3))
     else:
-      q, k, v = dense("query")(x), dense("key")(kv), dense("value")(kv)
+      q, (k, _), v = dense("query")(x), dense("key")(kv, bias_gradient=False), dense("value")(kv)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
-    out = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype, name="out")(out)
+    out = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
+                     name="out")(out, bias_gradient=out_bias_gradient)
+    if not out_bias_gradient:
+      out, out_bias = out
+      return constrain(out, ("act_batch", "act_length", "act_embed")), out_bias
     return constrain(out, ("act_batch", "act_length", "act_embed"))
 
 
@@ -373,12 +393,23 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
+    # With the Pallas norms, two more passes of the backward fold into their kernels (see
+    # `pallas_kernels.residual_layernorm`): separate query and key/value projections send their
+    # input gradients apart, in two copies of the norm's output, and the MLP norm's kernel sums the
+    # out projection's bias gradient. Not under dropout, which sits between that bias and the sum.
+    kernels = self.norm_impl != "xla"
+    kv_copy = kernels and not self.fused_qkv
+    out_bias_in_kernel = kernels and self.dropout == 0.0
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
-    x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_attn")(x, keep_input=True)
-    y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal,
-                  impl=self.attention_impl, fused_qkv=self.fused_qkv, name="attn")(y, mask)
+    x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_attn")(
+        x, keep_input=True, copies=2 if kv_copy else 1)
+    y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
+                  fused_qkv=self.fused_qkv, name="attn")(y, mask, inputs_kv=y_kv[0] if kv_copy else None,
+                                                         out_bias_gradient=not out_bias_in_kernel)
+    y, out_bias = y if out_bias_in_kernel else (y, None)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
-    x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_mlp")(x, keep_input=True)
+    x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_mlp")(
+        x, keep_input=True, input_bias=out_bias)
     y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
             gelu_impl=self.gelu_impl, name="mlp")(y, deterministic)
     return x + nn.Dropout(self.dropout)(y, deterministic)
