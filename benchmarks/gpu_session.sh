@@ -6,9 +6,9 @@
 #   OUT=runs/gpu bash benchmarks/gpu_session.sh            # repo root, on the GPU machine
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
-# TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100 (an estimate:
-# 8.5 measured before the seventh session added runs), most of it compiling: each run is its own
-# process. $OUT ends with 5 files (pallas_check.jsonl, peers.jsonl,
+# TensorFlow: `bigvis bench` runs on synthetic batches). About 10.5 minutes on one H100 (an estimate:
+# 8.5 measured before the seventh and eighth sessions added runs), most of it compiling: each run is
+# its own process. $OUT ends with 5 files (pallas_check.jsonl, peers.jsonl,
 # kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -36,8 +36,10 @@ b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 RG=(--bigvis-set model.recompute_gelu=true)
 PL=(--bigvis-set model.norm_impl=pallas)
 GK=(--bigvis-set model.gelu_impl=pallas)
+SEP=(--bigvis-set model.fused_qkv=false)
 CLIP_RG_PL=(--bigvis-set model.image.recompute_gelu=true --bigvis-set model.text.recompute_gelu=true
             --bigvis-set model.image.norm_impl=pallas --bigvis-set model.text.norm_impl=pallas)
+CLIP_SEP=(--bigvis-set model.image.fused_qkv=false --bigvis-set model.text.fused_qkv=false)
 
 # 0. bigvis's Pallas kernels against XLA's fusions at ViT-B/16's shapes: do they agree on this card,
 #    and how long does each take (seconds; steps 2 and 3 time them inside the whole step).
@@ -49,25 +51,29 @@ timeout 120 "$PY" benchmarks/pallas_kernels_check.py | tee "$OUT/pallas_check.js
 log "ceiling, B/16 against timm"
 "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --timeout 150 \
   --only timm_vit_base_patch16_224,bigvis_vit_b16_default
-# 2. The seventh session's candidates, prepared without a GPU (benchmarks/README.md, "Prepared on a
-#    CPU host"): GELU recomputed from the unbiased GEMM output (XLA's fusion, or its backward as a
-#    Pallas kernel) and the blocks' LayerNorms as one-pass Pallas kernels, together first, then
-#    apart. Whichever is fastest should become the experiments' default.
+# 2. The candidates prepared without a GPU (benchmarks/README.md, "Prepared on a CPU host"): GELU
+#    recomputed from the unbiased GEMM output (XLA's fusion, or its backward as a Pallas kernel) and
+#    the blocks' LayerNorms as one-pass Pallas kernels; first with query/key/value as three GEMMs
+#    (no split copy forward or concatenation backward; the fewest bytes in the compile, 105.4 GB a
+#    step against 107.0 fused), then fused, then apart. The fastest should become the default.
 log "B/16 candidates"
+b16 "${RG[@]}" "${PL[@]}" "${SEP[@]}" --tag _rg_pl_sep
 b16 "${RG[@]}" "${PL[@]}" --tag _rg_pl
 b16 "${GK[@]}" "${PL[@]}" --tag _gk_pl
 b16 "${RG[@]}" --tag _rg
 b16 "${PL[@]}" --tag _pl
 log "CLIP B/16 against open_clip, and with recomputed GELU and Pallas LayerNorms"
 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
+peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_RG_PL[@]}" "${CLIP_SEP[@]}" --tag _rg_pl_sep
 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_RG_PL[@]}" --tag _rg_pl
-# 3. Where the B/16 step's time goes with both candidates, with the card's optimised HLO for reading
+# 3. Where the B/16 step's time goes with the first candidate, with the card's optimised HLO for reading
 #    offline (which fusion is which kernel; `bigvis aot --topology h100-1` only approximates the
 #    card's choices; benchmarks/hlo_traffic.py sums its bytes per kernel).
 log "profile"
 XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
   timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
-  --set model.recompute_gelu=true --set model.norm_impl=pallas --profile "$OUT/prof" | tail -1
+  --set model.recompute_gelu=true --set model.norm_impl=pallas --set model.fused_qkv=false \
+  --profile "$OUT/prof" | tail -1
 "$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 40 > "$OUT/kernels.txt"; rm -rf "$OUT/prof"
 (cd "$OUT" && tar czf hlo.tgz hlo/*with_rules*after_optimizations.txt) && rm -rf "$OUT/hlo"
 # 4. If time is left: fraction of the ceiling across sizes (met in the first session: L/16 0.52 and
@@ -75,7 +81,6 @@ XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_r
 log "L/16 (batch 128) and H/14 (batch 64)"
 peers --timeout 240 --large --skip-torch --only bigvis_vit_l16_gap_cudnn,bigvis_vit_h14_gap_cudnn
 log "extras"
-b16 "${RG[@]}" "${PL[@]}" --bigvis-set model.fused_qkv=false --tag _rg_pl_sep  # q/k/v as three GEMMs
 b16 --batch 512 --tag _b512
 
 log "all runs"

@@ -59,37 +59,36 @@ def compare(name: str, xla_fn: Callable, pallas_fn: Callable, args: tuple, steps
 
 
 def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool,
-                   copies: int = 1, input_bias: bool = False) -> tuple[Callable, Callable, tuple]:
+                   copies: int = 1, biases: bool = False) -> tuple[Callable, Callable, tuple]:
   """(XLA's, the kernels' loss, their arguments) for the block's LayerNorm with the residual path:
   loss = <y, c> + <x, d>, so dy = c and the residual gradient = d, as a block's backward brings them.
-  As the block calls them: with `input_bias` (the MLP's norm), x = x0 + b first, b's gradient summed
-  by the kernel; with two `copies` (the attention's norm when query and key/value are separate GEMMs),
-  the second copy of y gets its own gradient, c2, which the kernel adds to c."""
-  keys = jax.random.split(jax.random.key(0), 7)
+  As the block calls them: with `biases` (the MLP's norm), a bias b is added to x before and a bias
+  r to the residual stream after, and the kernel sums both gradients; with two `copies` (the
+  attention's norm when query and key/value are separate GEMMs), the second copy of y gets its own
+  gradient, c2, which the kernel adds to c."""
+  keys = jax.random.split(jax.random.key(0), 8)
   x = (jax.random.normal(keys[0], (rows, width)) * 2 + 0.3).astype(dtype)
   scale = 1 + 0.1 * jax.random.normal(keys[1], (width,))
   bias = 0.1 * jax.random.normal(keys[2], (width,))
-  b = 0.1 * jax.random.normal(keys[5], (width,))
-  c = jax.random.normal(keys[3], (rows, width)).astype(dtype)
-  c2 = jax.random.normal(keys[6], (rows, width)).astype(dtype)
-  d = jax.random.normal(keys[4], (rows, width)).astype(dtype)
+  b, r = (0.1 * jax.random.normal(k, (width,)) for k in keys[5:7])
+  c, c2, d = (jax.random.normal(k, (rows, width)).astype(dtype) for k in (keys[3], keys[7], keys[4]))
 
-  def loss(x, ys, d):
+  def loss(x, ys):
     return sum(jnp.sum(y.astype(jnp.float32) * c_) for y, c_ in zip(ys, (c, c2))) + jnp.sum(x.astype(jnp.float32) * d)
 
-  def xla(x, scale, bias, b):
-    if input_bias:
-      x = x + b.astype(dtype)
+  def xla(x, scale, bias, b, r):
+    x = x + b.astype(dtype) if biases else x
     y = nn.LayerNorm(epsilon=1e-6, dtype=dtype).apply({"params": {"scale": scale, "bias": bias}}, x)
-    return loss(x, (y,) * copies, d)
+    return loss(x + r.astype(dtype) if biases else x, (y,) * copies)
 
-  def pallas(x, scale, bias, b):
-    if input_bias:
-      x = x + jax.lax.stop_gradient(b).astype(dtype)
-    x, *ys = pallas_kernels.residual_layernorm(x, scale, bias, epsilon=1e-6, dtype=dtype, interpret=interpret,
-                                               copies=copies, input_bias=b if input_bias else None)
-    return loss(x, ys, d)
-  return xla, pallas, (x, scale, bias, b)
+  def pallas(x, scale, bias, b, r):
+    stop = lambda v: jax.lax.stop_gradient(v).astype(dtype)  # noqa: E731
+    x = x + stop(b) if biases else x
+    x, *ys = pallas_kernels.residual_layernorm(
+        x, scale, bias, epsilon=1e-6, dtype=dtype, interpret=interpret, copies=copies,
+        input_bias=b if biases else None, residual_bias=r if biases else None)
+    return loss(x + stop(r) if biases else x, ys)
+  return xla, pallas, (x, scale, bias, b, r)
 
 
 def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Callable, Callable, tuple]:
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
   dtype = jnp.dtype(args.dtype)
   cases = (
       ("layernorm", layernorm_case(args.rows, args.width, dtype, args.interpret)),
-      ("layernorm_input_bias", layernorm_case(args.rows, args.width, dtype, args.interpret, input_bias=True)),
+      ("layernorm_biases", layernorm_case(args.rows, args.width, dtype, args.interpret, biases=True)),
       ("layernorm_two_copies", layernorm_case(args.rows, args.width, dtype, args.interpret, copies=2)),
       ("bias_gelu", bias_gelu_case(args.rows, args.mlp, dtype, args.interpret)))
   for name, case in cases:

@@ -376,16 +376,17 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
   XLA's fusions (kernels interpreted here; the kernels alone, in float32 and bfloat16 on ragged
   shapes, are checked through benchmarks/pallas_kernels_check.py in test_bench); a CPU mesh gets a
-  one-sentence error naming the field; a bad value is named. The norms' kernels also take the out
-  projection's bias gradient (not under dropout: then XLA does) and, with separate query and
-  key/value GEMMs, their two input gradients."""
+  one-sentence error naming the field; a bad value is named. The norms' kernels also take the
+  gradients of the out projection's and the MLP's output biases (not under dropout: then XLA does)
+  and, with separate query and key/value GEMMs, their two input gradients."""
   from bigvis.models import pallas_kernels
   calls = []
   real = pallas_kernels._residual_layernorm
 
-  def recording(x, scale, bias, input_bias, *static):
-    calls.append((input_bias is not None, static[-1]))  # (bias gradient in the kernel, copies)
-    return real(x, scale, bias, input_bias, *static)
+  def recording(x, scale, bias, input_bias, residual_bias, *static):
+    # (the out projection's bias gradient in the kernel, the MLP's, copies)
+    calls.append((input_bias is not None, residual_bias is not None, static[-1]))
+    return real(x, scale, bias, input_bias, residual_bias, *static)
   monkeypatch.setattr(pallas_kernels, "_residual_layernorm", recording)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, **extra)
@@ -404,9 +405,11 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   if field == "norm_impl":  # per block: the attention's norm, then the MLP's
     copies = 1 if extra.get("fused_qkv", True) else 2
     blocks = sum(name.startswith("block") for name in p["encoder"])
-    assert calls == [(False, copies), ("dropout" not in extra, 1)] * blocks, calls
+    biases = "dropout" not in extra
+    assert calls == [(False, False, copies), (biases, biases, 1)] * blocks, calls
   block = gb["encoder"]["block00"]["block"]
-  for name in (["norm_mlp", "LayerNorm_0", "scale"], ["mlp", "Dense_0", "bias"], ["attn", "out", "bias"]):
+  for name in (["norm_mlp", "LayerNorm_0", "scale"], ["mlp", "Dense_0", "bias"], ["attn", "out", "bias"],
+               ["mlp", "Dense_1", "bias"]):
     assert float(jnp.abs(functools.reduce(dict.__getitem__, name, block)).max()) > 0, name
   scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)

@@ -69,16 +69,17 @@ class LayerNorm(nn.Module):
   `impl` (one of KERNEL_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels.
   They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) so the
   residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
-  There `copies` and `input_bias` hand the kernel two more passes of the block's backward (see
-  `pallas_kernels.residual_layernorm`); `input_bias` only with the kernels. The parameters are the
-  same either way.
+  There `copies`, `input_bias` and `residual_bias` hand the kernel three more passes of the block's
+  backward (see `pallas_kernels.residual_layernorm`); the biases only with the kernels. The
+  parameters are the same either way.
   """
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6
   impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, *, keep_input: bool = False, copies: int = 1, input_bias: Optional[jax.Array] = None):
+  def __call__(self, x, *, keep_input: bool = False, copies: int = 1, input_bias: Optional[jax.Array] = None,
+               residual_bias: Optional[jax.Array] = None):
     if keep_input and self.impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
       batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
@@ -87,9 +88,9 @@ class LayerNorm(nn.Module):
                         f"device, but the sharding rules split them over mesh axis {batch_axes[-1]!r}.")
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
                                 interpret=self.impl == "pallas_interpret", batch_axes=batch_axes[:-1],
-                                copies=copies, input_bias=input_bias)
-    if input_bias is not None:  # its gradient would be lost: the caller stopped it for the kernel
-      raise ValueError("LayerNorm's input_bias needs keep_input=True and the Pallas kernels")
+                                copies=copies, input_bias=input_bias, residual_bias=residual_bias)
+    if input_bias is not None or residual_bias is not None:  # their gradients would be lost
+      raise ValueError("LayerNorm's input_bias and residual_bias need keep_input=True and the Pallas kernels")
     y = nn.LayerNorm(
         epsilon=self.epsilon, dtype=self.dtype,
         scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
@@ -332,18 +333,24 @@ def bias_gelu_recomputed(h: jax.Array, bias: jax.Array) -> jax.Array:
 
 class Dense(nn.Module):
   """`nn.Dense` (same parameters, initialisers and result) whose bias add can be handed to an
-  `epilogue(y, bias)` that fuses it with the activation."""
+  `epilogue(y, bias)` that fuses it with the activation, or whose bias's gradient can be left to the
+  caller (`bias_gradient=False`: the bias is added with its gradient stopped)."""
   features: int
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, epilogue: Callable = jnp.add):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+  def __call__(self, x, epilogue: Callable = jnp.add, *, bias_gradient: bool = True,
+               in_features: Optional[int] = None):
+    """x [..., in] -> [..., features]; with x None, only the bias (the parameters created for
+    `in_features` inputs), for a caller that needs it before the layer runs."""
+    kernel = self.param("kernel", self.kernel_init, (in_features or x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,))
+    if x is None:
+      return bias
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-    return epilogue(y, bias.astype(self.dtype))
+    return epilogue(y, (bias if bias_gradient else jax.lax.stop_gradient(bias)).astype(self.dtype))
 
 
 class Mlp(nn.Module):
@@ -361,8 +368,17 @@ class Mlp(nn.Module):
   gelu_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True):
+  def __call__(self, x, deterministic: bool = True, *, output_bias_gradient: bool = True,
+               output_bias_only: bool = False):
+    """x [..., width] -> [..., out_dim or width]. `output_bias_only`: just the second layer's bias
+    (parameters created as usual), for a caller that supplies its gradient: it then calls with
+    `output_bias_gradient=False`, and the bias is added with its gradient stopped."""
     width = self.out_dim or x.shape[-1]
+    dense_1 = Dense(width, dtype=self.dtype, name="Dense_1",
+                    kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+                    bias_init=param_with_axes(nn.initializers.normal(1e-6), ("embed",)))
+    if output_bias_only:
+      return dense_1(None, in_features=self.mlp_dim)
     if self.gelu_impl != "xla":
       axes = _activation_mesh_axes(("act_batch", "act_length", "act_mlp"), x.ndim)
       epilogue = functools.partial(pallas_bias_gelu, interpret=self.gelu_impl == "pallas_interpret", axes=axes)
@@ -373,9 +389,7 @@ class Mlp(nn.Module):
               bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(x, epilogue)
     x = constrain(x, ("act_batch", "act_length", "act_mlp"))
     x = nn.Dropout(self.dropout)(x, deterministic)
-    return nn.Dense(width, dtype=self.dtype, name="Dense_1",
-                    kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
-                    bias_init=param_with_axes(nn.initializers.normal(1e-6), ("embed",)))(x)
+    return dense_1(x, bias_gradient=output_bias_gradient)
 
 
 class EncoderBlock(nn.Module):
@@ -393,25 +407,28 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    # With the Pallas norms, two more passes of the backward fold into their kernels (see
+    # With the Pallas norms, three more passes of the backward fold into their kernels (see
     # `pallas_kernels.residual_layernorm`): separate query and key/value projections send their
     # input gradients apart, in two copies of the norm's output, and the MLP norm's kernel sums the
-    # out projection's bias gradient. Not under dropout, which sits between that bias and the sum.
+    # gradients of the two biases added to the residual stream around it (the out projection's and
+    # the MLP's last). Not under dropout, which sits between those biases and the sums.
     kernels = self.norm_impl != "xla"
     kv_copy = kernels and not self.fused_qkv
-    out_bias_in_kernel = kernels and self.dropout == 0.0
+    biases_in_kernel = kernels and self.dropout == 0.0
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_attn")(
         x, keep_input=True, copies=2 if kv_copy else 1)
     y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
                   fused_qkv=self.fused_qkv, name="attn")(y, mask, inputs_kv=y_kv[0] if kv_copy else None,
-                                                         out_bias_gradient=not out_bias_in_kernel)
-    y, out_bias = y if out_bias_in_kernel else (y, None)
+                                                         out_bias_gradient=not biases_in_kernel)
+    y, out_bias = y if biases_in_kernel else (y, None)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
+    mlp = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
+              gelu_impl=self.gelu_impl, name="mlp")
+    mlp_bias = mlp(x, output_bias_only=True) if biases_in_kernel else None
     x, y = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_mlp")(
-        x, keep_input=True, input_bias=out_bias)
-    y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
-            gelu_impl=self.gelu_impl, name="mlp")(y, deterministic)
+        x, keep_input=True, input_bias=out_bias, residual_bias=mlp_bias)
+    y = mlp(y, deterministic, output_bias_gradient=not biases_in_kernel)
     return x + nn.Dropout(self.dropout)(y, deterministic)
 
 

@@ -61,9 +61,10 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, n_
   plgpu.store(rstd_ref.at[rows], rstd, mask=row_ok)
 
 
-def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx):
+def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx, sum_dres):
   """refs: x, n_dy incoming gradients of y (summed here), the residual gradient, mean, rstd, scale;
-  then the outputs dx and partial scale, bias (and with `sum_dx`, dx) column sums."""
+  then the outputs dx and partial column sums of scale's and bias's gradients, and with `sum_dx`
+  of dx, with `sum_dres` of the residual gradient."""
   x_ref, dy_refs = refs[0], refs[1:1 + n_dy]
   dres_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref, dbias_ref = refs[1 + n_dy:8 + n_dy]
   program = pl.program_id(0)
@@ -88,11 +89,11 @@ def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx):
     mean_dxhat_xhat = jnp.sum(dxhat * xhat, axis=1) / n_cols
     dx = (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None] + dres
     plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=ok)
-    added = (jnp.sum(dy * xhat, axis=0), jnp.sum(dy, axis=0)) + ((jnp.sum(dx, axis=0),) if sum_dx else ())
-    return tuple(total + more for total, more in zip(sums, added))
+    added = (dy * xhat, dy) + ((dx,) if sum_dx else ()) + ((dres,) if sum_dres else ())
+    return tuple(total + jnp.sum(more, axis=0) for total, more in zip(sums, added))
 
   zeros = jnp.zeros((_block_cols(n_cols),), jnp.float32)
-  sums = jax.lax.fori_loop(0, BACKWARD_ROWS // BACKWARD_STEP_ROWS, step, (zeros,) * (3 if sum_dx else 2))
+  sums = jax.lax.fori_loop(0, BACKWARD_ROWS // BACKWARD_STEP_ROWS, step, (zeros,) * (2 + sum_dx + sum_dres))
   for ref, partial in zip(refs[6 + n_dy:], sums):
     plgpu.store(ref.at[program, cols], partial, mask=col_ok)
 
@@ -115,18 +116,20 @@ def _layernorm_forward(x, scale, bias, *, eps, out_dtype, interpret):
   return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
 
 
-def _layernorm_backward(x, dys, dres, mean, rstd, scale, *, sum_dx, interpret):
-  """(dx like x, partial scale and bias sums [programs, width], and with `sum_dx` partial sums of dx):
-  one device's rows. `dys`: the gradients of y's copies, summed by the kernel as it reads them."""
+def _layernorm_backward(x, dys, dres, mean, rstd, scale, *, sum_dx, sum_dres, interpret):
+  """(dx like x, partial column sums [programs, width] of the scale and bias gradients, then of dx
+  and dres where asked): one device's rows. `dys`: the gradients of y's copies, which the kernel
+  sums as it reads them."""
   width = x.shape[-1]
   n_rows = x.size // width
   programs = pl.cdiv(n_rows, BACKWARD_ROWS)
-  kernel = functools.partial(_backward_kernel, n_rows=n_rows, n_cols=width, n_dy=len(dys), sum_dx=sum_dx)
+  kernel = functools.partial(_backward_kernel, n_rows=n_rows, n_cols=width, n_dy=len(dys), sum_dx=sum_dx,
+                             sum_dres=sum_dres)
   partial_sums = jax.ShapeDtypeStruct((programs, width), jnp.float32)
   rows = lambda a: a.reshape(n_rows, -1)  # noqa: E731
   dx, *sums = pl.pallas_call(
       kernel, grid=(programs,), name="bigvis_pallas_layernorm_backward",
-      out_shape=[jax.ShapeDtypeStruct((n_rows, width), x.dtype)] + [partial_sums] * (3 if sum_dx else 2),
+      out_shape=[jax.ShapeDtypeStruct((n_rows, width), x.dtype)] + [partial_sums] * (2 + sum_dx + sum_dres),
       compiler_params=_compiler_params(interpret), interpret=interpret)(
           rows(x), *map(rows, dys), rows(dres), mean.reshape(n_rows), rstd.reshape(n_rows), scale)
   return [dx.reshape(x.shape)] + sums
@@ -159,35 +162,40 @@ def _per_device(call, args: tuple, in_specs: tuple | None, out_specs: Any) -> An
   return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _residual_layernorm(x, scale, bias, input_bias, eps, out_dtype, interpret, batch_axes, copies):
-  return _residual_layernorm_fwd(x, scale, bias, input_bias, eps, out_dtype, interpret, batch_axes, copies)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _residual_layernorm(x, scale, bias, input_bias, residual_bias, eps, out_dtype, interpret, batch_axes,
+                        copies):
+  return _residual_layernorm_fwd(x, scale, bias, input_bias, residual_bias, eps, out_dtype, interpret,
+                                 batch_axes, copies)[0]
 
 
-def _residual_layernorm_fwd(x, scale, bias, input_bias, eps, out_dtype, interpret, batch_axes, copies):
+def _residual_layernorm_fwd(x, scale, bias, input_bias, residual_bias, eps, out_dtype, interpret,
+                            batch_axes, copies):
   forward = functools.partial(_layernorm_forward, eps=eps, out_dtype=out_dtype, interpret=interpret)
   specs = None if batch_axes is None else (P(*batch_axes, None), P(*batch_axes))
   y, mean, rstd = _per_device(forward, (x, scale, bias), specs and (specs[0], P(), P()),
                               specs and (specs[0], specs[1], specs[1]))
-  # x is the input itself (no copy); input_bias is not computed with here, only given its gradient.
-  return (x,) + (y,) * copies, (x, mean, rstd, scale, input_bias)
+  # x is the input itself (no copy). The two biases are not computed with here, only given gradients.
+  return (x,) + (y,) * copies, (x, mean, rstd, scale, input_bias, residual_bias)
 
 
 def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, saved, cotangents):
   del eps, out_dtype, copies
-  x, mean, rstd, scale, input_bias = saved
+  x, mean, rstd, scale, input_bias, residual_bias = saved
   dres, *dys = cotangents  # dres: all the residual path sends back to x
-  sum_dx = input_bias is not None
-  backward = functools.partial(_layernorm_backward, sum_dx=sum_dx, interpret=interpret)
+  sum_dx, sum_dres = input_bias is not None, residual_bias is not None
+  backward = functools.partial(_layernorm_backward, sum_dx=sum_dx, sum_dres=sum_dres, interpret=interpret)
   in_specs = out_specs = None
   if batch_axes is not None:
     rows, stats, partials = P(*batch_axes, None), P(*batch_axes), P(_flat_mesh_axes(batch_axes), None)
     in_specs = (rows, [rows] * len(dys), rows, stats, stats, P())
-    out_specs = [rows] + [partials] * (3 if sum_dx else 2)
+    out_specs = [rows] + [partials] * (2 + sum_dx + sum_dres)
   dx, *sums = _per_device(backward, (x, dys, dres, mean, rstd, scale), in_specs, out_specs)
-  # scale and bias are one LayerNorm's parameters, of one dtype.
-  dscale, dbias = (jnp.sum(s, axis=0).astype(scale.dtype) for s in sums[:2])
-  return dx, dscale, dbias, jnp.sum(sums[2], axis=0).astype(input_bias.dtype) if sum_dx else None
+  # Each gradient in its parameter's dtype (scale and bias: one LayerNorm's, of one dtype).
+  params = [scale, scale] + [p for p in (input_bias, residual_bias) if p is not None]
+  grads = iter(jnp.sum(s, axis=0).astype(p.dtype) for s, p in zip(sums, params))
+  dscale, dbias = next(grads), next(grads)
+  return (dx, dscale, dbias, next(grads) if sum_dx else None, next(grads) if sum_dres else None)
 
 
 _residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
@@ -195,10 +203,11 @@ _residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
 
 def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
                        dtype: Any, interpret: bool = False, batch_axes: tuple[Any, ...] | None = None,
-                       copies: int = 1, input_bias: jax.Array | None = None) -> tuple[jax.Array, ...]:
+                       copies: int = 1, input_bias: jax.Array | None = None,
+                       residual_bias: jax.Array | None = None) -> tuple[jax.Array, ...]:
   """(x, LayerNorm(x) in `dtype`) over the last axis, the backward adding the residual gradient.
 
-  Two more passes of a block's backward fold into the kernel's reads and writes:
+  Three more passes of a block's backward fold into the kernel's reads and writes:
   * `copies`: LayerNorm(x) is returned that many times, one per consumer, so their gradients reach the
     kernel apart and are summed as it reads them; XLA would add them in a pass of its own (ViT's
     separate query and key/value projections: two copies, ≈157 MB less traffic per block at ViT-B/16
@@ -206,13 +215,17 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
   * `input_bias`: a [width] bias that the caller has already added into x with its gradient stopped
     (the previous projection's). Its gradient is the column sum of x's, which the kernel sums as it
     writes x's gradient, where XLA would read that gradient again.
+  * `residual_bias`: a [width] bias that the caller adds, its gradient stopped, to the residual
+    stream after the returned x (the next projection's, before the sum). Its gradient is the column
+    sum of the residual gradient, which the kernel reads anyway.
   Under a mesh, `batch_axes` is x's PartitionSpec without the last (normalised) axis, which must be
   whole on every device: each device then runs the kernels on its own rows.
   """
-  if input_bias is not None and input_bias.shape != x.shape[-1:]:
-    raise ValueError(f"input_bias must be [{x.shape[-1]}], got {list(input_bias.shape)}")
-  return _residual_layernorm(x, scale, bias, input_bias, float(epsilon), jnp.dtype(dtype), interpret,
-                             None if batch_axes is None else tuple(batch_axes), int(copies))
+  for name, b in (("input_bias", input_bias), ("residual_bias", residual_bias)):
+    if b is not None and b.shape != x.shape[-1:]:
+      raise ValueError(f"{name} must be [{x.shape[-1]}], got {list(b.shape)}")
+  return _residual_layernorm(x, scale, bias, input_bias, residual_bias, float(epsilon), jnp.dtype(dtype),
+                             interpret, None if batch_axes is None else tuple(batch_axes), int(copies))
 
 
 # --- GELU(h + bias), backward as one kernel ------------------------------------------------------
