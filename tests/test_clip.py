@@ -106,15 +106,19 @@ def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_
     assert err <= 1e-5 * np.linalg.norm(g_ref) + 1e-7 * total, (jax.tree_util.keystr(path), err)
 
 
-@pytest.mark.parametrize("mesh_cfg", [dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)],
-                         ids=["data2_fsdp4", "data2_fsdp2_tensor2"])
-def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(tiny, mesh_cfg, monkeypatch):
+@pytest.mark.parametrize("mesh_cfg, fused_qkv", [(dict(data=2, fsdp=4, tensor=1), True),
+                                                 (dict(data=2, fsdp=2, tensor=2), True),
+                                                 (dict(data=2, fsdp=2, tensor=2), False)],
+                         ids=["data2_fsdp4", "data2_fsdp2_tensor2", "data2_fsdp2_tensor2_separate_qkv"])
+def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(tiny, mesh_cfg, fused_qkv,
+                                                                               monkeypatch):
   """`norm_impl` and `gelu_impl` = 'pallas' under a mesh: each device runs the kernels on its own
   shard (shard_map over the batch axes, and the MLP's hidden units where tensor parallelism splits
   them; interpreted here), and the loss and gradients are those of XLA's fusions on one device, the
-  scale and bias gradients summed over the devices' rows."""
+  scale, bias and residual-stream bias gradients summed over the devices' rows; with separate
+  query and key/value GEMMs too (two copies of the norm's output)."""
   model, boxed, batch, (ref_loss, ref_grads, _) = tiny
-  kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret"}
+  kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
   from bigvis.models import pallas_kernels
   per_device = collections.defaultdict(list)  # kernel wrapper -> the in_specs of each call
@@ -132,7 +136,9 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp
   # The kernels add no collective: wrapping the custom VJP (not each kernel) in shard_map had autodiff
   # sum x's gradient over `tensor`, one more activation-sized all-reduce per LayerNorm.
-  assert all_reduces == _loss_and_grads(model, boxed, batch, mesh_cfg, collectives=True)[2]
+  xla_model = model if fused_qkv else build_model(
+      {**TINY, "image": {**TINY["image"], "fused_qkv": False}, "text": {**TINY["text"], "fused_qkv": False}})
+  assert all_reduces == _loss_and_grads(xla_model, boxed, batch, mesh_cfg, collectives=True)[2]
   assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for _, g in flat_ref))
