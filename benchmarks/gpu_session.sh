@@ -4,13 +4,18 @@
 # is printed last (and can be rebuilt with `python benchmarks/peers.py --table $OUT/peers.jsonl`).
 #
 #   OUT=runs/gpu bash benchmarks/gpu_session.sh            # repo root, on the GPU machine
+#   OUT=runs/gpu PART=1 bash benchmarks/gpu_session.sh     # steps 0-2 (ViT-B/16), then PART=2 the rest
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 10.5 minutes on one H100 (an estimate:
 # 8.5 measured before the seventh and eighth sessions added runs), most of it compiling: each run is
-# its own process. $OUT ends with 5 files (pallas_check.jsonl, peers.jsonl,
-# kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
+# its own process. A lent machine runs one command for at most 10 minutes, hence the two parts
+# (≈5 minutes each, same $OUT, the second started right after the first, while the machine is
+# warm); each ends by writing the table of every run so far. $OUT ends with 5 files
+# (pallas_check.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
+PART=${PART:-all}
+case "$PART" in all|1|2) ;; *) echo "PART must be all, 1 or 2, not '$PART'" >&2; exit 2 ;; esac
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 J=$OUT/peers.jsonl
@@ -18,7 +23,9 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 log() { echo "[gpu_session +${SECONDS}s] $*"; }
 
-log "environment"
+table() { log "all runs so far"; "$PY" benchmarks/peers.py --table "$J" | tee "$OUT/table.txt"; }
+
+log "environment (part $PART)"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 "$PY" -c "
 import importlib
@@ -41,6 +48,7 @@ CLIP_RG_PL=(--bigvis-set model.image.recompute_gelu=true --bigvis-set model.text
             --bigvis-set model.image.norm_impl=pallas --bigvis-set model.text.norm_impl=pallas)
 CLIP_SEP=(--bigvis-set model.image.fused_qkv=false --bigvis-set model.text.fused_qkv=false)
 
+if [ "$PART" != 2 ]; then
 # 0. bigvis's Pallas kernels against XLA's fusions at ViT-B/16's shapes: do they agree on this card,
 #    and how long does each take (seconds; steps 2 and 3 time them inside the whole step).
 log "Pallas kernels against XLA"
@@ -54,14 +62,18 @@ log "ceiling, B/16 against timm"
 # 2. The candidates prepared without a GPU (benchmarks/README.md, "Prepared on a CPU host"): GELU
 #    recomputed from the unbiased GEMM output (XLA's fusion, or its backward as a Pallas kernel) and
 #    the blocks' LayerNorms as one-pass Pallas kernels; first with query/key/value as three GEMMs
-#    (no split copy forward or concatenation backward; the fewest bytes in the compile, 105.4 GB a
-#    step against 107.0 fused), then fused, then apart. The fastest should become the default.
+#    (no split copy forward or concatenation backward; the fewest bytes in the compile, 104.6 GB a
+#    step against 106.2 fused), then fused, then apart. The fastest should become the default.
 log "B/16 candidates"
 b16 "${RG[@]}" "${PL[@]}" "${SEP[@]}" --tag _rg_pl_sep
 b16 "${RG[@]}" "${PL[@]}" --tag _rg_pl
 b16 "${GK[@]}" "${PL[@]}" --tag _gk_pl
 b16 "${RG[@]}" --tag _rg
 b16 "${PL[@]}" --tag _pl
+table
+fi
+
+if [ "$PART" != 1 ]; then
 log "CLIP B/16 against open_clip, and with recomputed GELU and Pallas LayerNorms"
 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_RG_PL[@]}" "${CLIP_SEP[@]}" --tag _rg_pl_sep
@@ -82,6 +94,5 @@ log "L/16 (batch 128) and H/14 (batch 64)"
 peers --timeout 240 --large --skip-torch --only bigvis_vit_l16_gap_cudnn,bigvis_vit_h14_gap_cudnn
 log "extras"
 b16 --batch 512 --tag _b512
-
-log "all runs"
-"$PY" benchmarks/peers.py --table "$J" | tee "$OUT/table.txt"
+table
+fi

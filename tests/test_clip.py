@@ -108,15 +108,18 @@ def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_
 
 @pytest.mark.parametrize("mesh_cfg, fused_qkv", [(dict(data=2, fsdp=4, tensor=1), True),
                                                  (dict(data=2, fsdp=2, tensor=2), True),
+                                                 (dict(data=2, fsdp=4, tensor=1), False),
                                                  (dict(data=2, fsdp=2, tensor=2), False)],
-                         ids=["data2_fsdp4", "data2_fsdp2_tensor2", "data2_fsdp2_tensor2_separate_qkv"])
+                         ids=["data2_fsdp4", "data2_fsdp2_tensor2", "data2_fsdp4_separate_qkv",
+                              "data2_fsdp2_tensor2_separate_qkv"])
 def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(tiny, mesh_cfg, fused_qkv,
                                                                                monkeypatch):
   """`norm_impl` and `gelu_impl` = 'pallas' under a mesh: each device runs the kernels on its own
   shard (shard_map over the batch axes, and the MLP's hidden units where tensor parallelism splits
   them; interpreted here), and the loss and gradients are those of XLA's fusions on one device, the
   scale, bias and residual-stream bias gradients summed over the devices' rows; with separate
-  query and key/value GEMMs too (two copies of the norm's output)."""
+  query and key/value GEMMs too (two copies of the norm's output, but one where tensor parallelism
+  splits the heads: apart, the two partial input gradients would each need an all-reduce)."""
   model, boxed, batch, (ref_loss, ref_grads, _) = tiny
   kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
@@ -132,6 +135,8 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   # 2 LayerNorms (forward and backward) per GELU backward, in every block of both towers.
   assert calls["_layernorm_forward"] == calls["_layernorm_backward"] == 2 * calls["_bias_gelu_backward"] > 0, calls
   assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name])
+  dy_counts = {len(specs[1]) for specs in per_device["_layernorm_backward"]}  # y's copies per norm
+  assert dy_counts == ({1} if fused_qkv or mesh_cfg["tensor"] > 1 else {1, 2}), dy_counts
   gelu_hidden_axes = {specs[0][-1] for specs in per_device["_bias_gelu_backward"]}
   assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp
   # The kernels add no collective: wrapping the custom VJP (not each kernel) in shard_map had autodiff

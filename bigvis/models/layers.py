@@ -53,6 +53,15 @@ def _activation_mesh_axes(names: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
   return tuple(nn.logical_to_mesh_axes(names[-ndim:]))
 
 
+def _split_over_devices(name: str) -> bool:
+  """Whether the sharding rules put logical activation axis `name` on mesh axes of more than one device."""
+  axes = _activation_mesh_axes((name,), 1)[0]
+  mesh = jax.sharding.get_abstract_mesh()
+  if axes is None or mesh.empty:
+    return False
+  return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])) > 1
+
+
 class _NormParams(nn.Module):
   """nn.LayerNorm's scale and bias (same names, shapes and initialisers), for the Pallas kernels."""
 
@@ -67,8 +76,8 @@ class LayerNorm(nn.Module):
   """LayerNorm whose scale and bias are named on the `embed` axis.
 
   `impl` (one of KERNEL_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels.
-  They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) so the
-  residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
+  They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) (or
+  `copies` of LayerNorm(x)) so the residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
   There `copies`, `input_bias` and `residual_bias` hand the kernel three more passes of the block's
   backward (see `pallas_kernels.residual_layernorm`); the biases only with the kernels. The
   parameters are the same either way.
@@ -269,7 +278,9 @@ class Attention(nn.Module):
 
   The key bias gets no gradient, because its gradient is exactly zero: it adds q·b_k to every logit
   in a query's row, which softmax ignores (the key gradients' column sums cancel; with masks too).
-  XLA would still read the key gradient to sum it, a pass of [tokens, width] per block.
+  XLA would still read the key gradient to sum it, a pass of [tokens, width] per block. That holds
+  while k only feeds the softmax's logits: a change that used k elsewhere (a norm on q and k, say)
+  must drop the stop.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -412,9 +423,12 @@ class EncoderBlock(nn.Module):
     # input gradients apart, in two copies of the norm's output, and the MLP norm's kernel sums the
     # gradients of the two biases added to the residual stream around it (the out projection's and
     # the MLP's last). Not under dropout, which sits between those biases and the sums.
-    kernels = self.norm_impl != "xla"
-    kv_copy = kernels and not self.fused_qkv
-    biases_in_kernel = kernels and self.dropout == 0.0
+    pallas_norms = self.norm_impl != "xla"  # as LayerNorm decides for keep_input=True
+    # Not where the heads are split over devices (tensor parallelism): each projection's input
+    # gradient is then a partial sum, and apart they cost an all-reduce each where XLA sums first
+    # (compiled for 8 H100s with mesh.tensor=2: 12 more in the ViT-B/16 step).
+    kv_copy = pallas_norms and not self.fused_qkv and not _split_over_devices("act_heads")
+    biases_in_kernel = pallas_norms and self.dropout == 0.0
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=self.norm_impl, name="norm_attn")(
         x, keep_input=True, copies=2 if kv_copy else 1)

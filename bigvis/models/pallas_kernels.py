@@ -8,10 +8,11 @@ same kernels in Pallas's interpreter (any backend; slow), which is how the tests
   reductions, then the input gradient fused with the residual stream's). Compiled for an H100 that
   is ≈237 MB of the ViT-B/16 step's traffic per LayerNorm (24 of them) that a kernel holding each
   row in registers does not move. These kernels read x once and write y once forward; backward they read
-  x, dy and the residual gradient once and write the summed input gradient, with per-program
-  partial sums for the scale and bias gradients. The residual gradient has to enter the kernel or
-  it costs a separate add: so the function is `x -> (x, LayerNorm(x))`, and the cotangent of the
-  first output (everything the residual path sends back) is added inside the backward kernel.
+  x, y's gradient(s) and the residual gradient once and write the summed input gradient, with
+  per-program partial sums for the scale and bias gradients (and for the residual stream's biases
+  where the block hands them over). The residual gradient has to enter the kernel or it costs a
+  separate add: so the function is `x -> (x, LayerNorm(x))`, and the cotangent of the first output
+  (everything the residual path sends back) is added inside the backward kernel.
 * `bias_gelu`, GELU(h + bias) after the first MLP GEMM, saving only h. Its backward kernel
   recomputes GELU's derivative and writes the input gradient with per-program partial sums of the
   bias gradient. XLA's fusion for the same work (an elementwise output plus a column reduction) is,
@@ -65,8 +66,8 @@ def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx, sum_dres):
   """refs: x, n_dy incoming gradients of y (summed here), the residual gradient, mean, rstd, scale;
   then the outputs dx and partial column sums of scale's and bias's gradients, and with `sum_dx`
   of dx, with `sum_dres` of the residual gradient."""
-  x_ref, dy_refs = refs[0], refs[1:1 + n_dy]
-  dres_ref, mean_ref, rstd_ref, scale_ref, dx_ref, dscale_ref, dbias_ref = refs[1 + n_dy:8 + n_dy]
+  x_ref, *dy_refs, dres_ref, mean_ref, rstd_ref, scale_ref = refs[:n_dy + 5]
+  dx_ref, *sum_refs = refs[n_dy + 5:]
   program = pl.program_id(0)
   cols = jnp.arange(_block_cols(n_cols))
   col_ok = cols < n_cols
@@ -94,7 +95,7 @@ def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx, sum_dres):
 
   zeros = jnp.zeros((_block_cols(n_cols),), jnp.float32)
   sums = jax.lax.fori_loop(0, BACKWARD_ROWS // BACKWARD_STEP_ROWS, step, (zeros,) * (2 + sum_dx + sum_dres))
-  for ref, partial in zip(refs[6 + n_dy:], sums):
+  for ref, partial in zip(sum_refs, sums):
     plgpu.store(ref.at[program, cols], partial, mask=col_ok)
 
 
@@ -191,11 +192,11 @@ def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, saved
     in_specs = (rows, [rows] * len(dys), rows, stats, stats, P())
     out_specs = [rows] + [partials] * (2 + sum_dx + sum_dres)
   dx, *sums = _per_device(backward, (x, dys, dres, mean, rstd, scale), in_specs, out_specs)
-  # Each gradient in its parameter's dtype (scale and bias: one LayerNorm's, of one dtype).
-  params = [scale, scale] + [p for p in (input_bias, residual_bias) if p is not None]
-  grads = iter(jnp.sum(s, axis=0).astype(p.dtype) for s, p in zip(sums, params))
-  dscale, dbias = next(grads), next(grads)
-  return (dx, dscale, dbias, next(grads) if sum_dx else None, next(grads) if sum_dres else None)
+  total = lambda partials, like: jnp.sum(partials, axis=0).astype(like.dtype)  # noqa: E731
+  dscale, dbias, *bias_sums = sums  # scale and bias: one LayerNorm's parameters, of one dtype
+  d_input_bias = total(bias_sums.pop(0), input_bias) if sum_dx else None
+  d_residual_bias = total(bias_sums.pop(0), residual_bias) if sum_dres else None
+  return dx, total(dscale, scale), total(dbias, scale), d_input_bias, d_residual_bias
 
 
 _residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
@@ -205,7 +206,8 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
                        dtype: Any, interpret: bool = False, batch_axes: tuple[Any, ...] | None = None,
                        copies: int = 1, input_bias: jax.Array | None = None,
                        residual_bias: jax.Array | None = None) -> tuple[jax.Array, ...]:
-  """(x, LayerNorm(x) in `dtype`) over the last axis, the backward adding the residual gradient.
+  """(x, LayerNorm(x) in `dtype`, ...: `copies` of it) over the last axis, the backward adding the
+  residual gradient.
 
   Three more passes of a block's backward fold into the kernel's reads and writes:
   * `copies`: LayerNorm(x) is returned that many times, one per consumer, so their gradients reach the
