@@ -74,7 +74,8 @@ def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool,
   c, c2, d = (jax.random.normal(k, (rows, width)).astype(dtype) for k in (keys[3], keys[7], keys[4]))
 
   def loss(x, ys):
-    return sum(jnp.sum(y.astype(jnp.float32) * c_) for y, c_ in zip(ys, (c, c2))) + jnp.sum(x.astype(jnp.float32) * d)
+    dot = lambda a, b: jnp.sum(a.astype(jnp.float32) * b)  # noqa: E731
+    return sum(dot(y, c_) for y, c_ in zip(ys, (c, c2))) + dot(x, d)
 
   def xla(x, scale, bias, b, r):
     x = x + b.astype(dtype) if biases else x

@@ -107,17 +107,17 @@ def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any
       r for r in DEFAULT_RULES if r[0] not in names)
 
 
+def mesh_axes_size(mesh: Any, axes: str | tuple[str, ...] | None) -> int:
+  """How many devices a PartitionSpec entry (a mesh axis, a tuple of them, or None) splits a dim over."""
+  if axes is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+
+
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
   """Drops mesh axes from dimensions they do not divide evenly."""
-  fitted = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    if axes is None:
-      fitted.append(None)
-      continue
-    group = axes if isinstance(axes, tuple) else (axes,)
-    size = int(np.prod([mesh.shape[a] for a in group]))
-    fitted.append(axes if dim % size == 0 else None)
-  return P(*fitted)
+  return P(*(axes if dim % mesh_axes_size(mesh, axes) == 0 else None
+             for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
@@ -164,7 +164,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  return mesh_axes_size(mesh, tuple(BATCH_AXES))
 
 
 def split_host_features(batch: dict[str, np.ndarray]) -> tuple[dict, dict]:

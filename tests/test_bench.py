@@ -288,8 +288,9 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   x (residual gradient included), scale and bias gradients; GELU's output and its h and bias
   gradients, also as the block calls it with biases added before and after it (whose gradients the
   kernel sums) and with two copies of its output (whose gradients it adds). 130 rows (not a whole
-  number of 4- or 64-row blocks), 24 features (loaded as 32 lanes, the tail masked), 300 hidden units (not a whole number of 256-column blocks). In bfloat16 XLA's
-  fusions round every step while the kernels compute in float32."""
+  number of 4- or 64-row blocks), 24 features (loaded as 32 lanes, the tail masked), 300 hidden
+  units (not a whole number of 256-column blocks). In bfloat16 XLA's fusions round every step while
+  the kernels compute in float32."""
   check = _benchmark_module("pallas_kernels_check")
   assert check.main(["--rows", "130", "--width", "24", "--mlp", "300", "--dtype", dtype,
                      "--steps", "1", "--interpret"]) == 0

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigvis.errors import UserError
+from bigvis.sharding import mesh_axes_size
 from bigvis.models.pallas_kernels import bias_gelu as pallas_bias_gelu
 from bigvis.models.pallas_kernels import residual_layernorm
 
@@ -55,11 +56,8 @@ def _activation_mesh_axes(names: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
 
 def _split_over_devices(name: str) -> bool:
   """Whether the sharding rules put logical activation axis `name` on mesh axes of more than one device."""
-  axes = _activation_mesh_axes((name,), 1)[0]
   mesh = jax.sharding.get_abstract_mesh()
-  if axes is None or mesh.empty:
-    return False
-  return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)])) > 1
+  return not mesh.empty and mesh_axes_size(mesh, _activation_mesh_axes((name,), 1)[0]) > 1
 
 
 class _NormParams(nn.Module):
@@ -77,10 +75,10 @@ class LayerNorm(nn.Module):
 
   `impl` (one of KERNEL_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels.
   They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) (or
-  `copies` of LayerNorm(x)) so the residual stream's gradient is added inside the backward kernel; elsewhere XLA's LayerNorm runs.
-  There `copies`, `input_bias` and `residual_bias` hand the kernel three more passes of the block's
-  backward (see `pallas_kernels.residual_layernorm`); the biases only with the kernels. The
-  parameters are the same either way.
+  `copies` of LayerNorm(x)) so the residual stream's gradient is added inside the backward kernel;
+  elsewhere XLA's LayerNorm runs. There `copies`, `input_bias` and `residual_bias` hand the kernel
+  three more passes of the block's backward (see `pallas_kernels.residual_layernorm`); the biases
+  only with the kernels. The parameters are the same either way.
   """
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6
@@ -237,7 +235,7 @@ class HeadsDense(nn.Module):
   def __call__(self, x, *, weights_only: bool = False, bias_gradient: bool = True):
     """x [..., *in] -> [..., *features]; with `weights_only`, (kernel, bias) for x's trailing shape,
     so a caller can fuse several such layers into one GEMM under their own parameter names. Without
-    `bias_gradient`, (output, bias): the bias is added with its gradient stopped, for the caller to
+    `bias_gradient` (as `Dense`), the bias is added with its gradient stopped, for the caller to
     supply it (or to leave it zero where it is zero: the key projection's)."""
     in_shape = x.shape[-self.contract:]
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
@@ -248,9 +246,8 @@ class HeadsDense(nn.Module):
     bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
     if weights_only:
       return kernel, bias
-    if not bias_gradient:
-      return flat_dense(x, kernel, jax.lax.stop_gradient(bias), self.contract, self.dtype), bias
-    return flat_dense(x, kernel, bias, self.contract, self.dtype)
+    return flat_dense(x, kernel, bias if bias_gradient else jax.lax.stop_gradient(bias), self.contract,
+                      self.dtype)
 
 
 def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, contract: int, dtype: Dtype) -> jax.Array:
@@ -308,17 +305,16 @@ class Attention(nn.Module):
       qkv = flat_dense(x, kernel, bias, 1, self.dtype)
       q, k, v = (qkv[..., i, :] for i in range(3))
     else:
-      q, (k, _), v = dense("query")(x), dense("key")(kv, bias_gradient=False), dense("value")(kv)
+      q, k, v = dense("query")(x), dense("key")(kv, bias_gradient=False), dense("value")(kv)
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
-    out = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
-                     name="out")(out, bias_gradient=out_bias_gradient)
-    if not out_bias_gradient:
-      out, out_bias = out
-      return constrain(out, ("act_batch", "act_length", "act_embed")), out_bias
-    return constrain(out, ("act_batch", "act_length", "act_embed"))
+    out_projection = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
+                                name="out")
+    y = constrain(out_projection(out, bias_gradient=out_bias_gradient),
+                  ("act_batch", "act_length", "act_embed"))
+    return y if out_bias_gradient else (y, out_projection(out, weights_only=True)[1])
 
 
 def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
