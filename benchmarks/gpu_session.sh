@@ -8,13 +8,13 @@
 #   OUT=runs/gpu PART=goals bash benchmarks/gpu_session.sh # only what the goals need, in one command
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
-# TensorFlow: `bigvis bench` runs on synthetic batches). About 10.5 minutes on one H100 (an estimate:
-# 8.5 measured before the seventh and eighth sessions added runs), most of it compiling: each run is
-# its own process. A lent machine runs one command for at most 10 minutes, hence the two parts
+# TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100 or H200, most
+# of it compiling: each run is its own process. A lent machine runs one command for at most 10 minutes, hence the two parts
 # (up to 9 minutes each, see BUDGET_S; same $OUT, the second started right after the first, while
 # the machine is warm); each ends by writing the table of every run so far. A session lent 15 minutes
 # of device time in all has room for one such command: PART=goals runs the two goals side by side
-# with each family's leading candidate, then the second candidates, in about 9 minutes. $OUT ends
+# with each family's GELU kernel, then the defaults before the ninth session, in about 9 minutes
+# (the ninth session's one command, with that session's candidates, took 532 s on an H200). $OUT ends
 # with up to 5 files (pallas_check.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent
 # machine returns at most 8).
 set -u
@@ -52,14 +52,15 @@ room() {
 peers() { "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --no-ceiling "$@"; }
 b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 
-RG=(--bigvis-set model.recompute_gelu=true)
-PL=(--bigvis-set model.norm_impl=pallas)
-GK=(--bigvis-set model.gelu_impl=pallas)
-SEP=(--bigvis-set model.fused_qkv=false)
-CLIP_RG_PL=(--bigvis-set model.image.recompute_gelu=true --bigvis-set model.text.recompute_gelu=true
-            --bigvis-set model.image.norm_impl=pallas --bigvis-set model.text.norm_impl=pallas)
-CLIP_SEP=(--bigvis-set model.image.fused_qkv=false)  # the image tower's only: the fewest bytes in the compile
-
+# The defaults since the ninth session (H200: B/16 +2.5 %, CLIP +3.0 %) are recomputed GELU, the
+# Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT. What is left to try or confirm:
+GK=(--bigvis-set model.gelu_impl=pallas)  # GELU's backward as one Triton kernel: unmeasured in a step
+FUSED=(--bigvis-set model.fused_qkv=true)
+OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla)
+CLIP_GK=(--bigvis-set model.image.gelu_impl=pallas --bigvis-set model.text.gelu_impl=pallas)
+CLIP_OLD=(--bigvis-set model.image.fused_qkv=true --bigvis-set model.image.recompute_gelu=false
+          --bigvis-set model.text.recompute_gelu=false --bigvis-set model.image.norm_impl=xla
+          --bigvis-set model.text.norm_impl=xla)
 
 # 0. bigvis's Pallas kernels against XLA's fusions at ViT-B/16's shapes: do they agree on this card,
 #    and how long does each take (seconds; steps 2 and 3 time them inside the whole step).
@@ -78,31 +79,22 @@ clip_goal() {
   log "CLIP B/16 against open_clip"
   room 150 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
 }
-# 2. The candidates prepared without a GPU (benchmarks/README.md, "Prepared on a CPU host"): GELU
-#    recomputed from the unbiased GEMM output (XLA's fusion, or its backward as a Pallas kernel) and
-#    the blocks' LayerNorms as one-pass Pallas kernels; first with query/key/value as three GEMMs
-#    (no split copy forward or concatenation backward; the fewest bytes in the compile, 104.6 GB a
-#    step against 106.2 fused), then fused, then apart. The fastest should become the default.
-vit_rg_pl_sep() { room 50 b16 "${RG[@]}" "${PL[@]}" "${SEP[@]}" --tag _rg_pl_sep; }
-vit_rg_pl() { room 50 b16 "${RG[@]}" "${PL[@]}" --tag _rg_pl; }
-vit_others() {
-  room 50 b16 "${GK[@]}" "${PL[@]}" --tag _gk_pl
-  room 50 b16 "${RG[@]}" --tag _rg
-  room 50 b16 "${PL[@]}" --tag _pl
+# 2. Against the defaults: the GELU kernel (the one option no whole step has timed), the defaults
+#    before the ninth session (how much the new ones win on this card), one q/k/v GEMM.
+vit_gk() { room 50 b16 "${GK[@]}" --tag _gk; }
+vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }
+vit_fused() { room 50 b16 "${FUSED[@]}" --tag _fused_qkv; }
+clip_gk() { room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_GK[@]}" --tag _gk; }
+clip_old() {
+  room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_OLD[@]}" --tag _old_defaults
 }
-clip_rg_pl_sep() {
-  room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_RG_PL[@]}" "${CLIP_SEP[@]}" \
-    --tag _rg_pl_sep
-}
-clip_rg_pl() { room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_RG_PL[@]}" --tag _rg_pl; }
-# 3. Where the B/16 step's time goes with the first candidate, with the card's optimised HLO for reading
+# 3. Where the B/16 step's time goes with the defaults, with the card's optimised HLO for reading
 #    offline (which fusion is which kernel; `bigvis aot --topology h100-1` only approximates the
 #    card's choices; benchmarks/hlo_traffic.py sums its bytes per kernel).
 profile() {
   log "profile"
   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
     room 80 timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
-    --set model.recompute_gelu=true --set model.norm_impl=pallas --set model.fused_qkv=false \
     --profile "$OUT/prof" | tail -1
   if [ -d "$OUT/prof" ]; then
     "$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 40 > "$OUT/kernels.txt"; rm -rf "$OUT/prof"
@@ -118,11 +110,10 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check vit_goal vit_rg_pl_sep vit_rg_pl vit_others profile) ;;
-  2) steps=(clip_goal clip_rg_pl_sep clip_rg_pl large extras) ;;
-  goals) steps=(kernel_check vit_goal vit_rg_pl_sep clip_goal clip_rg_pl_sep vit_rg_pl clip_rg_pl) ;;
-  all) steps=(kernel_check vit_goal vit_rg_pl_sep vit_rg_pl vit_others profile
-              clip_goal clip_rg_pl_sep clip_rg_pl large extras) ;;
+  1) steps=(kernel_check vit_goal vit_gk vit_old vit_fused profile) ;;
+  2) steps=(clip_goal clip_gk clip_old large extras) ;;
+  goals) steps=(kernel_check vit_goal vit_gk clip_goal clip_gk vit_old clip_old) ;;
+  all) steps=(kernel_check vit_goal vit_gk vit_old vit_fused profile clip_goal clip_gk clip_old large extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table

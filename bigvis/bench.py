@@ -30,16 +30,16 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
   import ml_collections
 
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
-  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ... patch=matmul`
-  (`gelu=recomputed|pallas` and `norm=pallas` only where they differ from the defaults).
+  """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ...
+  patch=matmul gelu=recomputed norm=auto:pallas` (`gelu=recomputed|pallas` where GELU is not saved).
 
-  `auto` attention shows what it resolves to on `device` (default: the process's first device).
+  `auto` attention and norms show what they resolve to on `device` (default: the process's first).
   """
   import jax
-  from bigvis.models import resolve_attention
+  from bigvis.models import resolve_for_device
   if device is None:
     device = jax.devices()[0]
-  resolved = resolve_attention(model_cfg, device).to_dict()
+  resolved = resolve_for_device(model_cfg, device).to_dict()
 
   def tower(c: dict, r: dict) -> str:
     parts = [str(c.get("variant", "?"))]
@@ -59,8 +59,8 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
       parts.append(f"gelu={c['gelu_impl']}")  # saves only h, whatever recompute_gelu says
     elif c.get("recompute_gelu"):
       parts.append("gelu=recomputed")
-    if c.get("norm_impl", "xla") != "xla":
-      parts.append(f"norm={c['norm_impl']}")
+    if "norm_impl" in c:
+      parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

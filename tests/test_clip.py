@@ -141,8 +141,8 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp
   # The kernels add no collective: wrapping the custom VJP (not each kernel) in shard_map had autodiff
   # sum x's gradient over `tensor`, one more activation-sized all-reduce per LayerNorm.
-  xla_model = model if fused_qkv else build_model(
-      {**TINY, "image": {**TINY["image"], "fused_qkv": False}, "text": {**TINY["text"], "fused_qkv": False}})
+  xla_model = build_model(  # the same GEMMs with XLA's fusions
+      {**TINY, "image": {**TINY["image"], "fused_qkv": fused_qkv}, "text": {**TINY["text"], "fused_qkv": fused_qkv}})
   assert all_reduces == _loss_and_grads(xla_model, boxed, batch, mesh_cfg, collectives=True)[2]
   assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)

@@ -142,7 +142,8 @@ def test_projections_are_2d_gemms_with_a_1d_bias(fused_qkv):
   to cuBLASLt's BIAS epilogue, where an N-D one (the [3, heads, kv] query/key/value bias) is
   broadcast to the whole output and added through the GEMM's C operand (an extra write and read of
   it per block)."""
-  model = build_model(dict(name="vit", variant="mu/4", num_classes=3, fused_qkv=fused_qkv))
+  # recompute_gelu=False: the recomputing MLP adds its first bias inside bias_gelu_recomputed.
+  model = build_model(dict(name="vit", variant="mu/4", num_classes=3, fused_qkv=fused_qkv, recompute_gelu=False))
   x = jnp.ones((2, 16, 16, 3))
   params = model.init(jax.random.key(0), x)
   found = _projection_bias_shapes(jax.make_jaxpr(lambda p: model.apply(p, x))(params).jaxpr)
@@ -191,7 +192,7 @@ def test_cudnn_padding_rule_and_auto_padded_vit_equals_plain(monkeypatch):
 
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   cfg = dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok", head_zero_init=False,
-             attention_impl="xla", dtype="bfloat16")
+             attention_impl="xla", dtype="bfloat16", norm_impl="xla")  # 'auto' would pick Triton's kernels
   params = build_model(cfg).init(jax.random.key(0), images)["params"]
   plain, _ = build_model(cfg).apply({"params": params}, images)
   lengths = []
@@ -282,29 +283,35 @@ def test_recomputed_gelu_saves_only_the_gemm_output_and_matches_autodiff():
 
 
 def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monkeypatch):
-  """`resolve_attention` decides per tower for a given device; the trainer's builder passes the
-  mesh's, so a CPU mesh on a GPU host (or a TPU target) gets XLA's attention."""
+  """`resolve_for_device` decides attention and norms per tower for a given device; the trainer's
+  builder passes the mesh's, so a CPU mesh on a GPU host (or a TPU target) gets XLA's."""
   from bigvis import sharding, train
   from bigvis.config import base_config
-  from bigvis.models import model_config, resolve_attention, with_tower_fields
+  from bigvis.models import model_config, resolve_for_device, with_tower_fields
   h100, cpu = _FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0"), _FakeDevice("cpu", "cpu")
   clip = model_config("clip", image=dict(variant="B/16", dtype="bfloat16"),
                       text=dict(variant="B", dtype="bfloat16", attention_impl="xla"))
-  on_gpu = resolve_attention(clip, h100)
+  on_gpu = resolve_for_device(clip, h100)
   assert (on_gpu.image.attention_impl, on_gpu.text.attention_impl) == ("cudnn", "xla")  # explicit stands
-  assert resolve_attention(clip, cpu).image.attention_impl == "xla"
+  assert (on_gpu.image.norm_impl, on_gpu.text.norm_impl) == ("pallas", "pallas")  # both default 'auto'
+  assert resolve_for_device(clip, cpu).image.norm_impl == "xla"
+  v100 = _FakeDevice("gpu", "Tesla V100-SXM2-16GB", "7.0")
+  assert resolve_for_device(clip, v100).text.norm_impl == "xla"  # Triton's kernels need sm80
+  assert resolve_for_device(with_tower_fields(clip, norm_impl="xla"), h100).image.norm_impl == "xla"
+  assert resolve_for_device(clip, cpu).image.attention_impl == "xla"
   assert clip.image.attention_impl == "auto"  # a copy: the run's config is left as written
   as_dicts = clip.to_dict()  # plain dicts (tests, hand-written configs) are copied too, towers included
-  assert resolve_attention(as_dicts, h100).image.attention_impl == "cudnn"
+  assert resolve_for_device(as_dicts, h100).image.attention_impl == "cudnn"
   assert with_tower_fields(as_dicts, remat_policy="full").text.remat_policy == "full"
   assert as_dicts == clip.to_dict()
   vit = model_config("vit", variant="mu/4", dtype="bfloat16")   # head size 32
-  assert resolve_attention(vit, h100).attention_impl == "cudnn"
-  assert resolve_attention(model_config("vit", variant="mu/4"), h100).attention_impl == "xla"  # float32
+  assert resolve_for_device(vit, h100).attention_impl == "cudnn"
+  assert resolve_for_device(model_config("vit", variant="mu/4"), h100).attention_impl == "xla"  # float32
   # A hand-written section without the key gets the module's default ('auto'), decided here too.
   bare = ml_collections.ConfigDict(dict(name="vit", variant="mu/4", dtype="bfloat16"))
-  assert resolve_attention(bare, h100).attention_impl == "cudnn"
-  assert resolve_attention(bare, cpu).attention_impl == "xla"
+  assert resolve_for_device(bare, h100).attention_impl == "cudnn"
+  assert resolve_for_device(bare, cpu).attention_impl == "xla"
+  assert (resolve_for_device(bare, h100).norm_impl, resolve_for_device(bare, cpu).norm_impl) == ("pallas", "xla")
 
   config = base_config()
   config.model = vit
@@ -312,7 +319,30 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   cpu_mesh, _ = sharding.mesh_and_rules(config, jax.devices("cpu")[:1])
   monkeypatch.setattr(jax, "devices", lambda *a: [h100])  # the host's first device is a GPU
   model, _ = train.model_and_objective(config, cpu_mesh)
-  assert model.attention_impl == "xla"
+  assert (model.attention_impl, model.norm_impl) == ("xla", "xla")
+
+
+def test_auto_norms_resolve_in_the_block_for_the_first_device(monkeypatch):
+  """A model built without a device (`build_model(cfg)`, a module used directly) decides `norm_impl='auto'`
+  in each block for the process's first device: the Pallas kernels on an NVIDIA GPU, XLA's elsewhere."""
+  from bigvis.models import layers
+  calls = []
+  real = layers.residual_layernorm
+
+  def recording(*args, **kwargs):
+    calls.append(kwargs["interpret"])
+    return real(*args, **{**kwargs, "interpret": True})  # the kernel as Triton would run it, on the CPU
+  monkeypatch.setattr(layers, "residual_layernorm", recording)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 32))
+  block = layers.EncoderBlock(num_heads=4, mlp_dim=64, norm_impl="auto")
+  params = block.init(jax.random.key(1), x)
+  on_cpu = block.apply(params, x)
+  assert calls == []  # this host's first device is a CPU
+  monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0")])
+  on_gpu = block.apply(params, x)
+  assert calls == [False, False]  # both norms, compiled (not interpreted) kernels
+  np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-5)
+  assert layers.resolve_norm_impl("pallas_interpret") == "pallas_interpret"  # explicit choices stand
 
 
 def test_gpu_encoder_pins_its_residual_stream_row_major(monkeypatch):
@@ -370,9 +400,9 @@ def test_patch_embedding_matmul_equals_the_convolution():
 
 
 @pytest.mark.parametrize("field, extra", [
-    ("norm_impl", {}), ("norm_impl", {"fused_qkv": False}), ("norm_impl", {"dropout": 0.1}),
-    ("norm_impl", {"scan": True, "remat_policy": "full", "fused_qkv": False}), ("gelu_impl", {})],
-    ids=["norm", "norm_separate_qkv", "norm_dropout", "norm_scan_remat_separate_qkv", "gelu"])
+    ("norm_impl", {"fused_qkv": True}), ("norm_impl", {}), ("norm_impl", {"dropout": 0.1}),
+    ("norm_impl", {"scan": True, "remat_policy": "full"}), ("gelu_impl", {})],
+    ids=["norm_fused_qkv", "norm_separate_qkv", "norm_dropout", "norm_scan_remat_separate_qkv", "gelu"])
 def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field, extra, monkeypatch):
   """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
   XLA's fusions (kernels interpreted here; the kernels alone, in float32 and bfloat16 on ragged
@@ -404,7 +434,7 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   b, gb = jax.value_and_grad(loss)(p, pallas)
   np.testing.assert_allclose(a, b, rtol=1e-5)
   if field == "norm_impl":  # per block traced (scan and remat trace one more than once): the
-    copies = 1 if extra.get("fused_qkv", True) else 2  # attention's norm, then the MLP's
+    copies = 1 if extra.get("fused_qkv") else 2  # attention's norm, then the MLP's (ViT's default: apart)
     blocks = 1 if extra.get("scan") else sum(name.startswith("block") for name in p["encoder"])
     biases = "dropout" not in extra
     traced = len(calls) // 2
@@ -414,11 +444,12 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
                ["mlp", "Dense_1", "bias"]):
     assert float(jnp.abs(functools.reduce(dict.__getitem__, name, block)).max()) > 0, name
   scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
-  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
+  # float32 rounding: the class token's gradient (up to ~670 here) differs by up to 1.1e-3 with dropout
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=3e-6 * scale), ga, gb)
 
   with pytest.raises(UserError, match=f"model.{field} 'pallas' runs Triton kernels on NVIDIA GPUs"):
     build_model(dict(base, **{field: "pallas"}), device=jax.devices("cpu")[0])
-  with pytest.raises(UserError, match=f"model.{field} 'triton' is not one of xla, pallas"):
+  with pytest.raises(UserError, match=f"model.{field} 'triton' is not one of (auto, )?xla, pallas"):
     build_model(dict(base, **{field: "triton"}))
   clip = dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", **{field: "triton"}))
   with pytest.raises(UserError, match=f"model.text.{field} 'triton' is not one of"):  # the tower's key

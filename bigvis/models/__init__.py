@@ -12,7 +12,8 @@ import ml_collections
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
-from bigvis.models.layers import KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl
+from bigvis.models.layers import (KERNEL_IMPLS, NORM_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl,
+                                  resolve_norm_impl)
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
 
@@ -66,10 +67,10 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
 
   Parameters stay float32; `dtype` sets the compute precision (bf16 on
   accelerators), the usual mixed-precision policy. With `device` (a mesh's),
-  `attention_impl='auto'` is decided for that device (`resolve_attention`).
+  `attention_impl` and `norm_impl` 'auto' are decided for that device (`resolve_for_device`).
   """
   if device is not None:
-    model_config = resolve_attention(model_config, device)
+    model_config = resolve_for_device(model_config, device)
   check_kernel_impls(model_config, device)
   cfg = _copied_dict(model_config)
   name = cfg.pop("name", None)
@@ -114,12 +115,12 @@ def _head_dim(cls: type, tower: dict) -> int:
   return width // heads
 
 
-def resolve_attention(model_config: ml_collections.ConfigDict | dict, device: Any) -> ml_collections.ConfigDict:
-  """A copy of the `model` section with `attention_impl='auto'` (spelled out or the default) replaced
-  by what `device` runs.
+def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: Any) -> ml_collections.ConfigDict:
+  """A copy of the `model` section with `attention_impl` and `norm_impl` 'auto' (spelled out or the
+  defaults) replaced by what `device` runs.
 
   The trainer, `bigvis bench`, `bigvis aot` and `bigvis eval` resolve against their mesh's devices, so
-  a CPU mesh on a GPU host, or a TPU target compiled from a GPU host, gets the attention it can run.
+  a CPU mesh on a GPU host, or a TPU target compiled from a GPU host, gets the kernels it can run.
   """
   cfg = _copied_dict(model_config)
   for cls, section in _towers(cfg):
@@ -127,6 +128,8 @@ def resolve_attention(model_config: ml_collections.ConfigDict | dict, device: An
     if tower["attention_impl"] == "auto":
       section["attention_impl"] = resolve_attention_impl(
           "auto", DTYPES.get(tower["dtype"], tower["dtype"]), _head_dim(cls, tower), device)
+    if tower["norm_impl"] == "auto":
+      section["norm_impl"] = resolve_norm_impl("auto", device)
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
@@ -137,17 +140,17 @@ XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
 
 def check_kernel_impls(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
   """A one-sentence error naming the key for a `norm_impl`/`gelu_impl` that is not one of
-  KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels cannot run:
+  NORM_IMPLS/KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels cannot run:
   they are Triton kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
   cfg = _copied_dict(model_config)
   clip = cfg.get("name") == "clip"
   for cls, section in _towers(cfg):
     tower = {**_defaults(cls), **section}
     prefix = "model." + (("image." if cls is ViT else "text.") if clip else "")
-    for field in ("norm_impl", "gelu_impl"):
+    for field, choices in (("norm_impl", NORM_IMPLS), ("gelu_impl", KERNEL_IMPLS)):
       value = tower.get(field, "xla")
-      if value not in KERNEL_IMPLS:
-        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(KERNEL_IMPLS)}.")
+      if value not in choices:
+        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(choices)}.")
       if value == "pallas" and device is not None and not nvidia_sm80_or_newer(device):
         raise UserError(f"{prefix}{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
                         f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")
