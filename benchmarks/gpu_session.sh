@@ -56,6 +56,7 @@ b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 # Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT. What is left to try or confirm:
 GK=(--bigvis-set model.gelu_impl=pallas)  # GELU's backward as one Triton kernel: unmeasured in a step
 FUSED=(--bigvis-set model.fused_qkv=true)
+# The old defaults' options (Attention's bias placement, also of the ninth session, has no switch).
 OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla)
 CLIP_GK=(--bigvis-set model.image.gelu_impl=pallas --bigvis-set model.text.gelu_impl=pallas)
 CLIP_OLD=(--bigvis-set model.image.fused_qkv=true --bigvis-set model.image.recompute_gelu=false

@@ -126,7 +126,8 @@ def _projection_bias_shapes(jaxpr) -> list[tuple[int, int]]:
       continue
     ins = [None if isinstance(v, jex_core.Literal) else producer.get(v) for v in eqn.invars]
     dots = [i for i, e in enumerate(ins) if e is not None and e.primitive.name == "dot_general"
-            and not e.params["dimension_numbers"][1][0]]  # no batch dims: a projection, not attention
+            and not e.params["dimension_numbers"][1][0]  # no batch dims: a projection, not attention
+            and e.outvars[0].aval.ndim > 1]  # of activations, not Attention's value bias folded: a vector
     if len(dots) != 1:
       continue
     bias, bias_eqn = eqn.invars[1 - dots[0]], ins[1 - dots[0]]
@@ -138,16 +139,17 @@ def _projection_bias_shapes(jaxpr) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("fused_qkv", [True, False])
 def test_projections_are_2d_gemms_with_a_1d_bias(fused_qkv):
-  """Every dense projection is a 2-D GEMM plus a bias with one non-unit dim: XLA hands such a bias
-  to cuBLASLt's BIAS epilogue, where an N-D one (the [3, heads, kv] query/key/value bias) is
-  broadcast to the whole output and added through the GEMM's C operand (an extra write and read of
-  it per block)."""
+  """Every dense projection that adds its bias is a 2-D GEMM plus a bias with one non-unit dim: XLA
+  can hand such a bias to cuBLASLt's BIAS epilogue, where an N-D one (the [3, heads, kv]
+  query/key/value bias) is broadcast to the whole output and added through the GEMM's C operand (an
+  extra write and read of it per block). The key and value GEMMs add none (`Attention`), and the
+  fused GEMM adds the query's bias to its query slice."""
   # recompute_gelu=False: the recomputing MLP adds its first bias inside bias_gelu_recomputed.
   model = build_model(dict(name="vit", variant="mu/4", num_classes=3, fused_qkv=fused_qkv, recompute_gelu=False))
   x = jnp.ones((2, 16, 16, 3))
   params = model.init(jax.random.key(0), x)
   found = _projection_bias_shapes(jax.make_jaxpr(lambda p: model.apply(p, x))(params).jaxpr)
-  per_block = (1 if fused_qkv else 3) + 3  # query/key/value, output, the MLP's two
+  per_block = (0 if fused_qkv else 1) + 3  # the query's, the output's, the MLP's two
   assert len(found) == parse_variant("mu/4")["depth"] * per_block + 2, found  # + patch embedding, head
   assert set(found) == {(2, 1)}, found
 
@@ -457,13 +459,14 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
 
 
 @pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False)])
-def test_the_key_bias_gets_no_gradient_because_its_gradient_is_zero(causal, masked):
-  """A key bias adds q·b_k to every logit in a query's row, which softmax ignores: its gradient is
-  zero (autodiff's is rounding), with masks and causally too. So Attention stops it rather than
-  read the key gradient to sum it, in both the fused and the separate projections; the query and
-  value biases still get theirs."""
+def test_attention_places_the_key_and_value_biases_without_changing_its_function(causal, masked):
+  """A query's attention weights sum to 1 over the keys, with masks and causally too. So a key bias
+  adds q·b_k to every logit in a query's row, which softmax ignores (its gradient is zero; autodiff's
+  is rounding), and a value bias adds b_v to every output row. Attention leaves the first out and
+  folds the second into the out projection's bias; in both GEMM forms its outputs and gradients are
+  those of every bias added where its projection is, and the key bias's gradient is exactly 0."""
   from bigvis.models.layers import Attention, dot_product_attention
-  keys = jax.random.split(jax.random.key(0), 7)
+  keys = jax.random.split(jax.random.key(0), 8)
   q, k, v, c = (jax.random.normal(keys[i], (2, 7, 3, 8)) for i in range(4))
   mask = jnp.arange(7)[None, :] < jnp.array([[7], [4]]) if masked else None
 
@@ -473,16 +476,31 @@ def test_the_key_bias_gets_no_gradient_because_its_gradient_is_zero(causal, mask
   gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2))(*(jax.random.normal(keys[4 + i], (3, 8)) for i in range(3)))
   assert float(jnp.abs(gk).max()) <= 1e-5 * float(jnp.abs(gq).max()), (gk, gq)
   assert float(jnp.abs(gv).max()) > 0.1
+  bv = jax.random.normal(keys[4], (3, 8))
+  np.testing.assert_allclose(dot_product_attention(q, k, v + bv, mask=mask, causal=causal, impl="xla"),
+                             dot_product_attention(q, k, v, mask=mask, causal=causal, impl="xla") + bv,
+                             rtol=1e-5, atol=1e-5)
 
   x = jax.random.normal(keys[6], (2, 7, 24))
+  target = jax.random.normal(keys[7], (2, 7, 24))
+
+  def reference(params):  # every bias added where its projection is
+    proj = lambda name: jnp.einsum("bte,ehd->bthd", x, params[name]["kernel"]) + params[name]["bias"]
+    out = dot_product_attention(proj("query"), proj("key"), proj("value"), mask=mask, causal=causal, impl="xla")
+    return jnp.einsum("bthd,hde->bte", out, params["out"]["kernel"]) + params["out"]["bias"]
   for fused in (True, False):
     attention = Attention(num_heads=3, causal=causal, fused_qkv=fused)
     params = nn.unbox(attention.init(jax.random.key(1), x)["params"])
-    params = jax.tree.map(lambda p: p + 0.1, params)  # nonzero biases
-
-    def module_loss(params):
-      return jnp.sum(attention.apply({"params": params}, x, mask) ** 2)
-    grads = jax.grad(module_loss)(params)
+    params = jax.tree.map(lambda p: p + 0.3, params)  # nonzero biases
+    np.testing.assert_allclose(attention.apply({"params": params}, x, mask), reference(params), rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda p: jnp.sum((attention.apply({"params": p}, x, mask) - target) ** 2))(params)
+    expected = jax.grad(lambda p: jnp.sum((reference(p) - target) ** 2))(params)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(expected))
+    jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-6 * scale), grads, expected)
     assert float(jnp.abs(grads["key"]["bias"]).max()) == 0.0
     assert float(jnp.abs(grads["key"]["kernel"]).max()) > 0
     assert min(float(jnp.abs(grads[name]["bias"]).max()) for name in ("query", "value", "out")) > 0
+    # Where the block supplies the out bias's gradient: the bias it hands over has the value bias in it.
+    y, bias = attention.apply({"params": params}, x, mask, out_bias_gradient=False)
+    np.testing.assert_allclose(bias, params["out"]["bias"] + jnp.einsum("hd,hde->e", params["value"]["bias"],
+                                                                         params["out"]["kernel"]), rtol=1e-6)

@@ -251,11 +251,10 @@ class HeadsDense(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, weights_only: bool = False, bias_gradient: bool = True):
+  def __call__(self, x, *, weights_only: bool = False):
     """x [..., *in] -> [..., *features]; with `weights_only`, (kernel, bias) for x's trailing shape,
-    so a caller can fuse several such layers into one GEMM under their own parameter names. Without
-    `bias_gradient` (as `Dense`), the bias is added with its gradient stopped, for the caller to
-    supply it (or to leave it zero where it is zero: the key projection's)."""
+    so a caller can fuse several such layers into one GEMM, or place their biases elsewhere
+    (`Attention`), under their own parameter names."""
     in_shape = x.shape[-self.contract:]
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
 
@@ -265,38 +264,48 @@ class HeadsDense(nn.Module):
     bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
     if weights_only:
       return kernel, bias
-    return flat_dense(x, kernel, bias if bias_gradient else jax.lax.stop_gradient(bias), self.contract,
-                      self.dtype)
+    return flat_dense(x, kernel, bias, self.contract, self.dtype)
 
 
-def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, contract: int, dtype: Dtype) -> jax.Array:
-  """x [..., *in] @ kernel [*in, *out] + bias [*out] -> [..., *out], computed as one 2-D GEMM with a
-  1-D bias (the reshapes are free in row-major layouts).
+def flat_dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], contract: int,
+               dtype: Dtype) -> jax.Array:
+  """x [..., *in] @ kernel [*in, *out] + bias [*out] (None: no bias) -> [..., *out], computed as one
+  2-D GEMM with a 1-D bias (the reshapes are free in row-major layouts).
 
-  Why flat: XLA hands a 1-D bias to cuBLASLt's BIAS epilogue, but an N-D one (e.g. [heads, kv]) is
-  first broadcast to the whole output and added through the GEMM's C operand, an extra write and
-  read of the output (ViT-B/16's query/key/value bias: 1.7 ms a step on an H200).
+  Why flat: XLA may hand a 1-D bias to cuBLASLt's BIAS epilogue (JAX 0.10.2 compiling for an H100
+  does), but an N-D one (e.g. [heads, kv]) is first broadcast to the whole output and added through
+  the GEMM's C operand, an extra write and read of the output (ViT-B/16's query/key/value bias:
+  1.7 ms a step on an H200). JAX 0.11.2 on an H200 chose no epilogue, and added each 1-D bias in a
+  pass of its own; see `Attention` for the two it leaves out.
   """
   batch_shape, out_shape = x.shape[:x.ndim - contract], kernel.shape[contract:]
   fan_in, fan_out = int(np.prod(kernel.shape[:contract])), int(np.prod(out_shape))
   y = jax.lax.dot_general(x.reshape(*batch_shape, fan_in).astype(dtype),
                           kernel.reshape(fan_in, fan_out).astype(dtype),
                           (((len(batch_shape),), (0,)), ((), ())))
-  return (y + bias.reshape(fan_out).astype(dtype)).reshape(*batch_shape, *out_shape)
+  if bias is not None:
+    y = y + bias.reshape(fan_out).astype(dtype)
+  return y.reshape(*batch_shape, *out_shape)
 
 
 class Attention(nn.Module):
   """Multi-head attention with logical axes on heads and head dims (self- or cross-attention).
 
   `fused_qkv` computes self-attention's query, key and value projections as one GEMM over the
-  three kernels side by side (one bias add, one input gradient instead of three summed); the
-  parameters keep their separate names and shapes either way.
+  three kernels side by side (one input gradient instead of three summed); the parameters keep
+  their separate names and shapes either way.
 
-  The key bias gets no gradient, because its gradient is exactly zero: it adds q·b_k to every logit
-  in a query's row, which softmax ignores (the key gradients' column sums cancel; with masks too).
-  XLA would still read the key gradient to sum it, a pass of [tokens, width] per block. That holds
-  while k only feeds the softmax's logits: a change that used k elsewhere (a norm on q and k, say)
-  must drop the stop.
+  Only the query bias is added where its projection is. Each of a query's attention weights sums
+  to 1 over the keys (masked or causal too), which makes the other two biases passes of their own
+  that change nothing or could be done on a vector:
+  * the key bias adds q·b_k to every logit in a query's row, which softmax ignores: it is left out
+    and gets no gradient (it has none: the key gradients' column sums cancel);
+  * the value bias adds b_v to every output row, so it is folded into the out projection's bias,
+    b_o + b_v·W_o (a [width] vector), with the same gradients for b_v, b_o and W_o.
+  On an H200 (JAX 0.11.2, separate GEMMs) each bias add was a pass over [tokens, width] of its own,
+  the three 1.76 ms of the 65.1 ms ViT-B/16 step. Both hold while k only feeds the logits and the
+  weights are not dropped out: a change that used k elsewhere (a norm on q and k, say) or dropped
+  attention weights must add those biases where their projections are.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -306,34 +315,37 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, inputs_kv=None, *, out_bias_gradient: bool = True):
-    """Without `out_bias_gradient`, (output, the out projection's bias): the bias is added with its
-    gradient stopped, for the caller to supply (`EncoderBlock` with the Pallas norms)."""
+    """Without `out_bias_gradient`, (output, the out projection's bias with the value bias folded
+    in): the bias is added with its gradient stopped, for the caller to supply (`EncoderBlock`
+    with the Pallas norms)."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kv = x if inputs_kv is None else inputs_kv
     dense = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
                                     dtype=self.dtype, name=name)
+    (query_kernel, query_bias), (key_kernel, _), (value_kernel, value_bias) = (
+        dense(name)(kv if name != "query" else x, weights_only=True) for name in ("query", "key", "value"))
     if self.fused_qkv and inputs_kv is None:
-      weights = [dense(name)(x, weights_only=True) for name in ("query", "key", "value")]
       # Heads outermost ([embed, heads, 3, kv]): flattened for the GEMM, the output dim then keeps
       # the heads' tensor-parallel sharding; with [embed, 3, heads, kv] it could not (compiled for
       # 8 H100s with mesh.tensor=2, that resharding added 131 transposes to the ViT-B/16 step).
-      kernel = jnp.stack([w for w, _ in weights], axis=2)
-      (_, query_bias), (_, key_bias), (_, value_bias) = weights
-      bias = jnp.stack([query_bias, jax.lax.stop_gradient(key_bias), value_bias], axis=1)
-      qkv = flat_dense(x, kernel, bias, 1, self.dtype)
+      kernel = jnp.stack([query_kernel, key_kernel, value_kernel], axis=2)
+      qkv = flat_dense(x, kernel, None, 1, self.dtype)
       q, k, v = (qkv[..., i, :] for i in range(3))
+      q = q + query_bias.astype(self.dtype)
     else:
-      q, k, v = dense("query")(x), dense("key")(kv, bias_gradient=False), dense("value")(kv)
+      q = flat_dense(x, query_kernel, query_bias, 1, self.dtype)
+      k, v = (flat_dense(kv, kernel, None, 1, self.dtype) for kernel in (key_kernel, value_kernel))
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
-    out_projection = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
-                                name="out")
-    y = constrain(out_projection(out, bias_gradient=out_bias_gradient),
-                  ("act_batch", "act_length", "act_embed"))
-    return y if out_bias_gradient else (y, out_projection(out, weights_only=True)[1])
+    out_kernel, out_bias = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
+                                      name="out")(out, weights_only=True)
+    bias = out_bias + jnp.einsum("hd,hde->e", value_bias, out_kernel)  # float32, like the parameters
+    y = flat_dense(out, out_kernel, bias if out_bias_gradient else jax.lax.stop_gradient(bias), 2, self.dtype)
+    y = constrain(y, ("act_batch", "act_length", "act_embed"))
+    return y if out_bias_gradient else (y, bias)
 
 
 def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
