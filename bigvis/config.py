@@ -103,6 +103,8 @@ def _parse_value(text: str) -> Any:
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
   """Checks an override's type against the value it replaces."""
+  if current is None and isinstance(value, str) and value.lower() in ("true", "false"):
+    return value.lower() == "true"  # an optional flag left at None (e.g. model.fused_qkv=false)
   if current is None or value is None or isinstance(current, ml_collections.ConfigDict):
     return value  # None unsets an optional key (e.g. model.representation_size=None)
   if isinstance(current, bool):

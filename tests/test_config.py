@@ -13,6 +13,13 @@ def test_loads_experiment_and_applies_typed_overrides():
   assert config_lib.load("vit_ti_digits").experiment == "vit_ti_digits"  # bare names work too
 
 
+def test_optional_flags_take_true_and_false_in_any_case():
+  """`model.fused_qkv` defaults to None (decided per block): 'false' must be False, not a string
+  (truthy), whatever its case; None sets it back."""
+  for text, value in (("false", False), ("TRUE", True), ("False", False), ("None", None)):
+    assert config_lib.load("vit_ti_digits", [f"model.fused_qkv={text}"]).model.fused_qkv is value, text
+
+
 def test_int_given_to_float_key_is_accepted_as_float():
   assert config_lib.load("vit_ti_digits", ["optim.lr=1"]).optim.lr == 1.0
 

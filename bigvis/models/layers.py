@@ -90,13 +90,14 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, keep_input: bool = False, copies: int = 1, input_bias: Optional[jax.Array] = None,
                residual_bias: Optional[jax.Array] = None):
-    impl = resolve_norm_impl(self.impl)
+    impl = norm_impl_here(self.impl)
     if keep_input and impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
       batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
       if batch_axes[-1] is not None:
-        raise UserError(f"model.norm_impl '{self.impl}' needs each token's {x.shape[-1]} features on one "
-                        f"device, but the sharding rules split them over mesh axis {batch_axes[-1]!r}; use 'xla'.")
+        raise UserError(f"model.norm_impl '{self.impl}' (what the default 'auto' picks on NVIDIA GPUs) needs "
+                        f"each token's {x.shape[-1]} features on one device, but the sharding rules split "
+                        f"them over mesh axis {batch_axes[-1]!r}; set model.norm_impl='xla'.")
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
                                 interpret=impl == "pallas_interpret", batch_axes=batch_axes[:-1],
                                 copies=copies, input_bias=input_bias, residual_bias=residual_bias)
@@ -162,6 +163,15 @@ def resolve_norm_impl(impl: str, device: Any = None) -> str:
   if impl != "auto":
     return impl
   return "pallas" if _nvidia_sm80_device(device) else "xla"
+
+
+def norm_impl_here(impl: str) -> str:
+  """`resolve_norm_impl` for the first device, where 'auto' also falls back to XLA's LayerNorm when
+  the sharding rules split each token's features over devices (the kernels need them on one)."""
+  resolved = resolve_norm_impl(impl)
+  if impl == "auto" and resolved != "xla" and _split_over_devices("act_embed"):
+    return "xla"
+  return resolved
 
 
 def attention_pad_multiple(impl: str, length: int, requested: int = 0) -> int:
@@ -238,7 +248,10 @@ def row_major(x: jax.Array) -> jax.Array:
 
 
 class HeadsDense(nn.Module):
-  """A dense layer over several trailing dims, e.g. [..., embed] -> [..., heads, head_dim].
+  """The parameters of a dense layer over several trailing dims, e.g. [..., embed] -> [..., heads,
+  head_dim]: (kernel, bias) for x's trailing shape, so a caller can fuse several such layers into one
+  GEMM or place their biases elsewhere (`Attention`) under their own parameter names; `flat_dense`
+  applies them.
 
   Keeps the kernel's natural N-D shape with one logical name per dim (flax's
   DenseGeneral initialises a flattened kernel, which breaks logical sharding
@@ -248,13 +261,9 @@ class HeadsDense(nn.Module):
   contract: int
   kernel_axes: tuple[str | None, ...]
   bias_axes: tuple[str | None, ...]
-  dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, weights_only: bool = False):
-    """x [..., *in] -> [..., *features]; with `weights_only`, (kernel, bias) for x's trailing shape,
-    so a caller can fuse several such layers into one GEMM, or place their biases elsewhere
-    (`Attention`), under their own parameter names."""
+  def __call__(self, x) -> tuple[jax.Array, jax.Array]:
     in_shape = x.shape[-self.contract:]
     fan_in, fan_out = int(np.prod(in_shape)), int(np.prod(self.features))
 
@@ -262,9 +271,7 @@ class HeadsDense(nn.Module):
       return nn.initializers.xavier_uniform()(key, (fan_in, fan_out), dtype).reshape(shape)
     kernel = self.param("kernel", param_with_axes(init, self.kernel_axes), (*in_shape, *self.features))
     bias = self.param("bias", param_with_axes(nn.initializers.zeros, self.bias_axes), self.features)
-    if weights_only:
-      return kernel, bias
-    return flat_dense(x, kernel, bias, self.contract, self.dtype)
+    return kernel, bias
 
 
 def flat_dense(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array], contract: int,
@@ -322,17 +329,19 @@ class Attention(nn.Module):
     head_dim = width // self.num_heads
     kv = x if inputs_kv is None else inputs_kv
     dense = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
-                                    dtype=self.dtype, name=name)
+                                    name=name)
     (query_kernel, query_bias), (key_kernel, _), (value_kernel, value_bias) = (
-        dense(name)(kv if name != "query" else x, weights_only=True) for name in ("query", "key", "value"))
+        dense(name)(kv if name != "query" else x) for name in ("query", "key", "value"))
     if self.fused_qkv and inputs_kv is None:
       # Heads outermost ([embed, heads, 3, kv]): flattened for the GEMM, the output dim then keeps
       # the heads' tensor-parallel sharding; with [embed, 3, heads, kv] it could not (compiled for
       # 8 H100s with mesh.tensor=2, that resharding added 131 transposes to the ViT-B/16 step).
       kernel = jnp.stack([query_kernel, key_kernel, value_kernel], axis=2)
-      qkv = flat_dense(x, kernel, None, 1, self.dtype)
+      # One 1-D bias over the GEMM's output, zero for key and value: a GEMM epilogue can take it
+      # (added to the query slice alone, it could not).
+      zeros = jnp.zeros_like(query_bias)
+      qkv = flat_dense(x, kernel, jnp.stack([query_bias, zeros, zeros], axis=1), 1, self.dtype)
       q, k, v = (qkv[..., i, :] for i in range(3))
-      q = q + query_bias.astype(self.dtype)
     else:
       q = flat_dense(x, query_kernel, query_bias, 1, self.dtype)
       k, v = (flat_dense(kv, kernel, None, 1, self.dtype) for kernel in (key_kernel, value_kernel))
@@ -340,8 +349,7 @@ class Attention(nn.Module):
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
-    out_kernel, out_bias = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), dtype=self.dtype,
-                                      name="out")(out, weights_only=True)
+    out_kernel, out_bias = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), name="out")(out)
     bias = out_bias + jnp.einsum("hd,hde->e", value_bias, out_kernel)  # float32, like the parameters
     y = flat_dense(out, out_kernel, bias if out_bias_gradient else jax.lax.stop_gradient(bias), 2, self.dtype)
     y = constrain(y, ("act_batch", "act_length", "act_embed"))
@@ -438,7 +446,7 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   causal: bool = False
   attention_impl: str = "xla"
-  fused_qkv: bool = True
+  fused_qkv: Optional[bool] = True  # None: decided per block (below)
   recompute_gelu: bool = False
   norm_impl: str = "xla"
   gelu_impl: str = "xla"
@@ -450,18 +458,23 @@ class EncoderBlock(nn.Module):
     # input gradients apart, in two copies of the norm's output, and the MLP norm's kernel sums the
     # gradients of the two biases added to the residual stream around it (the out projection's and
     # the MLP's last). Not under dropout, which sits between those biases and the sums.
-    norm_impl = resolve_norm_impl(self.norm_impl)
+    norm_impl = norm_impl_here(self.norm_impl)
     pallas_norms = norm_impl != "xla"  # as LayerNorm decides for keep_input=True
     # Not where the heads are split over devices (tensor parallelism): each projection's input
     # gradient is then a partial sum, and apart they cost an all-reduce each where XLA sums first
     # (compiled for 8 H100s with mesh.tensor=2: 12 more in the ViT-B/16 step).
-    kv_copy = pallas_norms and not self.fused_qkv and not _split_over_devices("act_heads")
+    heads_split = _split_over_devices("act_heads")
+    # fused_qkv None: three GEMMs where the norm's kernel adds their input gradients (H200, ViT-B/16
+    # +0.9 %), one elsewhere, where XLA would add them in passes of its own (H100, XLA's norms: one
+    # GEMM +1.5 %).
+    fused_qkv = self.fused_qkv if self.fused_qkv is not None else not (pallas_norms and not heads_split)
+    kv_copy = pallas_norms and not fused_qkv and not heads_split
     biases_in_kernel = pallas_norms and self.dropout == 0.0
     x = constrain(x, ("act_batch", "act_length", "act_embed"))
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_attn")(
         x, keep_input=True, copies=2 if kv_copy else 1)
     y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
-                  fused_qkv=self.fused_qkv, name="attn")(y, mask, inputs_kv=y_kv[0] if kv_copy else None,
+                  fused_qkv=fused_qkv, name="attn")(y, mask, inputs_kv=y_kv[0] if kv_copy else None,
                                                          out_bias_gradient=not biases_in_kernel)
     y, out_bias = y if biases_in_kernel else (y, None)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
@@ -498,7 +511,7 @@ class Encoder(nn.Module):
   attention_impl: str = "xla"
   remat_policy: str = "none"
   scan: bool = False
-  fused_qkv: bool = True
+  fused_qkv: Optional[bool] = True
   recompute_gelu: bool = False
   norm_impl: str = "xla"
   gelu_impl: str = "xla"

@@ -153,9 +153,10 @@ class ViT(nn.Module):
   remat_policy: str = "none"
   scan: bool = False
   seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it
-  # The three below are the fastest measured on a GPU (H200, 2026-11-27: ViT-B/16 +2.5 %, CLIP +3.0 %)
+  # The three below default to the fastest measured (H200, 2026-11-27: ViT-B/16 +2.5 %, CLIP +3.0 %)
   # and compute the same function with the same parameters on any device.
-  fused_qkv: bool = False        # query/key/value projections as one GEMM, or (False) three
+  fused_qkv: Optional[bool] = None  # q/k/v projections as one GEMM, or (False) three; None: three
+                                    # where the Pallas norms take their input gradients, else one
   recompute_gelu: bool = True    # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
   gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
