@@ -9,14 +9,14 @@
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100 or H200, most
-# of it compiling: each run is its own process. A lent machine runs one command for at most 10 minutes, hence the two parts
-# (up to 9 minutes each, see BUDGET_S; same $OUT, the second started right after the first, while
-# the machine is warm); each ends by writing the table of every run so far. A session lent 15 minutes
-# of device time in all has room for one such command: PART=goals runs the two goals side by side
-# with each family's GELU kernel, then the defaults before the ninth session, in about 9 minutes
-# (the ninth session's one command, with that session's candidates, took 532 s on an H200). $OUT ends
-# with up to 5 files (pallas_check.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent
-# machine returns at most 8).
+# of it compiling: each run is its own process. A lent machine runs one command for at most 10
+# minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
+# right after the first, while the machine is warm); each ends by writing the table of every run
+# so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
+# runs the two goals side by side with each family's GELU kernel, then the defaults before the
+# ninth session, in about 9 minutes (the ninth session's one command, with that session's
+# candidates, took 532 s on an H200). $OUT ends with up to 5 files (pallas_check.jsonl,
+# peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
 case "$PART" in all|1|2|goals) ;; *) echo "PART must be all, 1, 2 or goals, not '$PART'" >&2; exit 2 ;; esac

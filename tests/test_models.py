@@ -348,10 +348,11 @@ def test_auto_norms_resolve_in_the_block_for_the_first_device(monkeypatch):
 
 
 def test_auto_norms_and_qkv_under_rules_that_split_features_or_heads(monkeypatch):
-  """Under sharding rules that put each token's features on several devices, 'auto' norms fall back
-  to XLA's (the kernels need a token's features on one device) and an explicit kernel choice is a
-  one-sentence error; `fused_qkv=None` is three GEMMs only where the norm's kernel takes both
-  input gradients (not with XLA's norms, not where the heads are split over devices)."""
+  """Under sharding rules that put each token's features on several devices, the norms' kernels
+  (explicit, or what 'auto' picks on a GPU, as the trainer's resolution for the mesh's device does)
+  are a one-sentence error naming the fix; `fused_qkv=None` is three GEMMs only where the norm's
+  kernel takes both input gradients (not with XLA's norms, not where the heads are split over
+  devices)."""
   from bigvis import sharding
   from bigvis.models import layers
   monkeypatch.setattr(layers, "nvidia_sm80_or_newer", lambda device: True)  # 'auto' picks the kernels
@@ -373,10 +374,12 @@ def test_auto_norms_and_qkv_under_rules_that_split_features_or_heads(monkeypatch
       return jax.eval_shape(block.init, jax.random.key(0), x)
   split_features = [r for r in sharding.DEFAULT_RULES if r[0] not in ("act_embed", "act_heads")]
   split_features += [("act_embed", "tensor"), ("act_heads", None)]
-  run("auto", split_features)
-  assert fused == [True]  # XLA's norms there, so one GEMM
-  with pytest.raises(UserError, match="model.norm_impl 'pallas_interpret' .* split them over mesh axis 'tensor'"):
-    run("pallas_interpret", split_features)
+  for impl, named in (("auto", "pallas"), ("pallas_interpret", "pallas_interpret")):
+    with pytest.raises(UserError, match=f"model.norm_impl '{named}' runs bigvis's LayerNorm kernels here "
+                                        r"\('auto' does .* split them over mesh axis 'tensor'; set model.norm_impl='xla'"):
+      run(impl, split_features)
+  run("xla", split_features)
+  assert fused[-1] is True  # XLA's norms, so one GEMM
   fused.clear()
   run("auto", sharding.DEFAULT_RULES)  # heads split over `tensor`: the two partial gradients
   assert fused == [True]               # would each need an all-reduce

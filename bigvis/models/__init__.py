@@ -71,7 +71,7 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
   """
   if device is not None:
     model_config = resolve_for_device(model_config, device)
-  check_kernel_impls(model_config, device)
+  check_implementation_choices(model_config, device)
   cfg = _copied_dict(model_config)
   name = cfg.pop("name", None)
   if name not in MODELS:
@@ -138,10 +138,11 @@ def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: A
 XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
 
 
-def check_kernel_impls(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
+def check_implementation_choices(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
   """A one-sentence error naming the key for a `fused_qkv` that is not true, false or None, a
-  `norm_impl`/`gelu_impl` that is not one of NORM_IMPLS/KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels cannot run:
-  they are Triton kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
+  `norm_impl`/`gelu_impl` that is not one of NORM_IMPLS/KERNEL_IMPLS, or (given the mesh's `device`)
+  for 'pallas' where bigvis's Pallas kernels cannot run: they are Triton kernels, for NVIDIA GPUs of
+  compute capability 8.0 or newer."""
   cfg = _copied_dict(model_config)
   clip = cfg.get("name") == "clip"
   for cls, section in _towers(cfg):

@@ -45,7 +45,7 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 # fusions, or bigvis's Pallas kernels (`pallas_kernels`; NVIDIA GPUs), or those kernels run by Pallas's
 # interpreter ("pallas_interpret": any backend, slow; how the tests check them on a CPU). The norms
 # also take "auto" (`resolve_norm_impl`), the models' default. Checked, with the tower's key in the
-# message, by `models.check_kernel_impls` when a model is built.
+# message, by `models.check_implementation_choices` when a model is built.
 KERNEL_IMPLS = ("xla", "pallas", "pallas_interpret")
 NORM_IMPLS = ("auto",) + KERNEL_IMPLS
 
@@ -90,14 +90,15 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, keep_input: bool = False, copies: int = 1, input_bias: Optional[jax.Array] = None,
                residual_bias: Optional[jax.Array] = None):
-    impl = norm_impl_here(self.impl)
+    impl = resolve_norm_impl(self.impl)
     if keep_input and impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
       batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
       if batch_axes[-1] is not None:
-        raise UserError(f"model.norm_impl '{self.impl}' (what the default 'auto' picks on NVIDIA GPUs) needs "
-                        f"each token's {x.shape[-1]} features on one device, but the sharding rules split "
-                        f"them over mesh axis {batch_axes[-1]!r}; set model.norm_impl='xla'.")
+        raise UserError(f"model.norm_impl '{self.impl}' runs bigvis's LayerNorm kernels here ('auto' "
+                        f"does on NVIDIA GPUs), which need each token's {x.shape[-1]} features on one "
+                        f"device, but the sharding rules split them over mesh axis {batch_axes[-1]!r}; "
+                        f"set model.norm_impl='xla'.")
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
                                 interpret=impl == "pallas_interpret", batch_axes=batch_axes[:-1],
                                 copies=copies, input_bias=input_bias, residual_bias=residual_bias)
@@ -163,15 +164,6 @@ def resolve_norm_impl(impl: str, device: Any = None) -> str:
   if impl != "auto":
     return impl
   return "pallas" if _nvidia_sm80_device(device) else "xla"
-
-
-def norm_impl_here(impl: str) -> str:
-  """`resolve_norm_impl` for the first device, where 'auto' also falls back to XLA's LayerNorm when
-  the sharding rules split each token's features over devices (the kernels need them on one)."""
-  resolved = resolve_norm_impl(impl)
-  if impl == "auto" and resolved != "xla" and _split_over_devices("act_embed"):
-    return "xla"
-  return resolved
 
 
 def attention_pad_multiple(impl: str, length: int, requested: int = 0) -> int:
@@ -458,7 +450,7 @@ class EncoderBlock(nn.Module):
     # input gradients apart, in two copies of the norm's output, and the MLP norm's kernel sums the
     # gradients of the two biases added to the residual stream around it (the out projection's and
     # the MLP's last). Not under dropout, which sits between those biases and the sums.
-    norm_impl = norm_impl_here(self.norm_impl)
+    norm_impl = resolve_norm_impl(self.norm_impl)
     pallas_norms = norm_impl != "xla"  # as LayerNorm decides for keep_input=True
     # Not where the heads are split over devices (tensor parallelism): each projection's input
     # gradient is then a partial sum, and apart they cost an all-reduce each where XLA sums first
