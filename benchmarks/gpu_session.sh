@@ -13,9 +13,9 @@
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
 # so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
-# runs the two goals side by side with each family's GELU kernel, then the defaults before the
-# ninth session, in about 9 minutes (the ninth session's one command, with that session's
-# candidates, took 532 s on an H200). $OUT ends with up to 5 files (pallas_check.jsonl,
+# runs the two goals side by side, B/16 with the residual adds in XLA, each family's GELU kernel,
+# then B/16's defaults before the ninth session, in about 9 minutes (the ninth session's one
+# command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 5 files (pallas_check.jsonl,
 # peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
@@ -53,8 +53,10 @@ peers() { "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --no-ceilin
 b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 
 # The defaults since the ninth session (H200: B/16 +2.5 %, CLIP +3.0 %) are recomputed GELU, the
-# Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT. What is left to try or confirm:
+# Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT; since the tenth (unmeasured),
+# the residual adds in those norms' kernels on JAX >= 0.11. What is left to try or confirm:
 GK=(--bigvis-set model.gelu_impl=pallas)  # GELU's backward as one Triton kernel: unmeasured in a step
+RESID=(--bigvis-set model.residual_in_norm=false)  # the residual adds back in XLA's fusions
 FUSED=(--bigvis-set model.fused_qkv=true)
 # The old defaults' options (Attention's bias placement, also of the ninth session, has no switch).
 OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla)
@@ -80,8 +82,10 @@ clip_goal() {
   log "CLIP B/16 against open_clip"
   room 150 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
 }
-# 2. Against the defaults: the GELU kernel (the one option no whole step has timed), the defaults
-#    before the ninth session (how much the new ones win on this card), one q/k/v GEMM.
+# 2. Against the defaults: the residual adds in XLA (the tenth session's change, unmeasured), the
+#    GELU kernel (the one option no whole step has timed), the defaults before the ninth session
+#    (how much the new ones win on this card), one q/k/v GEMM.
+vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gk() { room 50 b16 "${GK[@]}" --tag _gk; }
 vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }
 vit_fused() { room 50 b16 "${FUSED[@]}" --tag _fused_qkv; }
@@ -111,10 +115,11 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check vit_goal vit_gk vit_old vit_fused profile) ;;
+  1) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile) ;;
   2) steps=(clip_goal clip_gk clip_old large extras) ;;
-  goals) steps=(kernel_check vit_goal vit_gk clip_goal clip_gk vit_old clip_old) ;;
-  all) steps=(kernel_check vit_goal vit_gk vit_old vit_fused profile clip_goal clip_gk clip_old large extras) ;;
+  goals) steps=(kernel_check vit_goal vit_resid clip_goal vit_gk clip_gk vit_old) ;;
+  all) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile clip_goal clip_gk clip_old large
+              extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table

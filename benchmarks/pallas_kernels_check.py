@@ -62,34 +62,34 @@ def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool,
                    copies: int = 1, biases: bool = False) -> tuple[Callable, Callable, tuple]:
   """(XLA's, the kernels' loss, their arguments) for the block's LayerNorm with the residual path:
   loss = <y, c> + <x, d>, so dy = c and the residual gradient = d, as a block's backward brings them.
-  As the block calls them: with `biases` (the MLP's norm), a bias b is added to x before and a bias
-  r to the residual stream after, and the kernel sums both gradients; with two `copies` (the
-  attention's norm when query and key/value are separate GEMMs), the second copy of y gets its own
-  gradient, c2, which the kernel adds to c."""
+  As the block calls them: with `biases` (the MLP's norm), the stream x is first summed with the
+  attention's output a and its bias b (in the forward kernel), a bias r is added to the residual
+  stream after, and the kernel sums both biases' gradients; with two `copies` (the attention's norm
+  when query and key/value are separate GEMMs), the second copy of y gets its own gradient, c2,
+  which the kernel adds to c."""
   keys = jax.random.split(jax.random.key(0), 8)
   x = (jax.random.normal(keys[0], (rows, width)) * 2 + 0.3).astype(dtype)
   scale = 1 + 0.1 * jax.random.normal(keys[1], (width,))
   bias = 0.1 * jax.random.normal(keys[2], (width,))
   b, r = (0.1 * jax.random.normal(k, (width,)) for k in keys[5:7])
   c, c2, d = (jax.random.normal(k, (rows, width)).astype(dtype) for k in (keys[3], keys[7], keys[4]))
+  a = jax.random.normal(jax.random.key(1), (rows, width)).astype(dtype)
 
   def loss(x, ys):
     dot = lambda a, b: jnp.sum(a.astype(jnp.float32) * b)  # noqa: E731
     return sum(dot(y, c_) for y, c_ in zip(ys, (c, c2))) + dot(x, d)
 
-  def xla(x, scale, bias, b, r):
-    x = x + b.astype(dtype) if biases else x
+  def xla(x, scale, bias, b, r, a):
+    x = x + (a + b.astype(dtype)) if biases else x
     y = nn.LayerNorm(epsilon=1e-6, dtype=dtype).apply({"params": {"scale": scale, "bias": bias}}, x)
     return loss(x + r.astype(dtype) if biases else x, (y,) * copies)
 
-  def pallas(x, scale, bias, b, r):
-    stop = lambda v: jax.lax.stop_gradient(v).astype(dtype)  # noqa: E731
-    x = x + stop(b) if biases else x
+  def pallas(x, scale, bias, b, r, a):
     x, *ys = pallas_kernels.residual_layernorm(
         x, scale, bias, epsilon=1e-6, dtype=dtype, interpret=interpret, copies=copies,
-        input_bias=b if biases else None, residual_bias=r if biases else None)
-    return loss(x + stop(r) if biases else x, ys)
-  return xla, pallas, (x, scale, bias, b, r)
+        addend=a if biases else None, input_bias=b if biases else None, residual_bias=r if biases else None)
+    return loss(x + jax.lax.stop_gradient(r).astype(dtype) if biases else x, ys)
+  return xla, pallas, (x, scale, bias, b, r, a)
 
 
 def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Callable, Callable, tuple]:

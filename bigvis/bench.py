@@ -31,12 +31,14 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
 
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
   """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ...
-  patch=matmul gelu=recomputed norm=auto:pallas` (`gelu=recomputed|pallas` where GELU is not saved).
+  patch=matmul gelu=recomputed norm=auto:pallas+residual` (`gelu=recomputed|pallas` where GELU is not
+  saved, `+residual` where the norms' kernels take the residual adds).
 
   `auto` attention and norms show what they resolve to on `device` (default: the process's first).
   """
   import jax
   from bigvis.models import resolve_for_device
+  from bigvis.models.layers import resolve_residual_in_norm
   if device is None:
     device = jax.devices()[0]
   resolved = resolve_for_device(model_cfg, device).to_dict()
@@ -61,6 +63,8 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
       parts.append("gelu=recomputed")
     if "norm_impl" in c:
       parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
+      if r["norm_impl"] != "xla" and resolve_residual_in_norm(c.get("residual_in_norm")):
+        parts[-1] += "+residual"  # the kernels take the residual adds
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

@@ -120,8 +120,12 @@ def test_peers_gpu_runs_have_valid_configs():
   assert "gelu=recomputed norm=auto:xla" in lines["bigvis_vit_b16_default"]
   changed = peers.check_specs(peers._run_specs(peers.parse_args(
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=false",
-       "--bigvis-set", "model.norm_impl=pallas"])))
+       "--bigvis-set", "model.norm_impl=pallas", "--bigvis-set", "model.residual_in_norm=false"])))
   assert any(line.endswith("patch=matmul norm=pallas, 86.6M params, batch 256") for line in changed), changed
+  adds = peers.check_specs(peers._run_specs(peers.parse_args(
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas",
+       "--bigvis-set", "model.residual_in_norm=true"])))
+  assert any(line.endswith("gelu=recomputed norm=pallas+residual, 86.6M params, batch 256") for line in adds), adds
   kernel = peers.check_specs(peers._run_specs(peers.parse_args(
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.gelu_impl=pallas"])))
   assert any(line.endswith("gelu=pallas norm=auto:xla, 86.6M params, batch 256") for line in kernel), kernel

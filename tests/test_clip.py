@@ -119,9 +119,12 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   them; interpreted here), and the loss and gradients are those of XLA's fusions on one device, the
   scale, bias and residual-stream bias gradients summed over the devices' rows; with separate
   query and key/value GEMMs too (two copies of the norm's output, but one where tensor parallelism
-  splits the heads: apart, the two partial input gradients would each need an all-reduce)."""
+  splits the heads: apart, the two partial input gradients would each need an all-reduce); with the
+  residual adds in the norms' kernels, each device adds its own rows."""
   model, boxed, batch, (ref_loss, ref_grads, _) = tiny
-  kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv}
+  # The norms' kernels take the residual adds (the default on JAX >= 0.11) but in the first case.
+  kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv,
+             "residual_in_norm": mesh_cfg["tensor"] > 1 or not fused_qkv}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
   from bigvis.models import pallas_kernels
   per_device = collections.defaultdict(list)  # kernel wrapper -> the in_specs of each call

@@ -443,24 +443,29 @@ def test_patch_embedding_matmul_equals_the_convolution():
 
 
 @pytest.mark.parametrize("field, extra", [
-    ("norm_impl", {"fused_qkv": True}), ("norm_impl", {}), ("norm_impl", {"dropout": 0.1}),
-    ("norm_impl", {"scan": True, "remat_policy": "full"}), ("gelu_impl", {})],
-    ids=["norm_fused_qkv", "norm_separate_qkv", "norm_dropout", "norm_scan_remat_separate_qkv", "gelu"])
+    ("norm_impl", {"fused_qkv": True}), ("norm_impl", {}), ("norm_impl", {"residual_in_norm": True}),
+    ("norm_impl", {"residual_in_norm": False}), ("norm_impl", {"dropout": 0.1, "residual_in_norm": True}),
+    ("norm_impl", {"scan": True, "remat_policy": "full", "residual_in_norm": True}), ("gelu_impl", {})],
+    ids=["norm_fused_qkv", "norm_separate_qkv", "norm_residual_in_norm", "norm_residual_by_xla", "norm_dropout",
+         "norm_scan_remat_separate_qkv", "gelu"])
 def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field, extra, monkeypatch):
   """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
   XLA's fusions (kernels interpreted here; the kernels alone, in float32 and bfloat16 on ragged
   shapes, are checked through benchmarks/pallas_kernels_check.py in test_bench); a CPU mesh gets a
   one-sentence error naming the field; a bad value is named. The norms' kernels also take the
   gradients of the out projection's and the MLP's output biases (not under dropout: then XLA does)
-  and, with separate query and key/value GEMMs, their two input gradients."""
-  from bigvis.models import pallas_kernels
+  and, with separate query and key/value GEMMs, their two input gradients; with `residual_in_norm`
+  (the default on JAX >= 0.11), the residual adds before them too, the MLP's output and bias in
+  the next block's attention norm where the blocks are unrolled without remat (the last block's
+  bias gradient then summed by its MLP norm)."""
+  from bigvis.models import layers, pallas_kernels
   calls = []
   real = pallas_kernels._residual_layernorm
 
-  def recording(x, scale, bias, input_bias, residual_bias, *static):
-    # (the out projection's bias gradient in the kernel, the MLP's, copies)
-    calls.append((input_bias is not None, residual_bias is not None, static[-1]))
-    return real(x, scale, bias, input_bias, residual_bias, *static)
+  def recording(x, scale, bias, addend, input_bias, residual_bias, *static):
+    # (the residual add in the kernel, its bias's gradient, the next bias's gradient, copies)
+    calls.append((addend is not None, input_bias is not None, residual_bias is not None, static[-1]))
+    return real(x, scale, bias, addend, input_bias, residual_bias, *static)
   monkeypatch.setattr(pallas_kernels, "_residual_layernorm", recording)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, **extra)
@@ -481,10 +486,17 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   np.testing.assert_allclose(a, b, rtol=1e-5)
   if field == "norm_impl":  # per block traced (scan and remat trace one more than once): the
     copies = 1 if extra.get("fused_qkv") else 2  # attention's norm, then the MLP's (ViT's default: apart)
-    blocks = 1 if extra.get("scan") else sum(name.startswith("block") for name in p["encoder"])
     biases = "dropout" not in extra
-    traced = len(calls) // 2
-    assert traced >= blocks and calls == [(False, False, copies), (biases, biases, 1)] * traced, calls
+    adds = biases and layers.resolve_residual_in_norm(extra.get("residual_in_norm"))
+    if extra.get("scan") or not adds:  # one block traced, or the same in each
+      trace = [(False, False, False, copies), (adds, biases, biases, 1)]
+    else:
+      blocks = sum(name.startswith("block") for name in p["encoder"])
+      assert blocks >= 2
+      trace = []
+      for i in range(blocks):
+        trace += [(i > 0, i > 0, False, copies), (True, True, i == blocks - 1, 1)]
+    assert calls and calls == trace * (len(calls) // len(trace)), calls
   block = gb["encoder"]["blocks"]["block"] if extra.get("scan") else gb["encoder"]["block00"]["block"]
   for name in (["norm_mlp", "LayerNorm_0", "scale"], ["mlp", "Dense_0", "bias"], ["attn", "out", "bias"],
                ["mlp", "Dense_1", "bias"]):
@@ -503,6 +515,8 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
     build_model(clip)
   with pytest.raises(UserError, match="model.image.fused_qkv 'auto' is not true, false or None"):
     build_model(dict(name="clip", image=dict(variant="mu/4", fused_qkv="auto"), text=dict(variant="mu")))
+  with pytest.raises(UserError, match="model.text.residual_in_norm 'yes' is not true, false or None"):
+    build_model(dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", residual_in_norm="yes")))
 
 
 @pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False)])
@@ -547,11 +561,28 @@ def test_attention_places_the_key_and_value_biases_without_changing_its_function
     assert float(jnp.abs(grads["key"]["bias"]).max()) == 0.0
     assert float(jnp.abs(grads["key"]["kernel"]).max()) > 0
     assert min(float(jnp.abs(grads[name]["bias"]).max()) for name in ("query", "value", "out")) > 0
-    # As the block uses it with the Pallas norms: the output's bias has its gradient stopped, and the
-    # bias handed over takes the output gradient's column sum (the norm kernel's); the same gradients.
-    (y, bias), pullback = jax.vjp(lambda p: attention.apply({"params": p}, x, mask, out_bias_gradient=False),
+    # As the block uses it with the Pallas norms: the output comes without its bias, which the norm's
+    # kernel adds, handing back the output gradient's column sum as the bias's; the same gradients.
+    (y, bias), pullback = jax.vjp(lambda p: attention.apply({"params": p}, x, mask, add_out_bias=False),
                                   params)
-    np.testing.assert_allclose(y, reference(params), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y + bias, reference(params), rtol=1e-5, atol=1e-5)
+    y = y + bias
     dy = 2 * (y - target)
     (handed,) = pullback((dy, dy.sum(axis=(0, 1))))
     jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-6 * scale), handed, expected)
+
+
+def test_layernorm_takes_the_residual_add_with_xla_norms_too():
+  """`LayerNorm(keep_input=True, addend=a, input_bias=b)` normalises and returns x + a + b with XLA's
+  norm as with the kernels; the biases whose gradients only the kernels sum are refused there."""
+  from bigvis.models.layers import LayerNorm
+  keys = jax.random.split(jax.random.key(0), 3)
+  x, a = (jax.random.normal(k, (2, 5, 8)) for k in keys[:2])
+  b = jax.random.normal(keys[2], (8,))
+  norm = LayerNorm()
+  params = norm.init(jax.random.key(1), x)
+  s, y = norm.apply(params, x, keep_input=True, addend=a, input_bias=b)
+  np.testing.assert_allclose(s, x + (a + b), rtol=1e-6)
+  np.testing.assert_allclose(y, norm.apply(params, x + (a + b)), rtol=1e-6)
+  with pytest.raises(ValueError, match="input_bias without an addend"):
+    norm.apply(params, x, keep_input=True, input_bias=b)

@@ -79,17 +79,19 @@ class LayerNorm(nn.Module):
   "auto", the kernels where they run (`resolve_norm_impl`).
   They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) (or
   `copies` of LayerNorm(x)) so the residual stream's gradient is added inside the backward kernel;
-  elsewhere XLA's LayerNorm runs. There `copies`, `input_bias` and `residual_bias` hand the kernel
-  three more passes of the block's backward (see `pallas_kernels.residual_layernorm`); the biases
-  only with the kernels. The parameters are the same either way.
+  elsewhere XLA's LayerNorm runs. There `addend` (x + addend (+ input_bias) is normalised and
+  returned instead of x), `input_bias`, `copies` and `residual_bias` hand the kernels the residual
+  add before the norm and more passes of the block's backward (see
+  `pallas_kernels.residual_layernorm`); `residual_bias`, and `input_bias` without `addend`, only with
+  the kernels. The parameters are the same either way.
   """
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6
   impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, *, keep_input: bool = False, copies: int = 1, input_bias: Optional[jax.Array] = None,
-               residual_bias: Optional[jax.Array] = None):
+  def __call__(self, x, *, keep_input: bool = False, copies: int = 1, addend: Optional[jax.Array] = None,
+               input_bias: Optional[jax.Array] = None, residual_bias: Optional[jax.Array] = None):
     impl = resolve_norm_impl(self.impl)
     if keep_input and impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
@@ -101,9 +103,12 @@ class LayerNorm(nn.Module):
                         f"set model.norm_impl='xla'.")
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
                                 interpret=impl == "pallas_interpret", batch_axes=batch_axes[:-1],
-                                copies=copies, input_bias=input_bias, residual_bias=residual_bias)
-    if input_bias is not None or residual_bias is not None:  # their gradients would be lost
-      raise ValueError("LayerNorm's input_bias and residual_bias need keep_input=True and the Pallas kernels")
+                                copies=copies, addend=addend, input_bias=input_bias, residual_bias=residual_bias)
+    if residual_bias is not None or (input_bias is not None and addend is None):  # gradients would be lost
+      raise ValueError("LayerNorm's residual_bias, and an input_bias without an addend, need keep_input=True "
+                       "and the Pallas kernels")
+    if addend is not None:
+      x = x + (addend if input_bias is None else addend + input_bias.astype(addend.dtype))
     y = nn.LayerNorm(
         epsilon=self.epsilon, dtype=self.dtype,
         scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
@@ -164,6 +169,22 @@ def resolve_norm_impl(impl: str, device: Any = None) -> str:
   if impl != "auto":
     return impl
   return "pallas" if _nvidia_sm80_device(device) else "xla"
+
+
+def resolve_residual_in_norm(setting: Optional[bool]) -> bool:
+  """Whether the Pallas norm kernels take the residual add before them (`EncoderBlock`); None: on
+  JAX 0.11 or newer.
+
+  Why by version: where XLA hands a GEMM cuBLASLt's epilogue, it adds the bias and the residual
+  stream in the GEMM itself (the stream as the C operand), and the norm's kernel taking the add
+  instead moves one [tokens, width] pass more per norm (JAX 0.10.2, compiled for an H100 without one:
+  ViT-B/16 +1.8 GB a step). JAX 0.11.2 on an H200 gave none of ViT-B/16's 218 GEMMs an epilogue and
+  added the stream in 24 passes of their own (1.35 ms of the 65.1 ms step), which the kernel saves:
+  it reads the stream and the GEMM's output and writes their sum as it normalises it (1.8 GB less).
+  """
+  if setting is not None:
+    return bool(setting)
+  return tuple(jax.__version_info__[:2]) >= (0, 11)
 
 
 def attention_pad_multiple(impl: str, length: int, requested: int = 0) -> int:
@@ -313,10 +334,10 @@ class Attention(nn.Module):
   fused_qkv: bool = True
 
   @nn.compact
-  def __call__(self, x, mask=None, inputs_kv=None, *, out_bias_gradient: bool = True):
-    """Without `out_bias_gradient`, (output, the out projection's bias with the value bias folded
-    in): the bias is added with its gradient stopped, for the caller to supply (`EncoderBlock`
-    with the Pallas norms)."""
+  def __call__(self, x, mask=None, inputs_kv=None, *, add_out_bias: bool = True):
+    """Without `add_out_bias`, (the output without the out projection's bias, that bias with the
+    value bias folded in), for a caller that adds it (`EncoderBlock` with the Pallas norms, whose
+    kernel adds it with the residual add)."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kv = x if inputs_kv is None else inputs_kv
@@ -343,9 +364,9 @@ class Attention(nn.Module):
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl)
     out_kernel, out_bias = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), name="out")(out)
     bias = out_bias + jnp.einsum("hd,hde->e", value_bias, out_kernel)  # float32, like the parameters
-    y = flat_dense(out, out_kernel, bias if out_bias_gradient else jax.lax.stop_gradient(bias), 2, self.dtype)
+    y = flat_dense(out, out_kernel, bias if add_out_bias else None, 2, self.dtype)
     y = constrain(y, ("act_batch", "act_length", "act_embed"))
-    return y if out_bias_gradient else (y, bias)
+    return y if add_out_bias else (y, bias)
 
 
 def _bias_gelu(h: jax.Array, bias: jax.Array) -> jax.Array:
@@ -371,15 +392,14 @@ def bias_gelu_recomputed(h: jax.Array, bias: jax.Array) -> jax.Array:
 
 class Dense(nn.Module):
   """`nn.Dense` (same parameters, initialisers and result) whose bias add can be handed to an
-  `epilogue(y, bias)` that fuses it with the activation, or whose bias's gradient can be left to the
-  caller (`bias_gradient=False`: the bias is added with its gradient stopped)."""
+  `epilogue(y, bias)` that fuses it with the activation, or left to the caller (`add_bias=False`)."""
   features: int
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, epilogue: Callable = jnp.add, *, bias_gradient: bool = True,
+  def __call__(self, x, epilogue: Callable = jnp.add, *, add_bias: bool = True,
                in_features: Optional[int] = None):
     """x [..., in] -> [..., features]; with x None, only the bias (the parameters created for
     `in_features` inputs), for a caller that needs it before the layer runs."""
@@ -388,7 +408,7 @@ class Dense(nn.Module):
     if x is None:
       return bias
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-    return epilogue(y, (bias if bias_gradient else jax.lax.stop_gradient(bias)).astype(self.dtype))
+    return epilogue(y, bias.astype(self.dtype)) if add_bias else y
 
 
 class Mlp(nn.Module):
@@ -406,11 +426,11 @@ class Mlp(nn.Module):
   gelu_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x, deterministic: bool = True, *, output_bias_gradient: bool = True,
+  def __call__(self, x, deterministic: bool = True, *, add_output_bias: bool = True,
                output_bias_only: bool = False):
     """x [..., width] -> [..., out_dim or width]. `output_bias_only`: just the second layer's bias
-    (parameters created as usual), for a caller that supplies its gradient: it then calls with
-    `output_bias_gradient=False`, and the bias is added with its gradient stopped."""
+    (parameters created as usual), for a caller that adds it itself: it then calls with
+    `add_output_bias=False` for the output without it."""
     width = self.out_dim or x.shape[-1]
     dense_1 = Dense(width, dtype=self.dtype, name="Dense_1",
                     kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("mlp", "embed")),
@@ -427,11 +447,17 @@ class Mlp(nn.Module):
               bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(x, epilogue)
     x = constrain(x, ("act_batch", "act_length", "act_mlp"))
     x = nn.Dropout(self.dropout)(x, deterministic)
-    return dense_1(x, bias_gradient=output_bias_gradient)
+    return dense_1(x, add_bias=add_output_bias)
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `defer_output` (where the next block's norm can take it): where the norms' kernels take the
+  residual adds (`residual_in_norm`), the block returns (x, MLP(LN(x)) without its last bias, that
+  bias) unsummed, and the next block's norm kernel adds them as it reads them. A block takes such a
+  triple or the residual stream.
+  """
   num_heads: int
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -442,14 +468,19 @@ class EncoderBlock(nn.Module):
   recompute_gelu: bool = False
   norm_impl: str = "xla"
   gelu_impl: str = "xla"
+  residual_in_norm: Optional[bool] = None  # None: `resolve_residual_in_norm`
+  defer_output: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
-    # With the Pallas norms, three more passes of the backward fold into their kernels (see
+    # With the Pallas norms, more passes fold into their kernels (see
     # `pallas_kernels.residual_layernorm`): separate query and key/value projections send their
-    # input gradients apart, in two copies of the norm's output, and the MLP norm's kernel sums the
-    # gradients of the two biases added to the residual stream around it (the out projection's and
-    # the MLP's last). Not under dropout, which sits between those biases and the sums.
+    # input gradients apart, in two copies of the norm's output; the biases added to the residual
+    # stream (the out projection's, the MLP's last) get their gradients as column sums the kernels
+    # take as they write or read the stream's gradient; and (`residual_in_norm`) the MLP norm's
+    # kernel adds the attention's output and its bias to the stream as it normalises the sum, as
+    # (`defer_output`) the next block's attention norm does with the MLP's. Not under dropout, which
+    # sits between those outputs and the sums.
     norm_impl = resolve_norm_impl(self.norm_impl)
     pallas_norms = norm_impl != "xla"  # as LayerNorm decides for keep_input=True
     # Not where the heads are split over devices (tensor parallelism): each projection's input
@@ -461,22 +492,43 @@ class EncoderBlock(nn.Module):
     # GEMM +1.5 %).
     fused_qkv = self.fused_qkv if self.fused_qkv is not None else not (pallas_norms and not heads_split)
     kv_copy = pallas_norms and not fused_qkv and not heads_split
-    biases_in_kernel = pallas_norms and self.dropout == 0.0
-    x = constrain(x, ("act_batch", "act_length", "act_embed"))
+    in_kernel = pallas_norms and self.dropout == 0.0  # the biases' gradients
+    adds_in_kernel = in_kernel and resolve_residual_in_norm(self.residual_in_norm)
+    stream = ("act_batch", "act_length", "act_embed")
+    addend = input_bias = None
+    if isinstance(x, tuple):  # a block before deferred its residual add
+      x, addend, input_bias = x
+      if not adds_in_kernel:
+        x, addend, input_bias = x + (addend + input_bias.astype(addend.dtype)), None, None
+    x = constrain(x, stream)
+    addend = addend if addend is None else constrain(addend, stream)
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_attn")(
-        x, keep_input=True, copies=2 if kv_copy else 1)
-    y = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
-                  fused_qkv=fused_qkv, name="attn")(y, mask, inputs_kv=y_kv[0] if kv_copy else None,
-                                                         out_bias_gradient=not biases_in_kernel)
-    y, out_bias = y if biases_in_kernel else (y, None)
-    x = x + nn.Dropout(self.dropout)(y, deterministic)
+        x, keep_input=True, copies=2 if kv_copy else 1, addend=addend, input_bias=input_bias)
+    attention = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
+                          fused_qkv=fused_qkv, name="attn")
     mlp = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
               gelu_impl=self.gelu_impl, name="mlp")
-    mlp_bias = mlp(x, output_bias_only=True) if biases_in_kernel else None
-    x, y = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_mlp")(
-        x, keep_input=True, input_bias=out_bias, residual_bias=mlp_bias)
-    y = mlp(y, deterministic, output_bias_gradient=not biases_in_kernel)
-    return x + nn.Dropout(self.dropout)(y, deterministic)
+    norm_mlp = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_mlp")
+    inputs_kv = y_kv[0] if kv_copy else None
+    if not in_kernel:
+      y = attention(y, mask, inputs_kv=inputs_kv)
+      x = x + nn.Dropout(self.dropout)(y, deterministic)
+      x, y = norm_mlp(x, keep_input=True)
+      y = mlp(y, deterministic)
+      return x + nn.Dropout(self.dropout)(y, deterministic)
+    stop = lambda bias, like: jax.lax.stop_gradient(bias).astype(like.dtype)  # noqa: E731
+    y, out_bias = attention(y, mask, inputs_kv=inputs_kv, add_out_bias=False)
+    mlp_bias = mlp(x, output_bias_only=True)
+    defer = self.defer_output and adds_in_kernel
+    if adds_in_kernel:
+      x, y = norm_mlp(x, keep_input=True, addend=y.astype(x.dtype), input_bias=out_bias,
+                      residual_bias=None if defer else mlp_bias)
+    else:  # the bias added here, its gradient the kernel's column sum
+      x, y = norm_mlp(x + (y + stop(out_bias, y)), keep_input=True, input_bias=out_bias, residual_bias=mlp_bias)
+    y = mlp(y, deterministic, add_output_bias=False)
+    if defer:  # the next block's norm adds the MLP's bias and sums its gradient
+      return x, y.astype(x.dtype), mlp_bias
+    return x + (y + stop(mlp_bias, y))  # without a next norm to take the bias, norm_mlp sums its gradient
 
 
 class ScannableBlock(nn.Module):
@@ -507,6 +559,7 @@ class Encoder(nn.Module):
   recompute_gelu: bool = False
   norm_impl: str = "xla"
   gelu_impl: str = "xla"
+  residual_in_norm: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
@@ -515,7 +568,7 @@ class Encoder(nn.Module):
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
                   dropout=self.dropout, causal=self.causal, attention_impl=self.attention_impl,
                   fused_qkv=self.fused_qkv, recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl,
-                  gelu_impl=self.gelu_impl)
+                  gelu_impl=self.gelu_impl, residual_in_norm=self.residual_in_norm)
     block = ScannableBlock
     if self.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], static_argnums=(3,))
@@ -526,5 +579,8 @@ class Encoder(nn.Module):
       x, _ = stack(kwargs, name="blocks")(x, mask, deterministic)
     else:
       for i in range(self.depth):
-        x, _ = block(kwargs, name=f"block{i:02d}")(x, mask, deterministic)
+        # Each block but the last hands its residual add to the next one's norm kernel (where the
+        # block has them). Not under remat, whose saved block inputs would double.
+        defer = i < self.depth - 1 and self.remat_policy == "none"
+        x, _ = block(dict(kwargs, defer_output=defer), name=f"block{i:02d}")(x, mask, deterministic)
     return x

@@ -12,7 +12,9 @@ same kernels in Pallas's interpreter (any backend; slow), which is how the tests
   per-program partial sums for the scale and bias gradients (and for the residual stream's biases
   where the block hands them over). The residual gradient has to enter the kernel or it costs a
   separate add: so the function is `x -> (x, LayerNorm(x))`, and the cotangent of the first output
-  (everything the residual path sends back) is added inside the backward kernel.
+  (everything the residual path sends back) is added inside the backward kernel. The residual add
+  before the norm enters it too: `(x, addend, b) -> (x + addend + b, LayerNorm(...))` reads the
+  stream and the previous projection's output and writes their sum as it normalises it.
 * `bias_gelu`, GELU(h + bias) after the first MLP GEMM, saving only h. Its backward kernel
   recomputes GELU's derivative and writes the input gradient with per-program partial sums of the
   bias gradient. XLA's fusion for the same work (an elementwise output plus a column reduction) is,
@@ -45,19 +47,33 @@ def _block_cols(n_cols: int) -> int:
   return 1 << max(n_cols - 1, 1).bit_length()
 
 
-def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, n_rows, n_cols, eps):
+def _forward_kernel(*refs, n_rows, n_cols, eps, summed):
+  """refs: x, with `summed` the addend and the input bias, then scale and bias; the outputs y, mean,
+  rstd and with `summed` s = x + addend + input bias (rounded to s's dtype, which the statistics and
+  the backward then see)."""
+  if summed:
+    x_ref, addend_ref, input_bias_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, s_ref = refs
+  else:
+    x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = refs
   rows = pl.program_id(0) * FORWARD_ROWS + jnp.arange(FORWARD_ROWS)
   cols = jnp.arange(_block_cols(n_cols))
   row_ok, col_ok = rows < n_rows, cols < n_cols
   ok = row_ok[:, None] & col_ok[None, :]
-  x = plgpu.load(x_ref.at[rows[:, None], cols[None, :]], mask=ok, other=0.).astype(jnp.float32)
+  at = (rows[:, None], cols[None, :])
+  x = plgpu.load(x_ref.at[at], mask=ok, other=0.).astype(jnp.float32)
+  if summed:
+    addend = plgpu.load(addend_ref.at[at], mask=ok, other=0.).astype(jnp.float32)
+    input_bias = plgpu.load(input_bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
+    s = (x + addend + input_bias[None, :]).astype(s_ref.dtype)
+    plgpu.store(s_ref.at[at], s, mask=ok)
+    x = s.astype(jnp.float32)
   mean = jnp.sum(x, axis=1) / n_cols
   centred = jnp.where(ok, x - mean[:, None], 0.)
   rstd = jax.lax.rsqrt(jnp.sum(centred * centred, axis=1) / n_cols + eps)
   scale = plgpu.load(scale_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
   bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
   y = centred * rstd[:, None] * scale[None, :] + bias[None, :]
-  plgpu.store(y_ref.at[rows[:, None], cols[None, :]], y.astype(y_ref.dtype), mask=ok)
+  plgpu.store(y_ref.at[at], y.astype(y_ref.dtype), mask=ok)
   plgpu.store(mean_ref.at[rows], mean, mask=row_ok)
   plgpu.store(rstd_ref.at[rows], rstd, mask=row_ok)
 
@@ -104,17 +120,24 @@ def _compiler_params(interpret: bool) -> Any:
   return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
 
 
-def _layernorm_forward(x, scale, bias, *, eps, out_dtype, interpret):
-  """x [..., width] -> (y like x in out_dtype, mean and rstd [...]): one device's rows."""
+def _layernorm_forward(x, scale, bias, addend=None, input_bias=None, *, eps, out_dtype, interpret):
+  """x [..., width] -> (y like x in out_dtype, mean and rstd [...]), normalising x, or with an
+  `addend` (like x) and an `input_bias` [width], s = x + addend + input_bias, then also s: one
+  device's rows."""
   width = x.shape[-1]
   n_rows = x.size // width
-  kernel = functools.partial(_forward_kernel, n_rows=n_rows, n_cols=width, eps=eps)
+  summed = addend is not None
+  kernel = functools.partial(_forward_kernel, n_rows=n_rows, n_cols=width, eps=eps, summed=summed)
   stats = jax.ShapeDtypeStruct((n_rows,), jnp.float32)
-  y, mean, rstd = pl.pallas_call(
+  rows = jax.ShapeDtypeStruct((n_rows, width), out_dtype)
+  sums = [jax.ShapeDtypeStruct((n_rows, width), x.dtype)] if summed else []
+  inputs = [x.reshape(n_rows, width)] + ([addend.reshape(n_rows, width), input_bias] if summed else [])
+  y, mean, rstd, *s = pl.pallas_call(
       kernel, grid=(pl.cdiv(n_rows, FORWARD_ROWS),), name="bigvis_pallas_layernorm_forward",
-      out_shape=[jax.ShapeDtypeStruct((n_rows, width), out_dtype), stats, stats],
-      compiler_params=_compiler_params(interpret), interpret=interpret)(x.reshape(n_rows, width), scale, bias)
-  return y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1])
+      out_shape=[rows, stats, stats] + sums,
+      compiler_params=_compiler_params(interpret), interpret=interpret)(*inputs, scale, bias)
+  out = (y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1]))
+  return out + (s[0].reshape(x.shape),) if summed else out
 
 
 def _layernorm_backward(x, dys, dres, mean, rstd, scale, *, sum_dx, sum_dres, interpret):
@@ -163,40 +186,54 @@ def _per_device(call, args: tuple, in_specs: tuple | None, out_specs: Any) -> An
   return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _residual_layernorm(x, scale, bias, input_bias, residual_bias, eps, out_dtype, interpret, batch_axes,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret, batch_axes,
                         copies):
-  return _residual_layernorm_fwd(x, scale, bias, input_bias, residual_bias, eps, out_dtype, interpret,
+  return _residual_layernorm_fwd(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret,
                                  batch_axes, copies)[0]
 
 
-def _residual_layernorm_fwd(x, scale, bias, input_bias, residual_bias, eps, out_dtype, interpret,
+def _residual_layernorm_fwd(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret,
                             batch_axes, copies):
+  """With an addend, the kernel adds it and the input bias to x; without, any input bias is already
+  in x (only its gradient is wanted)."""
   forward = functools.partial(_layernorm_forward, eps=eps, out_dtype=out_dtype, interpret=interpret)
-  specs = None if batch_axes is None else (P(*batch_axes, None), P(*batch_axes))
-  y, mean, rstd = _per_device(forward, (x, scale, bias), specs and (specs[0], P(), P()),
-                              specs and (specs[0], specs[1], specs[1]))
-  # x is the input itself (no copy). The two biases are not computed with here, only given gradients.
-  return (x,) + (y,) * copies, (x, mean, rstd, scale, input_bias, residual_bias)
+  summed = addend is not None
+  added_bias = jnp.zeros(x.shape[-1:], x.dtype) if input_bias is None else input_bias
+  args = (x, scale, bias) + ((addend, added_bias) if summed else ())
+  in_specs = out_specs = None
+  if batch_axes is not None:
+    rows, stats = P(*batch_axes, None), P(*batch_axes)
+    in_specs = (rows, P(), P()) + ((rows, P()) if summed else ())
+    out_specs = (rows, stats, stats) + ((rows,) if summed else ())
+  y, mean, rstd, *s = _per_device(forward, args, in_specs, out_specs)
+  s = s[0] if summed else x  # without an addend, x itself (no copy)
+  # The biases' values are not needed backward, only their gradients, and the addend's gradient is
+  # s's: nothing of them is kept but the (small) biases, for their gradients' shape and dtype, and a
+  # marker of the addend (its gradient is None without one).
+  marker = None if addend is None else jnp.zeros((0,), addend.dtype)
+  return (s,) + (y,) * copies, (s, mean, rstd, scale, marker, input_bias, residual_bias)
 
 
 def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, saved, cotangents):
   del eps, out_dtype, copies
-  x, mean, rstd, scale, input_bias, residual_bias = saved
-  dres, *dys = cotangents  # dres: all the residual path sends back to x
-  sum_dx, sum_dres = input_bias is not None, residual_bias is not None
-  backward = functools.partial(_layernorm_backward, sum_dx=sum_dx, sum_dres=sum_dres, interpret=interpret)
+  s, mean, rstd, scale, marker, input_bias, residual_bias = saved
+  dres, *dys = cotangents  # dres: all the residual path sends back to s
+  sum_ds, sum_dres = input_bias is not None, residual_bias is not None
+  backward = functools.partial(_layernorm_backward, sum_dx=sum_ds, sum_dres=sum_dres, interpret=interpret)
   in_specs = out_specs = None
   if batch_axes is not None:
     rows, stats, partials = P(*batch_axes, None), P(*batch_axes), P(_flat_mesh_axes(batch_axes), None)
     in_specs = (rows, [rows] * len(dys), rows, stats, stats, P())
-    out_specs = [rows] + [partials] * (2 + sum_dx + sum_dres)
-  dx, *sums = _per_device(backward, (x, dys, dres, mean, rstd, scale), in_specs, out_specs)
+    out_specs = [rows] + [partials] * (2 + sum_ds + sum_dres)
+  ds, *sums = _per_device(backward, (s, dys, dres, mean, rstd, scale), in_specs, out_specs)
   total = lambda partials, like: jnp.sum(partials, axis=0).astype(like.dtype)  # noqa: E731
   dscale, dbias, *bias_sums = sums  # scale and bias: one LayerNorm's parameters, of one dtype
-  d_input_bias = total(bias_sums.pop(0), input_bias) if sum_dx else None
+  d_input_bias = total(bias_sums.pop(0), input_bias) if sum_ds else None
   d_residual_bias = total(bias_sums.pop(0), residual_bias) if sum_dres else None
-  return dx, total(dscale, scale), total(dbias, scale), d_input_bias, d_residual_bias
+  # s = x + addend (+ input_bias): x and the addend both get s's gradient, one array.
+  d_addend = None if marker is None else ds
+  return ds, total(dscale, scale), total(dbias, scale), d_addend, d_input_bias, d_residual_bias
 
 
 _residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
@@ -204,29 +241,35 @@ _residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
 
 def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
                        dtype: Any, interpret: bool = False, batch_axes: tuple[Any, ...] | None = None,
-                       copies: int = 1, input_bias: jax.Array | None = None,
+                       copies: int = 1, addend: jax.Array | None = None, input_bias: jax.Array | None = None,
                        residual_bias: jax.Array | None = None) -> tuple[jax.Array, ...]:
-  """(x, LayerNorm(x) in `dtype`, ...: `copies` of it) over the last axis, the backward adding the
-  residual gradient.
+  """(s, LayerNorm(s) in `dtype`, ...: `copies` of it) over the last axis, where s is x, or with an
+  `addend`, x + addend (+ input_bias); the backward adds the residual gradient (s's).
 
-  Three more passes of a block's backward fold into the kernel's reads and writes:
-  * `copies`: LayerNorm(x) is returned that many times, one per consumer, so their gradients reach the
+  More passes of a block fold into the kernels' reads and writes:
+  * `addend` (like x): the residual add before the norm, x + the previous projection's GEMM output
+    (+ its bias, `input_bias`), is done in the forward kernel, which writes s as it normalises it
+    (XLA would write s in a pass of its own and the kernel read it again: ≈79 MB per norm at
+    ViT-B/16 batch 256). x and the addend get s's gradient.
+  * `input_bias`: a [width] bias in s, added by the kernel with an addend, else already added into x
+    by the caller with its gradient stopped (the previous projection's). Its gradient is the column
+    sum of s's, which the backward kernel sums as it writes s's, where XLA would read it again.
+  * `copies`: LayerNorm(s) is returned that many times, one per consumer, so their gradients reach the
     kernel apart and are summed as it reads them; XLA would add them in a pass of its own (ViT's
     separate query and key/value projections: two copies, ≈157 MB less traffic per block at ViT-B/16
     batch 256).
-  * `input_bias`: a [width] bias that the caller has already added into x with its gradient stopped
-    (the previous projection's). Its gradient is the column sum of x's, which the kernel sums as it
-    writes x's gradient, where XLA would read that gradient again.
   * `residual_bias`: a [width] bias that the caller adds, its gradient stopped, to the residual
-    stream after the returned x (the next projection's, before the sum). Its gradient is the column
-    sum of the residual gradient, which the kernel reads anyway.
+    stream after the returned s (the next projection's, where no later norm takes it as its input
+    bias). Its gradient is the column sum of the residual gradient, which the kernel reads anyway.
   Under a mesh, `batch_axes` is x's PartitionSpec without the last (normalised) axis, which must be
   whole on every device: each device then runs the kernels on its own rows.
   """
+  if addend is not None and (addend.shape != x.shape or addend.dtype != x.dtype):
+    raise ValueError(f"addend must be like x ({x.dtype}{list(x.shape)}), got {addend.dtype}{list(addend.shape)}")
   for name, b in (("input_bias", input_bias), ("residual_bias", residual_bias)):
     if b is not None and b.shape != x.shape[-1:]:
       raise ValueError(f"{name} must be [{x.shape[-1]}], got {list(b.shape)}")
-  return _residual_layernorm(x, scale, bias, input_bias, residual_bias, float(epsilon), jnp.dtype(dtype),
+  return _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, float(epsilon), jnp.dtype(dtype),
                              interpret, None if batch_axes is None else tuple(batch_axes), int(copies))
 
 

@@ -5,7 +5,7 @@ the end-of-text position is the last non-padding token.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ class TextTransformer(nn.Module):
   recompute_gelu: bool = True    # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
   gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
+  residual_in_norm: Optional[bool] = None  # the Pallas norms take the residual adds; None: JAX >= 0.11
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -62,7 +63,7 @@ class TextTransformer(nn.Module):
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
                 attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
                 recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl, gelu_impl=self.gelu_impl,
-                name="encoder")(x, mask, not train)
+                residual_in_norm=self.residual_in_norm, name="encoder")(x, mask, not train)
     x = x[:, :length]
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
     eot = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0)

@@ -160,6 +160,8 @@ class ViT(nn.Module):
   recompute_gelu: bool = True    # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
   gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
+  residual_in_norm: Optional[bool] = None  # the Pallas norms take the residual adds; None: JAX >= 0.11
+                                           # (layers.resolve_residual_in_norm)
   patch_embedding: str = "matmul"  # or "conv": how PatchEmbedding computes (same parameters and result)
 
   @nn.compact
@@ -195,7 +197,7 @@ class ViT(nn.Module):
                 dropout=self.dropout, attention_impl=impl,
                 remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
                 recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl,
-                gelu_impl=self.gelu_impl, name="encoder")(x, mask, not train)
+                gelu_impl=self.gelu_impl, residual_in_norm=self.residual_in_norm, name="encoder")(x, mask, not train)
     x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
     x = x[:, :length]  # drop padding tokens
     aux = {"encoded": x}
