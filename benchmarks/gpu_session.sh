@@ -57,6 +57,7 @@ b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 # the residual adds in those norms' kernels on JAX >= 0.11. What is left to try or confirm:
 GK=(--bigvis-set model.gelu_impl=pallas)  # GELU's backward as one Triton kernel: unmeasured in a step
 RESID=(--bigvis-set model.residual_in_norm=false)  # the residual adds back in XLA's fusions
+SAVED=(--bigvis-set model.recompute_gelu=false)  # GELU saved: never timed apart from the Pallas norms
 FUSED=(--bigvis-set model.fused_qkv=true)
 # The old defaults' options (Attention's bias placement, also of the ninth session, has no switch).
 OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla)
@@ -84,11 +85,12 @@ clip_goal() {
 }
 # 2. Against the defaults: the residual adds in XLA (the tenth session's change, unmeasured), the
 #    GELU kernel (the one option no whole step has timed), the defaults before the ninth session
-#    (how much the new ones win on this card), one q/k/v GEMM.
+#    (how much the new ones win on this card), one q/k/v GEMM, GELU saved rather than recomputed.
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gk() { room 50 b16 "${GK[@]}" --tag _gk; }
 vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }
 vit_fused() { room 50 b16 "${FUSED[@]}" --tag _fused_qkv; }
+vit_saved() { room 50 b16 "${SAVED[@]}" --tag _gelu_saved; }
 clip_gk() { room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_GK[@]}" --tag _gk; }
 clip_old() {
   room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_OLD[@]}" --tag _old_defaults
@@ -115,11 +117,11 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile) ;;
+  1) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile vit_saved) ;;
   2) steps=(clip_goal clip_gk clip_old large extras) ;;
   goals) steps=(kernel_check vit_goal vit_resid clip_goal vit_gk clip_gk vit_old) ;;
-  all) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile clip_goal clip_gk clip_old large
-              extras) ;;
+  all) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile vit_saved clip_goal clip_gk clip_old
+              large extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table
