@@ -13,7 +13,7 @@
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
 # so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
-# runs the two goals side by side, B/16 with the residual adds in XLA, each family's GELU kernel,
+# runs the two goals (B/16 with the residual adds in XLA between them), each family's GELU kernel,
 # then B/16's defaults before the ninth session, in about 9 minutes (the ninth session's one
 # command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 5 files (pallas_check.jsonl,
 # peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).

@@ -58,15 +58,15 @@ def compare(name: str, xla_fn: Callable, pallas_fn: Callable, args: tuple, steps
           "max_rel_err": _max_rel_err(reference, candidate)}
 
 
-def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool,
-                   copies: int = 1, biases: bool = False) -> tuple[Callable, Callable, tuple]:
+def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool, copies: int = 1, biases: bool = False,
+                   addend: bool = True) -> tuple[Callable, Callable, tuple]:
   """(XLA's, the kernels' loss, their arguments) for the block's LayerNorm with the residual path:
   loss = <y, c> + <x, d>, so dy = c and the residual gradient = d, as a block's backward brings them.
   As the block calls them: with `biases` (the MLP's norm), the stream x is first summed with the
-  attention's output a and its bias b (in the forward kernel), a bias r is added to the residual
-  stream after, and the kernel sums both biases' gradients; with two `copies` (the attention's norm
-  when query and key/value are separate GEMMs), the second copy of y gets its own gradient, c2,
-  which the kernel adds to c."""
+  attention's output a and its bias b (in the forward kernel; without `addend`, by XLA, the form of
+  `model.residual_in_norm=false`), a bias r is added to the residual stream after, and the kernel
+  sums both biases' gradients; with two `copies` (the attention's norm when query and key/value are
+  separate GEMMs), the second copy of y gets its own gradient, c2, which the kernel adds to c."""
   keys = jax.random.split(jax.random.key(0), 8)
   x = (jax.random.normal(keys[0], (rows, width)) * 2 + 0.3).astype(dtype)
   scale = 1 + 0.1 * jax.random.normal(keys[1], (width,))
@@ -85,10 +85,13 @@ def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool,
     return loss(x + r.astype(dtype) if biases else x, (y,) * copies)
 
   def pallas(x, scale, bias, b, r, a):
+    stop = lambda v: jax.lax.stop_gradient(v).astype(dtype)  # noqa: E731
+    in_kernel = biases and addend
+    x = x + (a + stop(b)) if biases and not addend else x  # the bias's gradient still the kernel's
     x, *ys = pallas_kernels.residual_layernorm(
         x, scale, bias, epsilon=1e-6, dtype=dtype, interpret=interpret, copies=copies,
-        addend=a if biases else None, input_bias=b if biases else None, residual_bias=r if biases else None)
-    return loss(x + jax.lax.stop_gradient(r).astype(dtype) if biases else x, ys)
+        addend=a if in_kernel else None, input_bias=b if biases else None, residual_bias=r if biases else None)
+    return loss(x + stop(r) if biases else x, ys)
   return xla, pallas, (x, scale, bias, b, r, a)
 
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
   cases = (
       ("layernorm", layernorm_case(args.rows, args.width, dtype, args.interpret)),
       ("layernorm_biases", layernorm_case(args.rows, args.width, dtype, args.interpret, biases=True)),
+      ("layernorm_biases_added_by_xla",
+       layernorm_case(args.rows, args.width, dtype, args.interpret, biases=True, addend=False)),
       ("layernorm_two_copies", layernorm_case(args.rows, args.width, dtype, args.interpret, copies=2)),
       ("bias_gelu", bias_gelu_case(args.rows, args.mlp, dtype, args.interpret)))
   for name, case in cases:

@@ -63,8 +63,8 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
       parts.append("gelu=recomputed")
     if "norm_impl" in c:
       parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
-      if r["norm_impl"] != "xla" and resolve_residual_in_norm(c.get("residual_in_norm")):
-        parts[-1] += "+residual"  # the kernels take the residual adds
+      if r["norm_impl"] != "xla" and not c.get("dropout") and resolve_residual_in_norm(c.get("residual_in_norm")):
+        parts[-1] += "+residual"  # the kernels take the residual adds (not under dropout)
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

@@ -126,6 +126,10 @@ def test_peers_gpu_runs_have_valid_configs():
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas",
        "--bigvis-set", "model.residual_in_norm=true"])))
   assert any(line.endswith("gelu=recomputed norm=pallas+residual, 86.6M params, batch 256") for line in adds), adds
+  under_dropout = peers.check_specs(peers._run_specs(peers.parse_args(  # where the kernels take no adds
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas",
+       "--bigvis-set", "model.residual_in_norm=true", "--bigvis-set", "model.dropout=0.1"])))
+  assert any(line.endswith("norm=pallas, 86.6M params, batch 256") for line in under_dropout), under_dropout
   kernel = peers.check_specs(peers._run_specs(peers.parse_args(
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.gelu_impl=pallas"])))
   assert any(line.endswith("gelu=pallas norm=auto:xla, 86.6M params, batch 256") for line in kernel), kernel
@@ -291,8 +295,9 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   """bigvis's Pallas kernels (interpreted) against XLA's fusions, through
   benchmarks/pallas_kernels_check.py, which a GPU session runs first: the LayerNorm's output and its
   x (residual gradient included), scale and bias gradients; GELU's output and its h and bias
-  gradients, also as the block calls it with biases added before and after it (whose gradients the
-  kernel sums) and with two copies of its output (whose gradients it adds). 130 rows (not a whole
+  gradients, also as the block calls it with the residual add before it (in the kernel, or by XLA),
+  biases added before and after it (whose gradients the kernel sums) and with two copies of its
+  output (whose gradients it adds). 130 rows (not a whole
   number of 4- or 64-row blocks), 24 features (loaded as 32 lanes, the tail masked), 300 hidden
   units (not a whole number of 256-column blocks). In bfloat16 XLA's fusions round every step while
   the kernels compute in float32."""
@@ -300,6 +305,7 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   assert check.main(["--rows", "130", "--width", "24", "--mlp", "300", "--dtype", dtype,
                      "--steps", "1", "--interpret"]) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-  assert [r["kernel"] for r in lines] == ["layernorm", "layernorm_biases", "layernorm_two_copies", "bias_gelu"]
+  assert [r["kernel"] for r in lines] == ["layernorm", "layernorm_biases", "layernorm_biases_added_by_xla",
+                                          "layernorm_two_copies", "bias_gelu"]
   for r in lines:
     assert r["max_rel_err"] < tolerance and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r

@@ -138,6 +138,8 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   # 2 LayerNorms (forward and backward) per GELU backward, in every block of both towers.
   assert calls["_layernorm_forward"] == calls["_layernorm_backward"] == 2 * calls["_bias_gelu_backward"] > 0, calls
   assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name])
+  addends = {len(specs) == 5 for specs in per_device["_layernorm_forward"]}  # x, scale, bias (, addend, bias)
+  assert addends == ({False, True} if kernels["residual_in_norm"] else {False}), addends
   dy_counts = {len(specs[1]) for specs in per_device["_layernorm_backward"]}  # y's copies per norm
   assert dy_counts == ({1} if fused_qkv or mesh_cfg["tensor"] > 1 else {1, 2}), dy_counts
   gelu_hidden_axes = {specs[0][-1] for specs in per_device["_bias_gelu_backward"]}

@@ -82,8 +82,8 @@ class LayerNorm(nn.Module):
   elsewhere XLA's LayerNorm runs. There `addend` (x + addend (+ input_bias) is normalised and
   returned instead of x), `input_bias`, `copies` and `residual_bias` hand the kernels the residual
   add before the norm and more passes of the block's backward (see
-  `pallas_kernels.residual_layernorm`); `residual_bias`, and `input_bias` without `addend`, only with
-  the kernels. The parameters are the same either way.
+  `pallas_kernels.residual_layernorm`); all but `copies` only with the kernels. The parameters are
+  the same either way.
   """
   dtype: Dtype = jnp.float32
   epsilon: float = 1e-6
@@ -104,11 +104,9 @@ class LayerNorm(nn.Module):
       return residual_layernorm(x, scale, bias, epsilon=self.epsilon, dtype=self.dtype,
                                 interpret=impl == "pallas_interpret", batch_axes=batch_axes[:-1],
                                 copies=copies, addend=addend, input_bias=input_bias, residual_bias=residual_bias)
-    if residual_bias is not None or (input_bias is not None and addend is None):  # gradients would be lost
-      raise ValueError("LayerNorm's residual_bias, and an input_bias without an addend, need keep_input=True "
-                       "and the Pallas kernels")
-    if addend is not None:
-      x = x + (addend if input_bias is None else addend + input_bias.astype(addend.dtype))
+    if addend is not None or input_bias is not None or residual_bias is not None:
+      raise ValueError("LayerNorm's addend, input_bias and residual_bias need keep_input=True and the "
+                       "Pallas kernels")
     y = nn.LayerNorm(
         epsilon=self.epsilon, dtype=self.dtype,
         scale_init=param_with_axes(nn.initializers.ones, ("norm",)),
@@ -336,8 +334,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None, inputs_kv=None, *, add_out_bias: bool = True):
     """Without `add_out_bias`, (the output without the out projection's bias, that bias with the
-    value bias folded in), for a caller that adds it (`EncoderBlock` with the Pallas norms, whose
-    kernel adds it with the residual add)."""
+    value bias folded in), for a caller that adds it (`EncoderBlock` with the Pallas norms: their
+    kernel with the residual add, or XLA's add with the bias's gradient left to the kernel)."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
     kv = x if inputs_kv is None else inputs_kv

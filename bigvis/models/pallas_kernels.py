@@ -7,7 +7,8 @@ same kernels in Pallas's interpreter (any backend; slow), which is how the tests
   the activations forward (the statistics, then the normalised output) and three backward (two row
   reductions, then the input gradient fused with the residual stream's). Compiled for an H100 that
   is ≈237 MB of the ViT-B/16 step's traffic per LayerNorm (24 of them) that a kernel holding each
-  row in registers does not move. These kernels read x once and write y once forward; backward they read
+  row in registers does not move. These kernels read x once and write y once forward (with an addend,
+  also read it and write the sum); backward they read
   x, y's gradient(s) and the residual gradient once and write the summed input gradient, with
   per-program partial sums for the scale and bias gradients (and for the residual stream's biases
   where the block hands them over). The residual gradient has to enter the kernel or it costs a
