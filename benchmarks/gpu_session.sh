@@ -54,7 +54,7 @@ b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 
 # The defaults since the ninth session (H200: B/16 +2.5 %, CLIP +3.0 %) are recomputed GELU, the
 # Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT; since the tenth (unmeasured),
-# the residual adds in those norms' kernels on JAX >= 0.11. What is left to try or confirm:
+# the residual adds and the q/k/v input gradients' sum in those norms' kernels. What is left to try:
 GK=(--bigvis-set model.gelu_impl=pallas)  # GELU's backward as one Triton kernel: unmeasured in a step
 RESID=(--bigvis-set model.residual_in_norm=false)  # the residual adds back in XLA's fusions
 SAVED=(--bigvis-set model.recompute_gelu=false)  # GELU saved: never timed apart from the Pallas norms

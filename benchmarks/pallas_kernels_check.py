@@ -65,19 +65,21 @@ def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool, copies: i
   As the block calls them: with `biases` (the MLP's norm), the stream x is first summed with the
   attention's output a and its bias b (in the forward kernel; without `addend`, by XLA, the form of
   `model.residual_in_norm=false`), a bias r is added to the residual stream after, and the kernel
-  sums both biases' gradients; with two `copies` (the attention's norm when query and key/value are
-  separate GEMMs), the second copy of y gets its own gradient, c2, which the kernel adds to c."""
+  sums both biases' gradients; with three `copies` (the attention's norm when query, key and value
+  are separate GEMMs), the other copies of y get their own gradients, c2 and c3, which the kernel
+  adds to c."""
   keys = jax.random.split(jax.random.key(0), 8)
   x = (jax.random.normal(keys[0], (rows, width)) * 2 + 0.3).astype(dtype)
   scale = 1 + 0.1 * jax.random.normal(keys[1], (width,))
   bias = 0.1 * jax.random.normal(keys[2], (width,))
   b, r = (0.1 * jax.random.normal(k, (width,)) for k in keys[5:7])
   c, c2, d = (jax.random.normal(k, (rows, width)).astype(dtype) for k in (keys[3], keys[7], keys[4]))
+  c3 = jax.random.normal(jax.random.key(2), (rows, width)).astype(dtype)
   a = jax.random.normal(jax.random.key(1), (rows, width)).astype(dtype)
 
   def loss(x, ys):
     dot = lambda a, b: jnp.sum(a.astype(jnp.float32) * b)  # noqa: E731
-    return sum(dot(y, c_) for y, c_ in zip(ys, (c, c2))) + dot(x, d)
+    return sum(dot(y, c_) for y, c_ in zip(ys, (c, c2, c3))) + dot(x, d)
 
   def xla(x, scale, bias, b, r, a):
     x = x + (a + b.astype(dtype)) if biases else x
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
       ("layernorm_biases", layernorm_case(args.rows, args.width, dtype, args.interpret, biases=True)),
       ("layernorm_biases_added_by_xla",
        layernorm_case(args.rows, args.width, dtype, args.interpret, biases=True, addend=False)),
-      ("layernorm_two_copies", layernorm_case(args.rows, args.width, dtype, args.interpret, copies=2)),
+      ("layernorm_three_copies", layernorm_case(args.rows, args.width, dtype, args.interpret, copies=3)),
       ("bias_gelu", bias_gelu_case(args.rows, args.mlp, dtype, args.interpret)))
   for name, case in cases:
     print(json.dumps({**compare(name, *case, steps=args.steps), "device": jax.devices()[0].device_kind}),

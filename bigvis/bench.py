@@ -38,7 +38,6 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
   """
   import jax
   from bigvis.models import resolve_for_device
-  from bigvis.models.layers import resolve_residual_in_norm
   if device is None:
     device = jax.devices()[0]
   resolved = resolve_for_device(model_cfg, device).to_dict()
@@ -63,7 +62,7 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
       parts.append("gelu=recomputed")
     if "norm_impl" in c:
       parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
-      if r["norm_impl"] != "xla" and not c.get("dropout") and resolve_residual_in_norm(c.get("residual_in_norm")):
+      if r["norm_impl"] != "xla" and not c.get("dropout") and c.get("residual_in_norm", True):
         parts[-1] += "+residual"  # the kernels take the residual adds (not under dropout)
     return " ".join(parts)
   cfg = model_cfg.to_dict()

@@ -296,7 +296,7 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   benchmarks/pallas_kernels_check.py, which a GPU session runs first: the LayerNorm's output and its
   x (residual gradient included), scale and bias gradients; GELU's output and its h and bias
   gradients, also as the block calls it with the residual add before it (in the kernel, or by XLA),
-  biases added before and after it (whose gradients the kernel sums) and with two copies of its
+  biases added before and after it (whose gradients the kernel sums) and with three copies of its
   output (whose gradients it adds). 130 rows (not a whole
   number of 4- or 64-row blocks), 24 features (loaded as 32 lanes, the tail masked), 300 hidden
   units (not a whole number of 256-column blocks). In bfloat16 XLA's fusions round every step while
@@ -306,6 +306,6 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
                      "--steps", "1", "--interpret"]) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["kernel"] for r in lines] == ["layernorm", "layernorm_biases", "layernorm_biases_added_by_xla",
-                                          "layernorm_two_copies", "bias_gelu"]
+                                          "layernorm_three_copies", "bias_gelu"]
   for r in lines:
     assert r["max_rel_err"] < tolerance and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r

@@ -443,10 +443,9 @@ def test_patch_embedding_matmul_equals_the_convolution():
 
 
 @pytest.mark.parametrize("field, extra", [
-    ("norm_impl", {"fused_qkv": True}), ("norm_impl", {}), ("norm_impl", {"residual_in_norm": True}),
-    ("norm_impl", {"residual_in_norm": False}), ("norm_impl", {"dropout": 0.1, "residual_in_norm": True}),
-    ("norm_impl", {"scan": True, "remat_policy": "full", "residual_in_norm": True}), ("gelu_impl", {})],
-    ids=["norm_fused_qkv", "norm_separate_qkv", "norm_residual_in_norm", "norm_residual_by_xla", "norm_dropout",
+    ("norm_impl", {"fused_qkv": True}), ("norm_impl", {}), ("norm_impl", {"residual_in_norm": False}),
+    ("norm_impl", {"dropout": 0.1}), ("norm_impl", {"scan": True, "remat_policy": "full"}), ("gelu_impl", {})],
+    ids=["norm_fused_qkv", "norm_separate_qkv", "norm_residual_by_xla", "norm_dropout",
          "norm_scan_remat_separate_qkv", "gelu"])
 def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field, extra, monkeypatch):
   """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
@@ -454,11 +453,11 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   shapes, are checked through benchmarks/pallas_kernels_check.py in test_bench); a CPU mesh gets a
   one-sentence error naming the field; a bad value is named. The norms' kernels also take the
   gradients of the out projection's and the MLP's output biases (not under dropout: then XLA does)
-  and, with separate query and key/value GEMMs, their two input gradients; with `residual_in_norm`
-  (the default on JAX >= 0.11), the residual adds before them too, the MLP's output and bias in
+  and, with separate query, key and value GEMMs, their three input gradients; with `residual_in_norm`
+  (the default), the residual adds before them too, the MLP's output and bias in
   the next block's attention norm where the blocks are unrolled without remat (the last block's
   bias gradient then summed by its MLP norm)."""
-  from bigvis.models import layers, pallas_kernels
+  from bigvis.models import pallas_kernels
   calls = []
   real = pallas_kernels._residual_layernorm
 
@@ -485,9 +484,9 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   b, gb = jax.value_and_grad(loss)(p, pallas)
   np.testing.assert_allclose(a, b, rtol=1e-5)
   if field == "norm_impl":  # per block traced (scan and remat trace one more than once): the
-    copies = 1 if extra.get("fused_qkv") else 2  # attention's norm, then the MLP's (ViT's default: apart)
+    copies = 1 if extra.get("fused_qkv") else 3  # attention's norm, then the MLP's (ViT's default: apart)
     biases = "dropout" not in extra
-    adds = biases and layers.resolve_residual_in_norm(extra.get("residual_in_norm"))
+    adds = biases and extra.get("residual_in_norm", True)
     if extra.get("scan") or not adds:  # one block traced, or the same in each
       trace = [(False, False, False, copies), (adds, biases, biases, 1)]
     else:
@@ -515,7 +514,7 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
     build_model(clip)
   with pytest.raises(UserError, match="model.image.fused_qkv 'auto' is not true, false or None"):
     build_model(dict(name="clip", image=dict(variant="mu/4", fused_qkv="auto"), text=dict(variant="mu")))
-  with pytest.raises(UserError, match="model.text.residual_in_norm 'yes' is not true, false or None"):
+  with pytest.raises(UserError, match="model.text.residual_in_norm 'yes' is not true or false"):
     build_model(dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", residual_in_norm="yes")))
 
 

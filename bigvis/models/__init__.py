@@ -139,18 +139,19 @@ XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
 
 
 def check_implementation_choices(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
-  """A one-sentence error naming the key for a `fused_qkv` or `residual_in_norm` that is not true,
-  false or None, a `norm_impl`/`gelu_impl` that is not one of NORM_IMPLS/KERNEL_IMPLS, or (given
-  the mesh's `device`) for 'pallas' where bigvis's Pallas kernels cannot run: they are Triton
-  kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
+  """A one-sentence error naming the key for a `fused_qkv` that is not true, false or None, a
+  `residual_in_norm` that is not true or false, a `norm_impl`/`gelu_impl` that is not one of
+  NORM_IMPLS/KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels
+  cannot run: they are Triton kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
   cfg = _copied_dict(model_config)
   clip = cfg.get("name") == "clip"
   for cls, section in _towers(cfg):
     tower = {**_defaults(cls), **section}
     prefix = "model." + (("image." if cls is ViT else "text.") if clip else "")
-    for field in ("fused_qkv", "residual_in_norm"):
-      if tower.get(field) not in (True, False, None):
-        raise UserError(f"{prefix}{field} {tower[field]!r} is not true, false or None.")
+    if tower.get("fused_qkv") not in (True, False, None):
+      raise UserError(f"{prefix}fused_qkv {tower['fused_qkv']!r} is not true, false or None.")
+    if tower.get("residual_in_norm", True) not in (True, False):
+      raise UserError(f"{prefix}residual_in_norm {tower['residual_in_norm']!r} is not true or false.")
     for field, choices in (("norm_impl", NORM_IMPLS), ("gelu_impl", KERNEL_IMPLS)):
       value = tower.get(field, "xla")
       if value not in choices:

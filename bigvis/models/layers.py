@@ -169,22 +169,6 @@ def resolve_norm_impl(impl: str, device: Any = None) -> str:
   return "pallas" if _nvidia_sm80_device(device) else "xla"
 
 
-def resolve_residual_in_norm(setting: Optional[bool]) -> bool:
-  """Whether the Pallas norm kernels take the residual add before them (`EncoderBlock`); None: on
-  JAX 0.11 or newer.
-
-  Why by version: where XLA hands a GEMM cuBLASLt's epilogue, it adds the bias and the residual
-  stream in the GEMM itself (the stream as the C operand), and the norm's kernel taking the add
-  instead moves one [tokens, width] pass more per norm (JAX 0.10.2, compiled for an H100 without one:
-  ViT-B/16 +1.8 GB a step). JAX 0.11.2 on an H200 gave none of ViT-B/16's 218 GEMMs an epilogue and
-  added the stream in 24 passes of their own (1.35 ms of the 65.1 ms step), which the kernel saves:
-  it reads the stream and the GEMM's output and writes their sum as it normalises it (1.8 GB less).
-  """
-  if setting is not None:
-    return bool(setting)
-  return tuple(jax.__version_info__[:2]) >= (0, 11)
-
-
 def attention_pad_multiple(impl: str, length: int, requested: int = 0) -> int:
   """Token padding for `length` tokens: the config's `seq_pad_multiple`, else 8 where cuDNN would
   get an odd length, which it refuses ("Unsupported sequence length" for ViT's 197 on an H100;
@@ -332,18 +316,22 @@ class Attention(nn.Module):
   fused_qkv: bool = True
 
   @nn.compact
-  def __call__(self, x, mask=None, inputs_kv=None, *, add_out_bias: bool = True):
-    """Without `add_out_bias`, (the output without the out projection's bias, that bias with the
-    value bias folded in), for a caller that adds it (`EncoderBlock` with the Pallas norms: their
-    kernel with the residual add, or XLA's add with the bias's gradient left to the kernel)."""
+  def __call__(self, x, mask=None, inputs_kv=None, *, inputs_v=None, add_out_bias: bool = True):
+    """`inputs_v`: the value projection's input where it is not the key's (`inputs_kv`, else x): in
+    `EncoderBlock` with the Pallas norms, copies of one norm's output, so that the three projections'
+    input gradients reach the norm's kernel apart. Without `add_out_bias`, (the output without the
+    out projection's bias, that bias with the value bias folded in), for a caller that adds it
+    (`EncoderBlock` with the Pallas norms: their kernel with the residual add, or XLA's add with the
+    bias's gradient left to the kernel)."""
     width = x.shape[-1]
     head_dim = width // self.num_heads
-    kv = x if inputs_kv is None else inputs_kv
+    k_in = x if inputs_kv is None else inputs_kv
+    v_in = k_in if inputs_v is None else inputs_v
     dense = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"), ("heads", "kv"),
                                     name=name)
     (query_kernel, query_bias), (key_kernel, _), (value_kernel, value_bias) = (
-        dense(name)(kv if name != "query" else x) for name in ("query", "key", "value"))
-    if self.fused_qkv and inputs_kv is None:
+        dense(name)(inputs) for name, inputs in (("query", x), ("key", k_in), ("value", v_in)))
+    if self.fused_qkv and inputs_kv is None and inputs_v is None:
       # Heads outermost ([embed, heads, 3, kv]): flattened for the GEMM, the output dim then keeps
       # the heads' tensor-parallel sharding; with [embed, 3, heads, kv] it could not (compiled for
       # 8 H100s with mesh.tensor=2, that resharding added 131 transposes to the ViT-B/16 step).
@@ -355,7 +343,8 @@ class Attention(nn.Module):
       q, k, v = (qkv[..., i, :] for i in range(3))
     else:
       q = flat_dense(x, query_kernel, query_bias, 1, self.dtype)
-      k, v = (flat_dense(kv, kernel, None, 1, self.dtype) for kernel in (key_kernel, value_kernel))
+      k, v = (flat_dense(inputs, kernel, None, 1, self.dtype) for inputs, kernel in ((k_in, key_kernel),
+                                                                                    (v_in, value_kernel)))
     q = constrain(q, ("act_batch", "act_length", "act_heads", None))
     k = constrain(k, ("act_batch", "act_length", "act_heads", None))
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
@@ -466,14 +455,19 @@ class EncoderBlock(nn.Module):
   recompute_gelu: bool = False
   norm_impl: str = "xla"
   gelu_impl: str = "xla"
-  residual_in_norm: Optional[bool] = None  # None: `resolve_residual_in_norm`
+  # The Pallas norms' kernels take the residual adds. Where XLA's GEMMs take no epilogue (as on the
+  # H200 with JAX 0.11.2, and as JAX 0.10.2 compiles for an H100 with its default Triton GEMMs) the
+  # adds are passes of their own, which the kernels save (ViT-B/16: 1.8 GB a step). Turn it off only
+  # where XLA adds the stream in the GEMM as cuBLASLt's C operand (seen with
+  # --xla_gpu_enable_triton_gemm=false): there the kernel taking the add costs that much more.
+  residual_in_norm: bool = True
   defer_output: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):
     # With the Pallas norms, more passes fold into their kernels (see
-    # `pallas_kernels.residual_layernorm`): separate query and key/value projections send their
-    # input gradients apart, in two copies of the norm's output; the biases added to the residual
+    # `pallas_kernels.residual_layernorm`): separate query, key and value projections send their
+    # input gradients apart, in three copies of the norm's output; the biases added to the residual
     # stream (the out projection's, the MLP's last) get their gradients as column sums the kernels
     # take as they write or read the stream's gradient; and (`residual_in_norm`) the MLP norm's
     # kernel adds the attention's output and its bias to the stream as it normalises the sum, as
@@ -489,9 +483,13 @@ class EncoderBlock(nn.Module):
     # +0.9 %), one elsewhere, where XLA would add them in passes of its own (H100, XLA's norms: one
     # GEMM +1.5 %).
     fused_qkv = self.fused_qkv if self.fused_qkv is not None else not (pallas_norms and not heads_split)
-    kv_copy = pallas_norms and not fused_qkv and not heads_split
+    # Three copies rather than one for query and one for key and value: XLA would add the key's and
+    # the value's input gradients in a pass of its own where the GEMMs take no epilogue (JAX 0.10.2
+    # for an H100 with Triton GEMMs enabled, as on a card: 2.83 GB of ViT-B/16's step), or in the
+    # second GEMM's C operand, which reads as much as the kernel's third read.
+    copies = 3 if pallas_norms and not fused_qkv and not heads_split else 1
     in_kernel = pallas_norms and self.dropout == 0.0  # the biases' gradients
-    adds_in_kernel = in_kernel and resolve_residual_in_norm(self.residual_in_norm)
+    adds_in_kernel = in_kernel and self.residual_in_norm
     stream = ("act_batch", "act_length", "act_embed")
     addend = input_bias = None
     if isinstance(x, tuple):  # a block before deferred its residual add
@@ -501,21 +499,21 @@ class EncoderBlock(nn.Module):
     x = constrain(x, stream)
     addend = addend if addend is None else constrain(addend, stream)
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_attn")(
-        x, keep_input=True, copies=2 if kv_copy else 1, addend=addend, input_bias=input_bias)
+        x, keep_input=True, copies=copies, addend=addend, input_bias=input_bias)
     attention = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
                           fused_qkv=fused_qkv, name="attn")
     mlp = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
               gelu_impl=self.gelu_impl, name="mlp")
     norm_mlp = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_mlp")
-    inputs_kv = y_kv[0] if kv_copy else None
+    inputs_kv, inputs_v = y_kv if y_kv else (None, None)
     if not in_kernel:
-      y = attention(y, mask, inputs_kv=inputs_kv)
+      y = attention(y, mask, inputs_kv=inputs_kv, inputs_v=inputs_v)
       x = x + nn.Dropout(self.dropout)(y, deterministic)
       x, y = norm_mlp(x, keep_input=True)
       y = mlp(y, deterministic)
       return x + nn.Dropout(self.dropout)(y, deterministic)
     stop = lambda bias, like: jax.lax.stop_gradient(bias).astype(like.dtype)  # noqa: E731
-    y, out_bias = attention(y, mask, inputs_kv=inputs_kv, add_out_bias=False)
+    y, out_bias = attention(y, mask, inputs_kv=inputs_kv, inputs_v=inputs_v, add_out_bias=False)
     mlp_bias = mlp(x, output_bias_only=True)
     defer = self.defer_output and adds_in_kernel
     if adds_in_kernel:
@@ -557,7 +555,7 @@ class Encoder(nn.Module):
   recompute_gelu: bool = False
   norm_impl: str = "xla"
   gelu_impl: str = "xla"
-  residual_in_norm: Optional[bool] = None
+  residual_in_norm: bool = True
 
   @nn.compact
   def __call__(self, x, mask=None, deterministic: bool = True):

@@ -5,7 +5,7 @@ the end-of-text position is the last non-padding token.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ class TextTransformer(nn.Module):
   recompute_gelu: bool = True    # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
   gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
-  residual_in_norm: Optional[bool] = None  # the Pallas norms take the residual adds; None: JAX >= 0.11
+  residual_in_norm: bool = True  # the Pallas norms take the residual adds (layers.EncoderBlock)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):

@@ -160,8 +160,7 @@ class ViT(nn.Module):
   recompute_gelu: bool = True    # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
   gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
-  residual_in_norm: Optional[bool] = None  # the Pallas norms take the residual adds; None: JAX >= 0.11
-                                           # (layers.resolve_residual_in_norm)
+  residual_in_norm: bool = True  # the Pallas norms take the residual adds (layers.EncoderBlock)
   patch_embedding: str = "matmul"  # or "conv": how PatchEmbedding computes (same parameters and result)
 
   @nn.compact
