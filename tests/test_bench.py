@@ -122,13 +122,12 @@ def test_peers_gpu_runs_have_valid_configs():
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=false",
        "--bigvis-set", "model.norm_impl=pallas", "--bigvis-set", "model.residual_in_norm=false"])))
   assert any(line.endswith("patch=matmul norm=pallas, 86.6M params, batch 256") for line in changed), changed
-  adds = peers.check_specs(peers._run_specs(peers.parse_args(
-      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas",
-       "--bigvis-set", "model.residual_in_norm=true"])))
+  adds = peers.check_specs(peers._run_specs(peers.parse_args(  # the residual adds: on by default
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas"])))
   assert any(line.endswith("gelu=recomputed norm=pallas+residual, 86.6M params, batch 256") for line in adds), adds
   under_dropout = peers.check_specs(peers._run_specs(peers.parse_args(  # where the kernels take no adds
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas",
-       "--bigvis-set", "model.residual_in_norm=true", "--bigvis-set", "model.dropout=0.1"])))
+       "--bigvis-set", "model.dropout=0.1"])))
   assert any(line.endswith("norm=pallas, 86.6M params, batch 256") for line in under_dropout), under_dropout
   kernel = peers.check_specs(peers._run_specs(peers.parse_args(
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.gelu_impl=pallas"])))

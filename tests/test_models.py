@@ -466,6 +466,14 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
     calls.append((addend is not None, input_bias is not None, residual_bias is not None, static[-1]))
     return real(x, scale, bias, addend, input_bias, residual_bias, *static)
   monkeypatch.setattr(pallas_kernels, "_residual_layernorm", recording)
+  copy_gradients = []  # per backward kernel call: whether each copy's gradient is nonzero
+  real_backward = pallas_kernels._layernorm_backward
+
+  def recording_backward(x, dys, *args, **kwargs):
+    if not any(isinstance(d, jax.core.Tracer) for d in dys):  # concrete where the blocks are unrolled
+      copy_gradients.append([bool(jnp.any(d != 0)) for d in dys])
+    return real_backward(x, dys, *args, **kwargs)
+  monkeypatch.setattr(pallas_kernels, "_layernorm_backward", recording_backward)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, **extra)
   pallas = dict(base, **{field: "pallas_interpret"})
@@ -496,6 +504,9 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
       for i in range(blocks):
         trace += [(i > 0, i > 0, False, copies), (True, True, i == blocks - 1, 1)]
     assert calls and calls == trace * (len(calls) // len(trace)), calls
+    if not extra.get("scan"):  # each copy feeds a GEMM of its own: every one brings a gradient back
+      assert sorted(map(len, copy_gradients)) == sorted(c for *_, c in calls), copy_gradients
+      assert all(all(nonzero) for nonzero in copy_gradients), copy_gradients
   block = gb["encoder"]["blocks"]["block"] if extra.get("scan") else gb["encoder"]["block00"]["block"]
   for name in (["norm_mlp", "LayerNorm_0", "scale"], ["mlp", "Dense_0", "bias"], ["attn", "out", "bias"],
                ["mlp", "Dense_1", "bias"]):
@@ -516,6 +527,8 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
     build_model(dict(name="clip", image=dict(variant="mu/4", fused_qkv="auto"), text=dict(variant="mu")))
   with pytest.raises(UserError, match="model.text.residual_in_norm 'yes' is not true or false"):
     build_model(dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", residual_in_norm="yes")))
+  with pytest.raises(UserError, match="model.residual_in_norm 1 is not true or false"):  # 1 == True, not a bool
+    build_model(dict(base, residual_in_norm=1))
 
 
 @pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False)])

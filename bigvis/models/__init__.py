@@ -148,9 +148,9 @@ def check_implementation_choices(model_config: ml_collections.ConfigDict | dict,
   for cls, section in _towers(cfg):
     tower = {**_defaults(cls), **section}
     prefix = "model." + (("image." if cls is ViT else "text.") if clip else "")
-    if tower.get("fused_qkv") not in (True, False, None):
+    if tower.get("fused_qkv") is not None and not isinstance(tower["fused_qkv"], bool):
       raise UserError(f"{prefix}fused_qkv {tower['fused_qkv']!r} is not true, false or None.")
-    if tower.get("residual_in_norm", True) not in (True, False):
+    if not isinstance(tower.get("residual_in_norm", True), bool):
       raise UserError(f"{prefix}residual_in_norm {tower['residual_in_norm']!r} is not true or false.")
     for field, choices in (("norm_impl", NORM_IMPLS), ("gelu_impl", KERNEL_IMPLS)):
       value = tower.get(field, "xla")
