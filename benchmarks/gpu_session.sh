@@ -15,8 +15,8 @@
 # so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
 # runs the two goals (B/16 with the residual adds in XLA between them), each family's GELU kernel,
 # then B/16's defaults before the ninth session, in about 9 minutes (the ninth session's one
-# command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 5 files (pallas_check.jsonl,
-# peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
+# command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 5 files
+# (pallas_check.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
 case "$PART" in all|1|2|goals) ;; *) echo "PART must be all, 1, 2 or goals, not '$PART'" >&2; exit 2 ;; esac

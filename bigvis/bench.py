@@ -38,6 +38,7 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
   """
   import jax
   from bigvis.models import resolve_for_device
+  from bigvis.models.layers import norm_kernels_take_residual_adds
   if device is None:
     device = jax.devices()[0]
   resolved = resolve_for_device(model_cfg, device).to_dict()
@@ -62,8 +63,8 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
       parts.append("gelu=recomputed")
     if "norm_impl" in c:
       parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
-      if r["norm_impl"] != "xla" and not c.get("dropout") and c.get("residual_in_norm", True):
-        parts[-1] += "+residual"  # the kernels take the residual adds (not under dropout)
+      if norm_kernels_take_residual_adds(r["norm_impl"], c.get("dropout", 0.0), c.get("residual_in_norm", True)):
+        parts[-1] += "+residual"
     return " ".join(parts)
   cfg = model_cfg.to_dict()
   if cfg.get("name") == "clip":

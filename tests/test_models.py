@@ -381,11 +381,11 @@ def test_auto_norms_and_qkv_under_rules_that_split_features_or_heads(monkeypatch
   run("xla", split_features)
   assert fused[-1] is True  # XLA's norms, so one GEMM
   fused.clear()
-  run("auto", sharding.DEFAULT_RULES)  # heads split over `tensor`: the two partial gradients
+  run("auto", sharding.DEFAULT_RULES)  # heads split over `tensor`: the partial gradients apart
   assert fused == [True]               # would each need an all-reduce
   fused.clear()
   run("auto", [r for r in sharding.DEFAULT_RULES if r[0] != "act_heads"] + [("act_heads", None)])
-  assert fused == [False]  # the kernel adds the query's and key/value's input gradients
+  assert fused == [False]  # the kernel adds the query's, key's and value's input gradients
 
 
 def test_gpu_encoder_pins_its_residual_stream_row_major(monkeypatch):
@@ -463,7 +463,7 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
 
   def recording(x, scale, bias, addend, input_bias, residual_bias, *static):
     # (the residual add in the kernel, its bias's gradient, the next bias's gradient, copies)
-    calls.append((addend is not None, input_bias is not None, residual_bias is not None, static[-1]))
+    calls.append((addend is not None, input_bias is not None, residual_bias is not None, static[-2]))
     return real(x, scale, bias, addend, input_bias, residual_bias, *static)
   monkeypatch.setattr(pallas_kernels, "_residual_layernorm", recording)
   copy_gradients = []  # per backward kernel call: whether each copy's gradient is nonzero
@@ -594,3 +594,6 @@ def test_layernorm_refuses_what_only_its_kernels_take_with_xla_norms():
   for kwargs in ({"addend": x}, {"input_bias": x[0, 0]}, {"residual_bias": x[0, 0]}):
     with pytest.raises(ValueError, match="need keep_input=True and the Pallas kernels"):
       norm.apply(params, x, keep_input=True, **kwargs)
+  from bigvis.models.pallas_kernels import residual_layernorm  # the kernels: an addend with its bias
+  with pytest.raises(ValueError, match="an addend comes with its input_bias"):
+    residual_layernorm(x, jnp.ones(8), jnp.zeros(8), epsilon=1e-6, dtype=jnp.float32, interpret=True, addend=x)

@@ -169,6 +169,13 @@ def resolve_norm_impl(impl: str, device: Any = None) -> str:
   return "pallas" if _nvidia_sm80_device(device) else "xla"
 
 
+def norm_kernels_take_residual_adds(norm_impl: str, dropout: float, residual_in_norm: bool) -> bool:
+  """Whether a block's norms add the residual stream in their kernels (`EncoderBlock`): the Pallas
+  norms (`norm_impl` resolved), no dropout (it sits between the projections' outputs and the sums),
+  and `residual_in_norm`."""
+  return norm_impl != "xla" and dropout == 0.0 and residual_in_norm
+
+
 def attention_pad_multiple(impl: str, length: int, requested: int = 0) -> int:
   """Token padding for `length` tokens: the config's `seq_pad_multiple`, else 8 where cuDNN would
   get an odd length, which it refuses ("Unsupported sequence length" for ViT's 197 on an H100;
@@ -489,13 +496,10 @@ class EncoderBlock(nn.Module):
     # second GEMM's C operand, which reads as much as the kernel's third read.
     copies = 3 if pallas_norms and not fused_qkv and not heads_split else 1
     in_kernel = pallas_norms and self.dropout == 0.0  # the biases' gradients
-    adds_in_kernel = in_kernel and self.residual_in_norm
+    adds_in_kernel = norm_kernels_take_residual_adds(norm_impl, self.dropout, self.residual_in_norm)
     stream = ("act_batch", "act_length", "act_embed")
-    addend = input_bias = None
-    if isinstance(x, tuple):  # a block before deferred its residual add
-      x, addend, input_bias = x
-      if not adds_in_kernel:
-        x, addend, input_bias = x + (addend + input_bias.astype(addend.dtype)), None, None
+    # A block before deferred its residual add (it does so only where this block's norm takes it).
+    x, addend, input_bias = x if isinstance(x, tuple) else (x, None, None)
     x = constrain(x, stream)
     addend = addend if addend is None else constrain(addend, stream)
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_attn")(

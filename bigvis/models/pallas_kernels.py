@@ -187,21 +187,19 @@ def _per_device(call, args: tuple, in_specs: tuple | None, out_specs: Any) -> An
   return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret, batch_axes,
-                        copies):
+                        copies, summed):
   return _residual_layernorm_fwd(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret,
-                                 batch_axes, copies)[0]
+                                 batch_axes, copies, summed)[0]
 
 
 def _residual_layernorm_fwd(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret,
-                            batch_axes, copies):
-  """With an addend, the kernel adds it and the input bias to x; without, any input bias is already
-  in x (only its gradient is wanted)."""
+                            batch_axes, copies, summed):
+  """`summed` (there is an addend): the kernel adds it and the input bias to x; without, any input
+  bias is already in x (only its gradient is wanted)."""
   forward = functools.partial(_layernorm_forward, eps=eps, out_dtype=out_dtype, interpret=interpret)
-  summed = addend is not None
-  added_bias = jnp.zeros(x.shape[-1:], x.dtype) if input_bias is None else input_bias
-  args = (x, scale, bias) + ((addend, added_bias) if summed else ())
+  args = (x, scale, bias) + ((addend, input_bias) if summed else ())
   in_specs = out_specs = None
   if batch_axes is not None:
     rows, stats = P(*batch_axes, None), P(*batch_axes)
@@ -210,15 +208,13 @@ def _residual_layernorm_fwd(x, scale, bias, addend, input_bias, residual_bias, e
   y, mean, rstd, *s = _per_device(forward, args, in_specs, out_specs)
   s = s[0] if summed else x  # without an addend, x itself (no copy)
   # The biases' values are not needed backward, only their gradients, and the addend's gradient is
-  # s's: nothing of them is kept but the (small) biases, for their gradients' shape and dtype, and a
-  # marker of the addend (its gradient is None without one).
-  marker = None if addend is None else jnp.zeros((0,), addend.dtype)
-  return (s,) + (y,) * copies, (s, mean, rstd, scale, marker, input_bias, residual_bias)
+  # s's: nothing of them is kept but the (small) biases, for their gradients' shape and dtype.
+  return (s,) + (y,) * copies, (s, mean, rstd, scale, input_bias, residual_bias)
 
 
-def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, saved, cotangents):
+def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, summed, saved, cotangents):
   del eps, out_dtype, copies
-  s, mean, rstd, scale, marker, input_bias, residual_bias = saved
+  s, mean, rstd, scale, input_bias, residual_bias = saved
   dres, *dys = cotangents  # dres: all the residual path sends back to s
   sum_ds, sum_dres = input_bias is not None, residual_bias is not None
   backward = functools.partial(_layernorm_backward, sum_dx=sum_ds, sum_dres=sum_dres, interpret=interpret)
@@ -232,9 +228,8 @@ def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, saved
   dscale, dbias, *bias_sums = sums  # scale and bias: one LayerNorm's parameters, of one dtype
   d_input_bias = total(bias_sums.pop(0), input_bias) if sum_ds else None
   d_residual_bias = total(bias_sums.pop(0), residual_bias) if sum_dres else None
-  # s = x + addend (+ input_bias): x and the addend both get s's gradient, one array.
-  d_addend = None if marker is None else ds
-  return ds, total(dscale, scale), total(dbias, scale), d_addend, d_input_bias, d_residual_bias
+  # s = x + addend + input_bias: x and the addend both get s's gradient, one array.
+  return ds, total(dscale, scale), total(dbias, scale), ds if summed else None, d_input_bias, d_residual_bias
 
 
 _residual_layernorm.defvjp(_residual_layernorm_fwd, _residual_layernorm_bwd)
@@ -245,11 +240,11 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
                        copies: int = 1, addend: jax.Array | None = None, input_bias: jax.Array | None = None,
                        residual_bias: jax.Array | None = None) -> tuple[jax.Array, ...]:
   """(s, LayerNorm(s) in `dtype`, ...: `copies` of it) over the last axis, where s is x, or with an
-  `addend`, x + addend (+ input_bias); the backward adds the residual gradient (s's).
+  `addend`, x + addend + input_bias; the backward adds the residual gradient (s's).
 
   More passes of a block fold into the kernels' reads and writes:
   * `addend` (like x): the residual add before the norm, x + the previous projection's GEMM output
-    (+ its bias, `input_bias`), is done in the forward kernel, which writes s as it normalises it
+    + its bias (`input_bias`, which comes with it), is done in the forward kernel, which writes s as it normalises it
     (XLA would write s in a pass of its own and the kernel read it again: ≈79 MB per norm at
     ViT-B/16 batch 256). x and the addend get s's gradient.
   * `input_bias`: a [width] bias in s, added by the kernel with an addend, else already added into x
@@ -267,11 +262,14 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
   """
   if addend is not None and (addend.shape != x.shape or addend.dtype != x.dtype):
     raise ValueError(f"addend must be like x ({x.dtype}{list(x.shape)}), got {addend.dtype}{list(addend.shape)}")
+  if addend is not None and input_bias is None:
+    raise ValueError("an addend comes with its input_bias (the projection's bias the kernel adds)")
   for name, b in (("input_bias", input_bias), ("residual_bias", residual_bias)):
     if b is not None and b.shape != x.shape[-1:]:
       raise ValueError(f"{name} must be [{x.shape[-1]}], got {list(b.shape)}")
   return _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, float(epsilon), jnp.dtype(dtype),
-                             interpret, None if batch_axes is None else tuple(batch_axes), int(copies))
+                             interpret, None if batch_axes is None else tuple(batch_axes), int(copies),
+                             addend is not None)
 
 
 # --- GELU(h + bias), backward as one kernel ------------------------------------------------------
