@@ -51,11 +51,13 @@ def _path_str(path: tuple) -> str:
 
 
 def decay_mask(params: Any, no_decay: str) -> Any:
-  """True where weight decay applies: matrices only, and not names matching `no_decay`."""
+  """True where weight decay applies: weight matrices only (not 1-D gains, biases or temperatures,
+  nor biases of any shape, e.g. attention's [heads, head_dim]), and not names matching `no_decay`."""
   flat = traverse_util.flatten_dict(params)
   pattern = re.compile(no_decay) if no_decay else None
   return traverse_util.unflatten_dict({
-      k: (v.ndim > 1 and not (pattern and pattern.search(_path_str(k)))) for k, v in flat.items()})
+      k: (v.ndim > 1 and k[-1] != "bias" and not (pattern and pattern.search(_path_str(k))))
+      for k, v in flat.items()})
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any) -> tuple[

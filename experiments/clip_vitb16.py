@@ -78,7 +78,7 @@ def clip_paper_config(name: str, *, image: str, text: str, embed_dim: int, lr: f
       text=dict(variant=text, vocab_size=VOCAB, context_length=CONTEXT, dtype="bfloat16",
                 attention_impl="auto", remat_policy=remat_policy, scan=scan))
   c.objective = ml_collections.ConfigDict(dict(name="clip"))
-  # Gains, biases and the temperature are 1-D, which optim.decay_mask never decays. The class token
+  # optim.decay_mask never decays gains, the temperature (1-D) or biases (any shape). The class token
   # and position embeddings are additive offsets rather than weights (CLIP's own class embedding is
   # 1-D, hence undecayed), so they are excluded too; token embeddings and kernels are decayed.
   c.optim.update(dict(name="adamw", lr=lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, schedule="cosine",
