@@ -13,8 +13,8 @@
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
 # so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
-# runs the two goals (B/16 with the residual adds in XLA between them), each family's GELU kernel,
-# then B/16's defaults before the ninth session, in about 9 minutes (the ninth session's one
+# runs the two goals (B/16 with the residual adds in XLA between them), each family with XLA's GELU
+# instead of the kernels, then B/16's defaults before the ninth session, in about 9 minutes (the ninth session's one
 # command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 5 files
 # (pallas_check.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
@@ -54,17 +54,21 @@ b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 
 # The defaults since the ninth session (H200: B/16 +2.5 %, CLIP +3.0 %) are recomputed GELU, the
 # Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT; since the tenth (unmeasured),
-# the residual adds and the q/k/v input gradients' sum in those norms' kernels. What is left to try:
-GK=(--bigvis-set model.gelu_impl=pallas)  # GELU's backward as one Triton kernel: unmeasured in a step
+# the residual adds and the q/k/v input gradients' sum in those norms' kernels; since the eleventh
+# (unmeasured), GELU forward and backward as Triton kernels with the approximate tanh
+# (gelu_impl=auto). What is left to try:
+GELU_XLA=(--bigvis-set model.gelu_impl=xla)  # XLA's GELU fusions, recomputed (the ninth session's)
 RESID=(--bigvis-set model.residual_in_norm=false)  # the residual adds back in XLA's fusions
-SAVED=(--bigvis-set model.recompute_gelu=false)  # GELU saved: never timed apart from the Pallas norms
+SAVED=(--bigvis-set model.recompute_gelu=false)  # with GELU_XLA, GELU saved: never timed apart from the Pallas norms
 FUSED=(--bigvis-set model.fused_qkv=true)
 # The old defaults' options (Attention's bias placement, also of the ninth session, has no switch).
-OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla)
-CLIP_GK=(--bigvis-set model.image.gelu_impl=pallas --bigvis-set model.text.gelu_impl=pallas)
+OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla
+     --bigvis-set model.gelu_impl=xla)
+CLIP_GELU_XLA=(--bigvis-set model.image.gelu_impl=xla --bigvis-set model.text.gelu_impl=xla)
 CLIP_OLD=(--bigvis-set model.image.fused_qkv=true --bigvis-set model.image.recompute_gelu=false
           --bigvis-set model.text.recompute_gelu=false --bigvis-set model.image.norm_impl=xla
-          --bigvis-set model.text.norm_impl=xla)
+          --bigvis-set model.text.norm_impl=xla --bigvis-set model.image.gelu_impl=xla
+          --bigvis-set model.text.gelu_impl=xla)
 
 # 0. bigvis's Pallas kernels against XLA's fusions at ViT-B/16's shapes: do they agree on this card,
 #    and how long does each take (seconds; steps 2 and 3 time them inside the whole step).
@@ -83,15 +87,18 @@ clip_goal() {
   log "CLIP B/16 against open_clip"
   room 150 peers --timeout 180 --only open_clip_ViT-B-16,bigvis_clip_b16_default
 }
-# 2. Against the defaults: the residual adds in XLA (the tenth session's change, unmeasured), the
-#    GELU kernel (the one option no whole step has timed), the defaults before the ninth session
-#    (how much the new ones win on this card), one q/k/v GEMM, GELU saved rather than recomputed.
+# 2. Against the defaults: the residual adds in XLA (the tenth session's change, unmeasured), XLA's
+#    GELU (the eleventh session's kernels are unmeasured in a step), the defaults before the ninth
+#    session (how much the new ones win on this card), one q/k/v GEMM, GELU saved by XLA rather than
+#    recomputed.
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
-vit_gk() { room 50 b16 "${GK[@]}" --tag _gk; }
+vit_gelu_xla() { room 50 b16 "${GELU_XLA[@]}" --tag _gelu_xla; }
 vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }
 vit_fused() { room 50 b16 "${FUSED[@]}" --tag _fused_qkv; }
-vit_saved() { room 50 b16 "${SAVED[@]}" --tag _gelu_saved; }
-clip_gk() { room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_GK[@]}" --tag _gk; }
+vit_saved() { room 50 b16 "${GELU_XLA[@]}" "${SAVED[@]}" --tag _gelu_saved; }
+clip_gelu_xla() {
+  room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_GELU_XLA[@]}" --tag _gelu_xla
+}
 clip_old() {
   room 70 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_OLD[@]}" --tag _old_defaults
 }
@@ -117,11 +124,11 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile vit_saved) ;;
-  2) steps=(clip_goal clip_gk clip_old large extras) ;;
-  goals) steps=(kernel_check vit_goal vit_resid clip_goal vit_gk clip_gk vit_old) ;;
-  all) steps=(kernel_check vit_goal vit_resid vit_gk vit_old vit_fused profile vit_saved clip_goal clip_gk clip_old
-              large extras) ;;
+  1) steps=(kernel_check vit_goal vit_resid vit_gelu_xla vit_old vit_fused profile vit_saved) ;;
+  2) steps=(clip_goal clip_gelu_xla clip_old large extras) ;;
+  goals) steps=(kernel_check vit_goal vit_gelu_xla clip_goal clip_gelu_xla vit_resid vit_old) ;;
+  all) steps=(kernel_check vit_goal vit_resid vit_gelu_xla vit_old vit_fused profile vit_saved clip_goal
+              clip_gelu_xla clip_old large extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table

@@ -2,11 +2,12 @@
 
 What a GPU profile shows needs a GPU; this needs only the program, so a change meant to save memory
 traffic can be checked on a CPU host before a GPU session measures it. Compile for an H100 without
-one and dump the program (autotuning needs the card, so Triton GEMMs are turned off: otherwise the
-compile fuses GELU into Triton GEMMs that the card's autotuner would have replaced by cuBLAS):
+one and dump the program, with XLA's default flags (they gave the kernels the card's own compile
+gave: GEMMs without epilogues; `--xla_gpu_enable_triton_gemm=false` would hand biases and residual
+adds to cuBLASLt epilogues that the card did not use; benchmarks/README.md, tenth session):
 
-  XLA_FLAGS="--xla_dump_to=runs/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.* \\
-    --xla_gpu_enable_triton_gemm=false" bigvis aot --config experiments/vit_b16_i1k.py --topology h100-1
+  XLA_FLAGS="--xla_dump_to=runs/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \\
+    bigvis aot --config experiments/vit_b16_i1k.py --topology h100-1
   python benchmarks/hlo_traffic.py runs/hlo/*sm_9.0a_gpu_after_optimizations.txt [--top 20]
 
 Each fusion or custom call in the entry computation counts its operands plus its outputs, an upper

@@ -57,10 +57,12 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
         if key == "attention_impl" and value == "auto":
           value = f"auto:{r[key]}"
         parts.append(f"{short}={value}")
-    if c.get("gelu_impl", "xla") != "xla":
-      parts.append(f"gelu={c['gelu_impl']}")  # saves only h, whatever recompute_gelu says
-    elif c.get("recompute_gelu"):
-      parts.append("gelu=recomputed")
+    gelu = r.get("gelu_impl", c.get("gelu_impl", "xla"))  # the kernels save only h, whatever recompute_gelu says
+    gelu = gelu + "+recomputed" if gelu == "xla" and c.get("recompute_gelu") else gelu
+    if c.get("gelu_impl") == "auto":
+      parts.append(f"gelu=auto:{gelu}")
+    elif gelu != "xla":
+      parts.append("gelu=" + gelu.replace("xla+", ""))
     if "norm_impl" in c:
       parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
       if norm_kernels_take_residual_adds(r["norm_impl"], c.get("dropout", 0.0), c.get("residual_in_norm", True)):

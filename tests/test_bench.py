@@ -116,15 +116,16 @@ def test_peers_gpu_runs_have_valid_configs():
   assert lines["bigvis_clip_b16_pad8_cudnn"].count("pad=8") == 2
   for big, n in (("bigvis_vit_l16_gap_cudnn", "304.3M"), ("bigvis_vit_h14_gap_cudnn", "632.0M")):
     assert "attn=cudnn pool=gap pad=0 remat=none scan=False patch=matmul" in lines[big] and f"{n} params" in lines[big]
-  # The defaults: GELU recomputed, the norms decided for the device (XLA's on this CPU host).
-  assert "gelu=recomputed norm=auto:xla" in lines["bigvis_vit_b16_default"]
+  # The defaults: the GELU and norm kernels decided for the device (XLA's on this CPU host, GELU
+  # recomputed).
+  assert "gelu=auto:xla+recomputed norm=auto:xla" in lines["bigvis_vit_b16_default"]
   changed = peers.check_specs(peers._run_specs(peers.parse_args(
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.recompute_gelu=false",
        "--bigvis-set", "model.norm_impl=pallas", "--bigvis-set", "model.residual_in_norm=false"])))
-  assert any(line.endswith("patch=matmul norm=pallas, 86.6M params, batch 256") for line in changed), changed
+  assert any(line.endswith("patch=matmul gelu=auto:xla norm=pallas, 86.6M params, batch 256") for line in changed), changed
   adds = peers.check_specs(peers._run_specs(peers.parse_args(  # the residual adds: on by default
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas"])))
-  assert any(line.endswith("gelu=recomputed norm=pallas+residual, 86.6M params, batch 256") for line in adds), adds
+  assert any(line.endswith("gelu=auto:xla+recomputed norm=pallas+residual, 86.6M params, batch 256") for line in adds), adds
   under_dropout = peers.check_specs(peers._run_specs(peers.parse_args(  # where the kernels take no adds
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.norm_impl=pallas",
        "--bigvis-set", "model.dropout=0.1"])))
@@ -132,6 +133,9 @@ def test_peers_gpu_runs_have_valid_configs():
   kernel = peers.check_specs(peers._run_specs(peers.parse_args(
       ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.gelu_impl=pallas"])))
   assert any(line.endswith("gelu=pallas norm=auto:xla, 86.6M params, batch 256") for line in kernel), kernel
+  by_xla = peers.check_specs(peers._run_specs(peers.parse_args(
+      ["--skip-torch", "--only", "bigvis_vit_b16_default", "--bigvis-set", "model.gelu_impl=xla"])))
+  assert any(line.endswith("gelu=recomputed norm=auto:xla, 86.6M params, batch 256") for line in by_xla), by_xla
 
 
 def test_profile_and_kernel_breakdown(tmp_path):
@@ -243,7 +247,7 @@ def test_gpu_session_script_names_real_runs_and_config_keys():
     experiment = "experiments/clip_vitb16.py" if override.startswith(("model.image", "model.text")) \
         else "experiments/vit_b16_i1k.py"
     config_lib.load(os.path.join(REPO, experiment), [override])
-  assert {"model.gelu_impl=pallas", "model.image.gelu_impl=pallas", "model.norm_impl=xla"} <= set(overrides)
+  assert {"model.gelu_impl=xla", "model.image.gelu_impl=xla", "model.norm_impl=xla"} <= set(overrides)
   for override in re.findall(r"--set (\S+=[^\s)]+)", script):
     config_lib.load(os.path.join(REPO, "experiments/vit_b16_i1k.py"), [override])
 

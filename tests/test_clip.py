@@ -135,14 +135,16 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   monkeypatch.setattr(pallas_kernels, "shard_map", recording_shard_map)
   loss, grads, all_reduces = _loss_and_grads(build_model(pallas), boxed, batch, mesh_cfg, collectives=True)
   calls = {name: len(specs) for name, specs in per_device.items()}
-  # 2 LayerNorms (forward and backward) per GELU backward, in every block of both towers.
+  # 2 LayerNorms (forward and backward) per GELU (forward and backward), in every block of both towers.
   assert calls["_layernorm_forward"] == calls["_layernorm_backward"] == 2 * calls["_bias_gelu_backward"] > 0, calls
+  assert calls["_bias_gelu_forward"] == calls["_bias_gelu_backward"], calls
   assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name])
   addends = {len(specs) == 5 for specs in per_device["_layernorm_forward"]}  # x, scale, bias (, addend, bias)
   assert addends == ({False, True} if kernels["residual_in_norm"] else {False}), addends
   dy_counts = {len(specs[1]) for specs in per_device["_layernorm_backward"]}  # y's copies per norm
   assert dy_counts == ({1} if fused_qkv or mesh_cfg["tensor"] > 1 else {1, 3}), dy_counts
-  gelu_hidden_axes = {specs[0][-1] for specs in per_device["_bias_gelu_backward"]}
+  gelu_hidden_axes = {specs[0][-1] for name in ("_bias_gelu_forward", "_bias_gelu_backward")
+                      for specs in per_device[name]}
   assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp
   # The kernels add no collective: wrapping the custom VJP (not each kernel) in shard_map had autodiff
   # sum x's gradient over `tensor`, one more activation-sized all-reduce per LayerNorm.

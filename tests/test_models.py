@@ -194,7 +194,8 @@ def test_cudnn_padding_rule_and_auto_padded_vit_equals_plain(monkeypatch):
 
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   cfg = dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok", head_zero_init=False,
-             attention_impl="xla", dtype="bfloat16", norm_impl="xla")  # 'auto' would pick Triton's kernels
+             attention_impl="xla", dtype="bfloat16", norm_impl="xla",
+             gelu_impl="xla")  # 'auto' would pick Triton's kernels
   params = build_model(cfg).init(jax.random.key(0), images)["params"]
   plain, _ = build_model(cfg).apply({"params": params}, images)
   lengths = []
@@ -314,6 +315,8 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   assert resolve_for_device(bare, h100).attention_impl == "cudnn"
   assert resolve_for_device(bare, cpu).attention_impl == "xla"
   assert (resolve_for_device(bare, h100).norm_impl, resolve_for_device(bare, cpu).norm_impl) == ("pallas", "xla")
+  assert (resolve_for_device(bare, h100).gelu_impl, resolve_for_device(bare, cpu).gelu_impl) == ("pallas", "xla")
+  assert resolve_for_device(clip, v100).image.gelu_impl == "xla"
 
   config = base_config()
   config.model = vit
@@ -324,27 +327,31 @@ def test_auto_attention_resolves_for_the_mesh_devices_not_the_first_device(monke
   assert (model.attention_impl, model.norm_impl) == ("xla", "xla")
 
 
-def test_auto_norms_resolve_in_the_block_for_the_first_device(monkeypatch):
-  """A model built without a device (`build_model(cfg)`, a module used directly) decides `norm_impl='auto'`
-  in each block for the process's first device: the Pallas kernels on an NVIDIA GPU, XLA's elsewhere."""
+def test_auto_kernels_resolve_in_the_block_for_the_first_device(monkeypatch):
+  """A model built without a device (`build_model(cfg)`, a module used directly) decides `norm_impl`
+  and `gelu_impl` 'auto' in each block for the process's first device: the Pallas kernels on an
+  NVIDIA GPU, XLA's elsewhere."""
   from bigvis.models import layers
   calls = []
-  real = layers.residual_layernorm
 
-  def recording(*args, **kwargs):
-    calls.append(kwargs["interpret"])
-    return real(*args, **{**kwargs, "interpret": True})  # the kernel as Triton would run it, on the CPU
-  monkeypatch.setattr(layers, "residual_layernorm", recording)
+  def recording(real, name):
+    def call(*args, **kwargs):
+      calls.append((name, kwargs["interpret"]))
+      return real(*args, **{**kwargs, "interpret": True})  # the kernel as Triton would run it, on the CPU
+    return call
+  monkeypatch.setattr(layers, "residual_layernorm", recording(layers.residual_layernorm, "norm"))
+  monkeypatch.setattr(layers, "pallas_bias_gelu", recording(layers.pallas_bias_gelu, "gelu"))
   x = jax.random.normal(jax.random.key(0), (2, 8, 32))
-  block = layers.EncoderBlock(num_heads=4, mlp_dim=64, norm_impl="auto")
+  block = layers.EncoderBlock(num_heads=4, mlp_dim=64, norm_impl="auto", gelu_impl="auto")
   params = block.init(jax.random.key(1), x)
   on_cpu = block.apply(params, x)
   assert calls == []  # this host's first device is a CPU
   monkeypatch.setattr(jax, "devices", lambda *a: [_FakeDevice("gpu", "NVIDIA H100 80GB HBM3", "9.0")])
   on_gpu = block.apply(params, x)
-  assert calls == [False, False]  # both norms, compiled (not interpreted) kernels
+  # both norms and the MLP's GELU, compiled (not interpreted) kernels
+  assert sorted(calls) == [("gelu", False), ("norm", False), ("norm", False)]
   np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-5)
-  assert layers.resolve_norm_impl("pallas_interpret") == "pallas_interpret"  # explicit choices stand
+  assert layers.resolve_kernel_impl("pallas_interpret") == "pallas_interpret"  # explicit choices stand
 
 
 def test_auto_norms_and_qkv_under_rules_that_split_features_or_heads(monkeypatch):
@@ -597,3 +604,58 @@ def test_layernorm_refuses_what_only_its_kernels_take_with_xla_norms():
   from bigvis.models.pallas_kernels import residual_layernorm  # the kernels: an addend with its bias
   with pytest.raises(ValueError, match="an addend comes with its input_bias"):
     residual_layernorm(x, jnp.ones(8), jnp.zeros(8), epsilon=1e-6, dtype=jnp.float32, interpret=True, addend=x)
+
+
+def test_norm_copies_reach_xla_as_distinct_values():
+  """The norm kernel's copies of its output (one per query/key/value GEMM) leave through an
+  optimisation barrier: as one array XLA merged the GEMMs that read it into one and sliced the
+  output (compiled for an H100, CLIP's text tower with fused_qkv=false: 2 GB of slices a step), and
+  then the copies' gradients no longer reached the kernel apart. One copy needs no barrier."""
+  from bigvis.models.pallas_kernels import residual_layernorm
+  x = jax.random.normal(jax.random.key(0), (4, 8))
+
+  def barriers(copies):
+    jaxpr = jax.make_jaxpr(lambda x: residual_layernorm(x, jnp.ones(8), jnp.zeros(8), epsilon=1e-6,
+                                                        dtype=jnp.float32, interpret=True, copies=copies))(x)
+    eqns = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+    outputs = jaxpr.jaxpr.outvars
+    return len(eqns), all(v in eqns[0].outvars for v in outputs[1:]) if eqns else None
+  assert barriers(3) == (1, True)  # s, then the three copies straight from the barrier
+  assert barriers(1) == (0, None)
+
+
+def _pallas_kernels_math(jaxpr) -> dict:
+  """{kernel name: the elementwise primitives' names and inline-assembly strings in its body}, for
+  every pallas_call in a closed jaxpr (nested jaxprs included)."""
+  def inner(j):
+    for e in j.eqns:
+      yield e
+      for p in e.params.values():
+        for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from inner(sub)
+  found = {}
+  for e in inner(jaxpr.jaxpr):
+    if e.primitive.name == "pallas_call":
+      name = getattr(e.params.get("name_and_src_info"), "name", None) or str(e.params.get("name"))
+      found[name] = {x.params.get("asm", x.primitive.name) for x in inner(e.params["jaxpr"])}
+  return found
+
+
+def test_gelu_kernels_use_the_gpus_approximate_tanh():
+  """On the GPU both GELU kernels take tanh from the one-instruction `tanh.approx.f32` (XLA's and
+  libdevice's tanh made GELU's passes instruction-bound); Pallas's interpreter, which cannot run
+  PTX, uses jnp.tanh. Traced only: the kernels' lowering needs a GPU."""
+  from bigvis.models.pallas_kernels import bias_gelu
+  h, b = jnp.ones((16, 300), jnp.bfloat16), jnp.ones((300,), jnp.bfloat16)
+
+  def kernels(interpret):
+    loss = lambda h, b: bias_gelu(h, b, interpret=interpret).astype(jnp.float32).sum()  # noqa: E731
+    return _pallas_kernels_math(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, b))
+  on_gpu = kernels(False)
+  assert sorted(on_gpu) == ["bigvis_pallas_bias_gelu_backward", "bigvis_pallas_bias_gelu_forward"], on_gpu
+  for name, ops in on_gpu.items():
+    assert "tanh.approx.f32 $0, $1;" in ops and "tanh" not in ops, (name, ops)
+  for name, ops in kernels(True).items():
+    assert "tanh" in ops and not any("approx" in op for op in ops), (name, ops)

@@ -12,8 +12,7 @@ import ml_collections
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
-from bigvis.models.layers import (KERNEL_IMPLS, NORM_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl,
-                                  resolve_norm_impl)
+from bigvis.models.layers import KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl, resolve_kernel_impl
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
 
@@ -116,8 +115,8 @@ def _head_dim(cls: type, tower: dict) -> int:
 
 
 def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: Any) -> ml_collections.ConfigDict:
-  """A copy of the `model` section with `attention_impl` and `norm_impl` 'auto' (spelled out or the
-  defaults) replaced by what `device` runs.
+  """A copy of the `model` section with `attention_impl`, `norm_impl` and `gelu_impl` 'auto' (spelled
+  out or the defaults) replaced by what `device` runs.
 
   The trainer, `bigvis bench`, `bigvis aot` and `bigvis eval` resolve against their mesh's devices, so
   a CPU mesh on a GPU host, or a TPU target compiled from a GPU host, gets the kernels it can run.
@@ -128,8 +127,9 @@ def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: A
     if tower["attention_impl"] == "auto":
       section["attention_impl"] = resolve_attention_impl(
           "auto", DTYPES.get(tower["dtype"], tower["dtype"]), _head_dim(cls, tower), device)
-    if tower["norm_impl"] == "auto":
-      section["norm_impl"] = resolve_norm_impl("auto", device)
+    for field in ("norm_impl", "gelu_impl"):
+      if tower[field] == "auto":
+        section[field] = resolve_kernel_impl("auto", device)
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
@@ -141,7 +141,7 @@ XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
 def check_implementation_choices(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
   """A one-sentence error naming the key for a `fused_qkv` that is not true, false or None, a
   `residual_in_norm` that is not true or false, a `norm_impl`/`gelu_impl` that is not one of
-  NORM_IMPLS/KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels
+  KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels
   cannot run: they are Triton kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
   cfg = _copied_dict(model_config)
   clip = cfg.get("name") == "clip"
@@ -152,10 +152,10 @@ def check_implementation_choices(model_config: ml_collections.ConfigDict | dict,
       raise UserError(f"{prefix}fused_qkv {tower['fused_qkv']!r} is not true, false or None.")
     if not isinstance(tower.get("residual_in_norm", True), bool):
       raise UserError(f"{prefix}residual_in_norm {tower['residual_in_norm']!r} is not true or false.")
-    for field, choices in (("norm_impl", NORM_IMPLS), ("gelu_impl", KERNEL_IMPLS)):
+    for field in ("norm_impl", "gelu_impl"):
       value = tower.get(field, "xla")
-      if value not in choices:
-        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(choices)}.")
+      if value not in KERNEL_IMPLS:
+        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(KERNEL_IMPLS)}.")
       if value == "pallas" and device is not None and not nvidia_sm80_or_newer(device):
         raise UserError(f"{prefix}{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
                         f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")

@@ -43,11 +43,10 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
 # How the LayerNorms (`norm_impl`) and the MLP's bias + GELU (`gelu_impl`) are computed: XLA's
 # fusions, or bigvis's Pallas kernels (`pallas_kernels`; NVIDIA GPUs), or those kernels run by Pallas's
-# interpreter ("pallas_interpret": any backend, slow; how the tests check them on a CPU). The norms
-# also take "auto" (`resolve_norm_impl`), the models' default. Checked, with the tower's key in the
-# message, by `models.check_implementation_choices` when a model is built.
-KERNEL_IMPLS = ("xla", "pallas", "pallas_interpret")
-NORM_IMPLS = ("auto",) + KERNEL_IMPLS
+# interpreter ("pallas_interpret": any backend, slow; how the tests check them on a CPU), or "auto"
+# (`resolve_kernel_impl`), the models' default: the kernels where they run. Checked, with the tower's
+# key in the message, by `models.check_implementation_choices` when a model is built.
+KERNEL_IMPLS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def _activation_mesh_axes(names: tuple[str, ...], ndim: int) -> tuple[Any, ...]:
@@ -75,8 +74,8 @@ class _NormParams(nn.Module):
 class LayerNorm(nn.Module):
   """LayerNorm whose scale and bias are named on the `embed` axis.
 
-  `impl` (one of NORM_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels, or
-  "auto", the kernels where they run (`resolve_norm_impl`).
+  `impl` (one of KERNEL_IMPLS): "xla" (flax's nn.LayerNorm), or "pallas", one-pass Triton kernels, or
+  "auto", the kernels where they run (`resolve_kernel_impl`).
   They apply where the block calls with `keep_input=True`, which returns (x, LayerNorm(x)) (or
   `copies` of LayerNorm(x)) so the residual stream's gradient is added inside the backward kernel;
   elsewhere XLA's LayerNorm runs. There `addend` (x + addend (+ input_bias) is normalised and
@@ -92,7 +91,7 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x, *, keep_input: bool = False, copies: int = 1, addend: Optional[jax.Array] = None,
                input_bias: Optional[jax.Array] = None, residual_bias: Optional[jax.Array] = None):
-    impl = resolve_norm_impl(self.impl)
+    impl = resolve_kernel_impl(self.impl)
     if keep_input and impl != "xla":
       scale, bias = _NormParams(name="LayerNorm_0")(x.shape[-1])
       batch_axes = _activation_mesh_axes(("act_batch", "act_length", "act_embed"), x.ndim)
@@ -159,11 +158,12 @@ def resolve_attention_impl(impl: str, dtype: Any = jnp.bfloat16, head_dim: int =
   return "cudnn" if _nvidia_sm80_device(device) else "xla"
 
 
-def resolve_norm_impl(impl: str, device: Any = None) -> str:
-  """`auto` -> `pallas` where bigvis's LayerNorm kernels run (NVIDIA GPUs of compute capability >= 8.0),
-  else `xla`; others unchanged. Measured on an H200 (2026-11-27, ViT-B/16 batch 256, with
-  recompute_gelu and separate q/k/v GEMMs): 3,933 img/s against 3,837 with XLA's norms and neither.
-  `device` is the one that will run the model (a mesh's); by default the process's first."""
+def resolve_kernel_impl(impl: str, device: Any = None) -> str:
+  """A `norm_impl` or `gelu_impl`: `auto` -> `pallas` where bigvis's Triton kernels run (NVIDIA GPUs
+  of compute capability >= 8.0), else `xla`; others unchanged. The norms' kernels were measured on an
+  H200 (2026-11-27, ViT-B/16 batch 256, with recompute_gelu and separate q/k/v GEMMs): 3,933 img/s
+  against 3,837 with XLA's norms and neither. `device` is the one that will run the model (a mesh's);
+  by default the process's first."""
   if impl != "auto":
     return impl
   return "pallas" if _nvidia_sm80_device(device) else "xla"
@@ -409,8 +409,9 @@ class Mlp(nn.Module):
   """Two dense layers with GELU; the hidden units sit on the `mlp` axis.
 
   `recompute_gelu` saves only the first GEMM's output for the backward pass (`bias_gelu_recomputed`);
-  `gelu_impl='pallas'` always does (whatever `recompute_gelu` says), its backward one Pallas kernel
-  (`pallas_kernels.bias_gelu`). The result and gradients are the same.
+  `gelu_impl='pallas'` (or 'auto' on NVIDIA GPUs) always does (whatever `recompute_gelu` says), with
+  GELU forward and backward as Pallas kernels (`pallas_kernels.bias_gelu`). The result and gradients
+  are the same, up to the kernels' approximate tanh (below bfloat16's rounding).
   """
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -431,9 +432,10 @@ class Mlp(nn.Module):
                     bias_init=param_with_axes(nn.initializers.normal(1e-6), ("embed",)))
     if output_bias_only:
       return dense_1(None, in_features=self.mlp_dim)
-    if self.gelu_impl != "xla":
+    gelu_impl = resolve_kernel_impl(self.gelu_impl)
+    if gelu_impl != "xla":
       axes = _activation_mesh_axes(("act_batch", "act_length", "act_mlp"), x.ndim)
-      epilogue = functools.partial(pallas_bias_gelu, interpret=self.gelu_impl == "pallas_interpret", axes=axes)
+      epilogue = functools.partial(pallas_bias_gelu, interpret=gelu_impl == "pallas_interpret", axes=axes)
     else:
       epilogue = bias_gelu_recomputed if self.recompute_gelu else _bias_gelu
     x = Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0",
@@ -480,7 +482,7 @@ class EncoderBlock(nn.Module):
     # kernel adds the attention's output and its bias to the stream as it normalises the sum, as
     # (`defer_output`) the next block's attention norm does with the MLP's. Not under dropout, which
     # sits between those outputs and the sums.
-    norm_impl = resolve_norm_impl(self.norm_impl)
+    norm_impl = resolve_kernel_impl(self.norm_impl)
     pallas_norms = norm_impl != "xla"  # as LayerNorm decides for keep_input=True
     # Not where the heads are split over devices (tensor parallelism): each projection's input
     # gradient is then a partial sum, and apart they cost an all-reduce each where XLA sums first

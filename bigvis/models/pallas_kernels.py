@@ -16,11 +16,12 @@ same kernels in Pallas's interpreter (any backend; slow), which is how the tests
   (everything the residual path sends back) is added inside the backward kernel. The residual add
   before the norm enters it too: `(x, addend, b) -> (x + addend + b, LayerNorm(...))` reads the
   stream and the previous projection's output and writes their sum as it normalises it.
-* `bias_gelu`, GELU(h + bias) after the first MLP GEMM, saving only h. Its backward kernel
-  recomputes GELU's derivative and writes the input gradient with per-program partial sums of the
-  bias gradient. XLA's fusion for the same work (an elementwise output plus a column reduction) is,
-  by its time and shapes, probably the H200 profile's largest reduction: 4.8 ms a ViT-B/16 step,
-  about half the card's memory bandwidth (2026-11).
+* `bias_gelu`, GELU(h + bias) after the first MLP GEMM, saving only h: a forward kernel (read h,
+  write GELU) and a backward one that recomputes GELU's derivative and writes the input gradient
+  with per-program partial sums of the bias gradient, both with the GPU's approximate tanh (`_tanh`).
+  XLA's fusions for the same work move no more bytes but run ≈36 (forward) and more (backward)
+  instructions an element, compiled for an H100: on the H200 they took 3.1 and 4.0 ms of a
+  ViT-B/16 step, about half the card's memory bandwidth (2026-11).
 """
 from __future__ import annotations
 
@@ -254,6 +255,8 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
     kernel apart and are summed as it reads them; XLA would add them in a pass of its own (ViT's
     separate query, key and value projections: three copies; two of them were ≈157 MB less traffic
     per block at ViT-B/16 batch 256, each further one ≈157 MB where the GEMMs take no epilogue).
+    They pass through an optimisation barrier, as distinct values: XLA merges GEMMs that read one
+    array into one GEMM and slices its output (CLIP's text tower: 2 GB of slices a step).
   * `residual_bias`: a [width] bias that the caller adds, its gradient stopped, to the residual
     stream after the returned s (the next projection's, where no later norm takes it as its input
     bias). Its gradient is the column sum of the residual gradient, which the kernel reads anyway.
@@ -267,26 +270,71 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
   for name, b in (("input_bias", input_bias), ("residual_bias", residual_bias)):
     if b is not None and b.shape != x.shape[-1:]:
       raise ValueError(f"{name} must be [{x.shape[-1]}], got {list(b.shape)}")
-  return _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, float(epsilon), jnp.dtype(dtype),
-                             interpret, None if batch_axes is None else tuple(batch_axes), int(copies),
-                             addend is not None)
+  s, *ys = _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, float(epsilon), jnp.dtype(dtype),
+                               interpret, None if batch_axes is None else tuple(batch_axes), int(copies),
+                               addend is not None)
+  if len(ys) > 1:  # distinct values (the docstring's `copies`)
+    ys = jax.lax.optimization_barrier(tuple(ys))
+  return (s, *ys)
 
 
-# --- GELU(h + bias), backward as one kernel ------------------------------------------------------
+# --- GELU(h + bias): forward and backward kernels ----------------------------------------------
 
+GELU_FORWARD_ROWS = 32  # rows per forward program: [32, 256] tiles
 GELU_ROWS = 64       # rows per backward program (one row of partial bias sums each)
 GELU_STEP_ROWS = 8   # rows per step of its loop
 GELU_COLS = 256      # columns per program: [8, 256] tiles
+_GELU_C = float(np.sqrt(2. / np.pi))
 
 
-def _gelu_tanh_grad(z):
-  """d/dz of jax.nn.gelu(z, approximate=True) = z * 0.5 * (1 + tanh(c * (z + 0.044715 z^3)))."""
-  c = float(np.sqrt(2. / np.pi))
-  t = jnp.tanh(c * (z + 0.044715 * z * z * z))
-  return 0.5 * (1. + t) + 0.5 * z * (1. - t * t) * c * (1. + 3. * 0.044715 * z * z)
+def _tanh(u, interpret):
+  """float32 tanh: the GPU's `tanh.approx.f32` in the kernels, jnp.tanh in Pallas's interpreter.
+
+  Why not jnp.tanh on the card: it lowers to a libdevice routine (XLA's own fusions use a rational
+  approximation with a division), ≈25 instructions an element, which leaves GELU's passes short of
+  the memory's speed. Compiled for an H100, XLA's forward GELU fusion runs ≈36 instructions an
+  element, about as long at the SMs' issue rate as its bytes take at the memory's; the approximate
+  instruction is one, on the special-function unit. Its relative error (≈2^-11) is below the
+  bfloat16 output's rounding (2^-8).
+  """
+  return jnp.tanh(u) if interpret else plgpu.approx_tanh(u)
 
 
-def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_rows, n_cols):
+def _gelu_tanh(z, interpret):
+  """jax.nn.gelu(z, approximate=True) = z * 0.5 * (1 + tanh(c * (z + 0.044715 z^3)))."""
+  return 0.5 * z * (1. + _tanh(_GELU_C * (z + 0.044715 * z * z * z), interpret))
+
+
+def _gelu_tanh_grad(z, interpret):
+  """d/dz of `_gelu_tanh`."""
+  t = _tanh(_GELU_C * (z + 0.044715 * z * z * z), interpret)
+  return 0.5 * (1. + t) + 0.5 * z * (1. - t * t) * _GELU_C * (1. + 3. * 0.044715 * z * z)
+
+
+def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols, interpret):
+  rows = pl.program_id(0) * GELU_FORWARD_ROWS + jnp.arange(GELU_FORWARD_ROWS)
+  cols = pl.program_id(1) * GELU_COLS + jnp.arange(GELU_COLS)
+  col_ok = cols < n_cols
+  ok = (rows < n_rows)[:, None] & col_ok[None, :]
+  at = (rows[:, None], cols[None, :])
+  bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
+  z = plgpu.load(h_ref.at[at], mask=ok, other=0.).astype(jnp.float32) + bias[None, :]
+  plgpu.store(g_ref.at[at], _gelu_tanh(z, interpret).astype(g_ref.dtype), mask=ok)
+
+
+def _bias_gelu_forward(h, bias, *, interpret):
+  """GELU(h + bias) like h: one device's shard."""
+  width = h.shape[-1]
+  n_rows = h.size // width
+  kernel = functools.partial(_bias_gelu_forward_kernel, n_rows=n_rows, n_cols=width, interpret=interpret)
+  g = pl.pallas_call(
+      kernel, grid=(pl.cdiv(n_rows, GELU_FORWARD_ROWS), pl.cdiv(width, GELU_COLS)),
+      name="bigvis_pallas_bias_gelu_forward", out_shape=jax.ShapeDtypeStruct((n_rows, width), h.dtype),
+      compiler_params=_compiler_params(interpret), interpret=interpret)(h.reshape(n_rows, width), bias)
+  return g.reshape(h.shape)
+
+
+def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_rows, n_cols, interpret):
   row_block, col_block = pl.program_id(0), pl.program_id(1)
   cols = col_block * GELU_COLS + jnp.arange(GELU_COLS)
   col_ok = cols < n_cols
@@ -298,7 +346,7 @@ def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_
     at = (rows[:, None], cols[None, :])
     z = plgpu.load(h_ref.at[at], mask=ok, other=0.).astype(jnp.float32) + bias[None, :]
     dg = plgpu.load(dg_ref.at[at], mask=ok, other=0.).astype(jnp.float32)
-    dh = jnp.where(ok, dg * _gelu_tanh_grad(z), 0.)
+    dh = jnp.where(ok, dg * _gelu_tanh_grad(z, interpret), 0.)
     plgpu.store(dh_ref.at[at], dh.astype(dh_ref.dtype), mask=ok)
     return dbias + jnp.sum(dh, axis=0)
 
@@ -311,7 +359,7 @@ def _bias_gelu_backward(h, bias, dg, *, interpret):
   width = h.shape[-1]
   n_rows = h.size // width
   grid = (pl.cdiv(n_rows, GELU_ROWS), pl.cdiv(width, GELU_COLS))
-  kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=width)
+  kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=width, interpret=interpret)
   dh, dbias = pl.pallas_call(
       kernel, grid=grid, name="bigvis_pallas_bias_gelu_backward",
       out_shape=[jax.ShapeDtypeStruct((n_rows, width), h.dtype),
@@ -321,34 +369,43 @@ def _bias_gelu_backward(h, bias, dg, *, interpret):
   return dh.reshape(h.shape), dbias
 
 
+def _gelu_specs(axes):
+  """shard_map specs of h (PartitionSpec `axes`; None without a mesh), the bias (h's last axis) and
+  the partial bias sums (a row per program of every device's rows)."""
+  if axes is None:
+    return None, None, None
+  return P(*axes), P(axes[-1]), P(_flat_mesh_axes(axes[:-1]), axes[-1])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _bias_gelu_with_kernel_backward(h, bias, interpret, axes):
-  # Forward in XLA (flax's nn.gelu, the tanh approximation): one fusion reading h, writing GELU.
-  return jax.nn.gelu(h + bias, approximate=True)
+def _bias_gelu_kernels(h, bias, interpret, axes):
+  return _bias_gelu_fwd(h, bias, interpret, axes)[0]
 
 
 def _bias_gelu_fwd(h, bias, interpret, axes):
-  return _bias_gelu_with_kernel_backward(h, bias, interpret, axes), (h, bias)
+  h_spec, bias_spec, _ = _gelu_specs(axes)
+  forward = functools.partial(_bias_gelu_forward, interpret=interpret)
+  g = _per_device(forward, (h, bias), None if axes is None else (h_spec, bias_spec), h_spec)
+  return g, (h, bias)
 
 
 def _bias_gelu_bwd(interpret, axes, saved, dg):
   h, bias = saved
+  h_spec, bias_spec, sums_spec = _gelu_specs(axes)
   backward = functools.partial(_bias_gelu_backward, interpret=interpret)
-  in_specs = out_specs = None
-  if axes is not None:
-    in_specs = (P(*axes), P(axes[-1]), P(*axes))
-    out_specs = (P(*axes), P(_flat_mesh_axes(axes[:-1]), axes[-1]))
-  dh, dbias = _per_device(backward, (h, bias, dg), in_specs, out_specs)
+  dh, dbias = _per_device(backward, (h, bias, dg), None if axes is None else (h_spec, bias_spec, h_spec),
+                          (h_spec, sums_spec))
   return dh, jnp.sum(dbias, axis=0).astype(bias.dtype)
 
 
-_bias_gelu_with_kernel_backward.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+_bias_gelu_kernels.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
 
 
 def bias_gelu(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
               axes: tuple[Any, ...] | None = None) -> jax.Array:
-  """GELU(h + bias) (flax's tanh approximation), saving only h; its backward (the derivative of GELU
-  recomputed, times the incoming gradient, and the bias gradient) is one Pallas kernel. Under a
-  mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over `tensor`): each device
-  runs the kernel on its own shard."""
-  return _bias_gelu_with_kernel_backward(h, bias, interpret, None if axes is None else tuple(axes))
+  """GELU(h + bias) (flax's tanh approximation), saving only h: the forward one Pallas kernel (read h,
+  write GELU), the backward another (the derivative of GELU recomputed, times the incoming gradient,
+  and per-program partial sums of the bias gradient), both with the GPU's approximate tanh
+  (`_tanh`). Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
+  `tensor`): each device runs the kernels on its own shard."""
+  return _bias_gelu_kernels(h, bias, interpret, None if axes is None else tuple(axes))

@@ -40,7 +40,7 @@ class TextTransformer(nn.Module):
   fused_qkv: bool = True         # query/key/value projections as one GEMM, or (False) three
   recompute_gelu: bool = True    # backward recomputes GELU from the MLP GEMM output (layers.Mlp)
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
-  gelu_impl: str = "xla"         # or "pallas": GELU's backward as one Triton kernel, saving only h (GPU)
+  gelu_impl: str = "auto"        # "pallas": GELU forward and backward as Triton kernels, saving only h (GPU)
   residual_in_norm: bool = True  # the Pallas norms take the residual adds (layers.EncoderBlock)
 
   @nn.compact
