@@ -13,10 +13,11 @@
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
 # so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
-# runs the two goals (B/16 with the residual adds in XLA between them), each family with XLA's GELU
-# instead of the kernels, then B/16's defaults before the ninth session, in about 9 minutes (the ninth session's one
-# command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 5 files
-# (pallas_check.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
+# runs the two goals, each followed by the same family with XLA's GELU instead of the kernels, the
+# kernels' tiling sweep, then B/16 with the residual adds in XLA, in about 9 minutes (the ninth session's one
+# command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 6 files
+# (pallas_check.jsonl, kernel_sweep.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine
+# returns at most 8).
 set -u
 PART=${PART:-all}
 case "$PART" in all|1|2|goals) ;; *) echo "PART must be all, 1, 2 or goals, not '$PART'" >&2; exit 2 ;; esac
@@ -76,6 +77,13 @@ kernel_check() {
   log "Pallas kernels against XLA"
   room 40 timeout 120 "$PY" benchmarks/pallas_kernels_check.py | tee "$OUT/pallas_check.jsonl"
 }
+# Each kernel alone under other tilings (pallas_kernels.TILES, chosen without a profile): the
+# LayerNorm kernels ran at 2.3-3 TB/s on the H200 (ninth session), the card can do ≈4.
+kernel_sweep() {
+  log "Pallas kernels' tilings"
+  room 70 timeout 150 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 | tee "$OUT/kernel_sweep.jsonl" \
+    | grep fastest
+}
 # 1. The goals side by side, the experiments as they are: the card's matmul ceiling (the basis of
 #    "fraction of the ceiling") and ViT-B/16 against timm; CLIP B/16 against open_clip.
 vit_goal() {
@@ -125,10 +133,10 @@ extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
   1) steps=(kernel_check vit_goal vit_resid vit_gelu_xla vit_old vit_fused profile vit_saved) ;;
-  2) steps=(clip_goal clip_gelu_xla clip_old large extras) ;;
-  goals) steps=(kernel_check vit_goal vit_gelu_xla clip_goal clip_gelu_xla vit_resid vit_old) ;;
+  2) steps=(clip_goal clip_gelu_xla clip_old kernel_sweep large extras) ;;
+  goals) steps=(kernel_check vit_goal vit_gelu_xla clip_goal clip_gelu_xla kernel_sweep vit_resid) ;;
   all) steps=(kernel_check vit_goal vit_resid vit_gelu_xla vit_old vit_fused profile vit_saved clip_goal
-              clip_gelu_xla clip_old large extras) ;;
+              clip_gelu_xla clip_old kernel_sweep large extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table

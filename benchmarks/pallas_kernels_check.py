@@ -10,6 +10,13 @@ XLA fusions it replaces, before whole-step timings mix them with everything else
 Prints one JSON line per kernel: forward + backward time of each implementation (ms, the median of
 `--steps` runs), and the largest error of the Pallas outputs and gradients relative to each
 array's largest XLA value. `--interpret` runs the kernels in Pallas's interpreter (any backend).
+
+  python benchmarks/pallas_kernels_check.py --sweep     # each kernel alone, under other tilings
+
+`--sweep` times each of the four kernels alone (ViT-B/16's shapes: the attention norm's backward
+with three copies, the MLP norm's forward with the residual add) under alternatives to
+`pallas_kernels.TILES` (rows per program, warps, pipeline stages): one JSON line per setting with
+its ms, GB/s and largest difference from the current setting's output, then the fastest per kernel.
 """
 from __future__ import annotations
 
@@ -113,6 +120,70 @@ def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Ca
   return xla, pallas, (h, bias)
 
 
+# Alternatives to pallas_kernels.TILES that --sweep times, per kernel (the current setting first).
+SWEEP = {
+    "layernorm_forward": [dict(rows=r, warps=w, stages=1) for r in (4, 1, 2, 8) for w in (4, 1, 2, 8)],
+    "layernorm_backward": [dict(rows=r, step_rows=s, warps=w, stages=st)
+                           for r, s in ((64, 4), (64, 2), (64, 8), (128, 4)) for w in (4, 8) for st in (1, 2)],
+    "bias_gelu_forward": [dict(rows=r, cols=c, warps=w, stages=1)
+                          for r, c in ((32, 256), (16, 256), (64, 256), (8, 1024)) for w in (4, 8)],
+    "bias_gelu_backward": [dict(rows=r, step_rows=s, cols=256, warps=w, stages=st)
+                           for r, s in ((64, 8), (128, 8), (64, 16), (32, 8)) for w in (4, 8) for st in (1, 2)],
+}
+
+
+def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool) -> dict[str, tuple[Callable, tuple]]:
+  """kernel name -> (a function calling that kernel alone, its arguments), at the block's shapes."""
+  keys = jax.random.split(jax.random.key(3), 8)
+  act = lambda k, cols: jax.random.normal(k, (rows, cols)).astype(dtype)  # noqa: E731
+  vec = lambda k, n: 0.1 * jax.random.normal(k, (n,))  # noqa: E731
+  x, a, dy1, dy2, dy3, dres = (act(k, width) for k in keys[:6])
+  h, dg = act(keys[6], mlp), act(keys[7], mlp)
+  scale, bias = 1 + vec(keys[0], width), vec(keys[1], width)
+  mean, rstd = jnp.mean(x.astype(jnp.float32), -1), jnp.ones((rows,), jnp.float32)
+  k = pallas_kernels
+  return {
+      "layernorm_forward": (lambda x, a, b, s, c: k._layernorm_forward(
+          x, s, c, a, b, eps=1e-6, out_dtype=dtype, interpret=interpret), (x, a, bias, scale, bias)),
+      "layernorm_backward": (lambda x, d1, d2, d3, r, m, s, sc: k._layernorm_backward(
+          x, (d1, d2, d3), r, m, s, sc, sum_dx=False, sum_dres=False, interpret=interpret),
+          (x, dy1, dy2, dy3, dres, mean, rstd, scale)),
+      "bias_gelu_forward": (lambda h, b: k._bias_gelu_forward(h, b, interpret=interpret),
+                            (h, vec(keys[2], mlp).astype(dtype))),
+      "bias_gelu_backward": (lambda h, b, g: k._bias_gelu_backward(h, b, g, interpret=interpret),
+                             (h, vec(keys[2], mlp).astype(dtype), dg)),
+  }
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+  """One record per (kernel, tiling): ms, GB/s (operands + outputs) and the largest difference from the
+  current tiling's outputs; TILES is restored after each."""
+  dtype, records = jnp.dtype(args.dtype), []
+  for name, (call, call_args) in sweep_calls(args.rows, args.width, args.mlp, dtype, args.interpret).items():
+    current = dict(pallas_kernels.TILES[name])
+    reference = None
+    for setting in SWEEP[name]:
+      pallas_kernels.TILES[name] = setting
+      try:
+        fn = jax.jit(lambda *a: call(*a))  # a new function, so a new trace: the kernel reads TILES then
+        out = jax.block_until_ready(fn(*call_args))
+        ms = _time_ms(fn, call_args, args.steps)
+      except Exception as e:  # a tiling Triton cannot compile: say so, go on
+        records.append({"kernel": name, **setting, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        continue
+      finally:
+        pallas_kernels.TILES[name] = current
+      moved = sum(a.nbytes for a in jax.tree.leaves((call_args, out)))
+      # A backward's partial sums have a row per program, which the tiling sets: compare their totals.
+      out = [o.astype(jnp.float32) if i == 0 or not name.endswith("backward") else jnp.sum(o, 0)
+             for i, o in enumerate(jax.tree.leaves(out))]
+      reference = out if reference is None else reference
+      records.append({"kernel": name, **setting, "ms": round(ms, 4), "gb_per_s": round(moved / ms / 1e6, 1),
+                      "max_abs_diff": max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(reference, out))})
+      print(json.dumps(records[-1]), flush=True)
+  return records
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--rows", type=int, default=256 * 200, help="tokens in the batch (ViT-B/16, batch 256: 51,200)")
@@ -121,12 +192,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--steps", type=int, default=20)
   p.add_argument("--interpret", action="store_true", help="run the kernels in Pallas's interpreter")
+  p.add_argument("--sweep", action="store_true", help="time each kernel alone under other tilings")
   return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
+  if args.sweep:
+    records = sweep(args)
+    for name in SWEEP:
+      timed = [r for r in records if r["kernel"] == name and "ms" in r]
+      if timed:
+        best = min(timed, key=lambda r: r["ms"])
+        print(json.dumps({"fastest": name, **best, "current_ms": timed[0]["ms"],
+                          "device": jax.devices()[0].device_kind}), flush=True)
+    return 0
   cases = (
       ("layernorm", layernorm_case(args.rows, args.width, dtype, args.interpret)),
       ("layernorm_biases", layernorm_case(args.rows, args.width, dtype, args.interpret, biases=True)),

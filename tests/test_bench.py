@@ -312,3 +312,34 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
                                           "layernorm_three_copies", "bias_gelu"]
   for r in lines:
     assert r["max_rel_err"] < tolerance and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r
+
+
+def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypatch):
+  """`pallas_kernels_check.py --sweep` (run on a GPU to tune `pallas_kernels.TILES`): each setting
+  really retraces the kernel with its tiling (rows per program that do and do not divide 70 rows,
+  GELU columns that do not divide 300), gives the current setting's results up to the partial sums'
+  order, and leaves TILES as it was."""
+  check = _benchmark_module("pallas_kernels_check")
+  from bigvis.models import pallas_kernels
+  before = {k: dict(v) for k, v in pallas_kernels.TILES.items()}
+  # The real sweep starts from the current setting (its `current_ms`), for every kernel.
+  assert {k: v[0] for k, v in check.SWEEP.items()} == pallas_kernels.TILES
+  small = {"layernorm_forward": [dict(rows=4, warps=4, stages=1), dict(rows=16, warps=2, stages=1)],
+           "layernorm_backward": [dict(rows=64, step_rows=4, warps=4, stages=1),
+                                  dict(rows=32, step_rows=8, warps=8, stages=2)],
+           "bias_gelu_forward": [dict(rows=32, cols=256, warps=4, stages=1), dict(rows=8, cols=128, warps=4, stages=1)],
+           "bias_gelu_backward": [dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
+                                  dict(rows=16, step_rows=4, cols=128, warps=4, stages=1)]}
+  monkeypatch.setattr(check, "SWEEP", small)
+  traced = []
+  real = pallas_kernels.pl.pallas_call
+  monkeypatch.setattr(pallas_kernels.pl, "pallas_call", lambda *a, **kw: traced.append(kw["grid"]) or real(*a, **kw))
+  assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1"]) == 0
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  timed = [r for r in records if "fastest" not in r]
+  assert [r["kernel"] for r in timed] == [k for k in small for _ in range(2)], timed
+  for r in timed:
+    assert "error" not in r and r["ms"] > 0 and r["max_abs_diff"] < 1e-4, r
+  assert len(set(traced)) == 8, traced  # every setting its own grid: a real retrace each
+  assert [r["fastest"] for r in records if "fastest" in r] == list(small)
+  assert pallas_kernels.TILES == before

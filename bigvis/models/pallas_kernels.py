@@ -35,13 +35,17 @@ from jax import shard_map
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Rows per forward program; rows per backward program and per step of its loop. The backward's
-# programs each write one row of partial scale/bias sums, so they take more rows (51,200 rows of
-# ViT-B/16 at batch 256 -> 800 programs, 4.9 MB of partials).
-FORWARD_ROWS = 4
-BACKWARD_ROWS = 64
-BACKWARD_STEP_ROWS = 4
-NUM_WARPS = 4
+# Each kernel's tiling and Triton parameters: rows per program, rows per step of a backward's loop,
+# columns per program (GELU's; a LayerNorm program takes whole rows), warps and software-pipeline
+# stages. A backward's programs each write one row of partial sums, so they take more rows (51,200
+# rows of ViT-B/16 at batch 256 -> 800 LayerNorm programs, 4.9 MB of partials). Chosen without a
+# profile; `benchmarks/pallas_kernels_check.py --sweep` times alternatives on a GPU.
+TILES = {
+    "layernorm_forward": dict(rows=4, warps=4, stages=1),
+    "layernorm_backward": dict(rows=64, step_rows=4, warps=4, stages=1),
+    "bias_gelu_forward": dict(rows=32, cols=256, warps=4, stages=1),
+    "bias_gelu_backward": dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
+}
 
 
 def _block_cols(n_cols: int) -> int:
@@ -57,7 +61,8 @@ def _forward_kernel(*refs, n_rows, n_cols, eps, summed):
     x_ref, addend_ref, input_bias_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, s_ref = refs
   else:
     x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = refs
-  rows = pl.program_id(0) * FORWARD_ROWS + jnp.arange(FORWARD_ROWS)
+  tile = TILES["layernorm_forward"]["rows"]
+  rows = pl.program_id(0) * tile + jnp.arange(tile)
   cols = jnp.arange(_block_cols(n_cols))
   row_ok, col_ok = rows < n_rows, cols < n_cols
   ok = row_ok[:, None] & col_ok[None, :]
@@ -87,12 +92,13 @@ def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx, sum_dres):
   x_ref, *dy_refs, dres_ref, mean_ref, rstd_ref, scale_ref = refs[:n_dy + 5]
   dx_ref, *sum_refs = refs[n_dy + 5:]
   program = pl.program_id(0)
+  tile = TILES["layernorm_backward"]
   cols = jnp.arange(_block_cols(n_cols))
   col_ok = cols < n_cols
   scale = plgpu.load(scale_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
 
   def step(i, sums):
-    rows = program * BACKWARD_ROWS + i * BACKWARD_STEP_ROWS + jnp.arange(BACKWARD_STEP_ROWS)
+    rows = program * tile["rows"] + i * tile["step_rows"] + jnp.arange(tile["step_rows"])
     row_ok = rows < n_rows
     ok = row_ok[:, None] & col_ok[None, :]
     at = (rows[:, None], cols[None, :])
@@ -112,14 +118,15 @@ def _backward_kernel(*refs, n_rows, n_cols, n_dy, sum_dx, sum_dres):
     return tuple(total + jnp.sum(more, axis=0) for total, more in zip(sums, added))
 
   zeros = jnp.zeros((_block_cols(n_cols),), jnp.float32)
-  sums = jax.lax.fori_loop(0, BACKWARD_ROWS // BACKWARD_STEP_ROWS, step, (zeros,) * (2 + sum_dx + sum_dres))
+  sums = jax.lax.fori_loop(0, tile["rows"] // tile["step_rows"], step, (zeros,) * (2 + sum_dx + sum_dres))
   for ref, partial in zip(sum_refs, sums):
     plgpu.store(ref.at[program, cols], partial, mask=col_ok)
 
 
-def _compiler_params(interpret: bool) -> Any:
+def _compiler_params(interpret: bool, kernel: str) -> Any:
   # Triton's parameters also pick Pallas's Triton backend over Mosaic GPU, which JAX 0.10 defaults to.
-  return None if interpret else plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+  tile = TILES[kernel]
+  return None if interpret else plgpu.CompilerParams(num_warps=tile["warps"], num_stages=tile["stages"])
 
 
 def _layernorm_forward(x, scale, bias, addend=None, input_bias=None, *, eps, out_dtype, interpret):
@@ -135,9 +142,9 @@ def _layernorm_forward(x, scale, bias, addend=None, input_bias=None, *, eps, out
   sums = [jax.ShapeDtypeStruct((n_rows, width), x.dtype)] if summed else []
   inputs = [x.reshape(n_rows, width)] + ([addend.reshape(n_rows, width), input_bias] if summed else [])
   y, mean, rstd, *s = pl.pallas_call(
-      kernel, grid=(pl.cdiv(n_rows, FORWARD_ROWS),), name="bigvis_pallas_layernorm_forward",
+      kernel, grid=(pl.cdiv(n_rows, TILES["layernorm_forward"]["rows"]),), name="bigvis_pallas_layernorm_forward",
       out_shape=[rows, stats, stats] + sums,
-      compiler_params=_compiler_params(interpret), interpret=interpret)(*inputs, scale, bias)
+      compiler_params=_compiler_params(interpret, "layernorm_forward"), interpret=interpret)(*inputs, scale, bias)
   out = (y.reshape(x.shape), mean.reshape(x.shape[:-1]), rstd.reshape(x.shape[:-1]))
   return out + (s[0].reshape(x.shape),) if summed else out
 
@@ -148,7 +155,7 @@ def _layernorm_backward(x, dys, dres, mean, rstd, scale, *, sum_dx, sum_dres, in
   sums as it reads them."""
   width = x.shape[-1]
   n_rows = x.size // width
-  programs = pl.cdiv(n_rows, BACKWARD_ROWS)
+  programs = pl.cdiv(n_rows, TILES["layernorm_backward"]["rows"])
   kernel = functools.partial(_backward_kernel, n_rows=n_rows, n_cols=width, n_dy=len(dys), sum_dx=sum_dx,
                              sum_dres=sum_dres)
   partial_sums = jax.ShapeDtypeStruct((programs, width), jnp.float32)
@@ -156,7 +163,7 @@ def _layernorm_backward(x, dys, dres, mean, rstd, scale, *, sum_dx, sum_dres, in
   dx, *sums = pl.pallas_call(
       kernel, grid=(programs,), name="bigvis_pallas_layernorm_backward",
       out_shape=[jax.ShapeDtypeStruct((n_rows, width), x.dtype)] + [partial_sums] * (2 + sum_dx + sum_dres),
-      compiler_params=_compiler_params(interpret), interpret=interpret)(
+      compiler_params=_compiler_params(interpret, "layernorm_backward"), interpret=interpret)(
           rows(x), *map(rows, dys), rows(dres), mean.reshape(n_rows), rstd.reshape(n_rows), scale)
   return [dx.reshape(x.shape)] + sums
 
@@ -280,10 +287,6 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
 
 # --- GELU(h + bias): forward and backward kernels ----------------------------------------------
 
-GELU_FORWARD_ROWS = 32  # rows per forward program: [32, 256] tiles
-GELU_ROWS = 64       # rows per backward program (one row of partial bias sums each)
-GELU_STEP_ROWS = 8   # rows per step of its loop
-GELU_COLS = 256      # columns per program: [8, 256] tiles
 _GELU_C = float(np.sqrt(2. / np.pi))
 
 
@@ -312,8 +315,9 @@ def _gelu_tanh_grad(z, interpret):
 
 
 def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols, interpret):
-  rows = pl.program_id(0) * GELU_FORWARD_ROWS + jnp.arange(GELU_FORWARD_ROWS)
-  cols = pl.program_id(1) * GELU_COLS + jnp.arange(GELU_COLS)
+  tile = TILES["bias_gelu_forward"]
+  rows = pl.program_id(0) * tile["rows"] + jnp.arange(tile["rows"])
+  cols = pl.program_id(1) * tile["cols"] + jnp.arange(tile["cols"])
   col_ok = cols < n_cols
   ok = (rows < n_rows)[:, None] & col_ok[None, :]
   at = (rows[:, None], cols[None, :])
@@ -326,22 +330,25 @@ def _bias_gelu_forward(h, bias, *, interpret):
   """GELU(h + bias) like h: one device's shard."""
   width = h.shape[-1]
   n_rows = h.size // width
+  tile = TILES["bias_gelu_forward"]
   kernel = functools.partial(_bias_gelu_forward_kernel, n_rows=n_rows, n_cols=width, interpret=interpret)
   g = pl.pallas_call(
-      kernel, grid=(pl.cdiv(n_rows, GELU_FORWARD_ROWS), pl.cdiv(width, GELU_COLS)),
+      kernel, grid=(pl.cdiv(n_rows, tile["rows"]), pl.cdiv(width, tile["cols"])),
       name="bigvis_pallas_bias_gelu_forward", out_shape=jax.ShapeDtypeStruct((n_rows, width), h.dtype),
-      compiler_params=_compiler_params(interpret), interpret=interpret)(h.reshape(n_rows, width), bias)
+      compiler_params=_compiler_params(interpret, "bias_gelu_forward"),
+      interpret=interpret)(h.reshape(n_rows, width), bias)
   return g.reshape(h.shape)
 
 
 def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_rows, n_cols, interpret):
   row_block, col_block = pl.program_id(0), pl.program_id(1)
-  cols = col_block * GELU_COLS + jnp.arange(GELU_COLS)
+  tile = TILES["bias_gelu_backward"]
+  cols = col_block * tile["cols"] + jnp.arange(tile["cols"])
   col_ok = cols < n_cols
   bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
 
   def step(i, dbias):
-    rows = row_block * GELU_ROWS + i * GELU_STEP_ROWS + jnp.arange(GELU_STEP_ROWS)
+    rows = row_block * tile["rows"] + i * tile["step_rows"] + jnp.arange(tile["step_rows"])
     ok = (rows < n_rows)[:, None] & col_ok[None, :]
     at = (rows[:, None], cols[None, :])
     z = plgpu.load(h_ref.at[at], mask=ok, other=0.).astype(jnp.float32) + bias[None, :]
@@ -350,7 +357,7 @@ def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_
     plgpu.store(dh_ref.at[at], dh.astype(dh_ref.dtype), mask=ok)
     return dbias + jnp.sum(dh, axis=0)
 
-  dbias = jax.lax.fori_loop(0, GELU_ROWS // GELU_STEP_ROWS, step, jnp.zeros((GELU_COLS,), jnp.float32))
+  dbias = jax.lax.fori_loop(0, tile["rows"] // tile["step_rows"], step, jnp.zeros((tile["cols"],), jnp.float32))
   plgpu.store(dbias_ref.at[row_block, cols], dbias, mask=col_ok)
 
 
@@ -358,13 +365,14 @@ def _bias_gelu_backward(h, bias, dg, *, interpret):
   """(dh like h, partial bias sums [row programs, width]): one device's shard."""
   width = h.shape[-1]
   n_rows = h.size // width
-  grid = (pl.cdiv(n_rows, GELU_ROWS), pl.cdiv(width, GELU_COLS))
+  tile = TILES["bias_gelu_backward"]
+  grid = (pl.cdiv(n_rows, tile["rows"]), pl.cdiv(width, tile["cols"]))
   kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=width, interpret=interpret)
   dh, dbias = pl.pallas_call(
       kernel, grid=grid, name="bigvis_pallas_bias_gelu_backward",
       out_shape=[jax.ShapeDtypeStruct((n_rows, width), h.dtype),
                  jax.ShapeDtypeStruct((grid[0], width), jnp.float32)],
-      compiler_params=_compiler_params(interpret), interpret=interpret)(
+      compiler_params=_compiler_params(interpret, "bias_gelu_backward"), interpret=interpret)(
           h.reshape(n_rows, width), bias, dg.reshape(n_rows, width))
   return dh.reshape(h.shape), dbias
 
