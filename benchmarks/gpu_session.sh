@@ -56,7 +56,7 @@ b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 # The defaults since the ninth session (H200: B/16 +2.5 %, CLIP +3.0 %) are recomputed GELU, the
 # Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT; since the tenth (unmeasured),
 # the residual adds and the q/k/v input gradients' sum in those norms' kernels; since the eleventh
-# (unmeasured), GELU forward and backward as Triton kernels with the approximate tanh
+# (unmeasured), GELU forward and backward as Triton kernels with fewer instructions an element
 # (gelu_impl=auto). What is left to try:
 GELU_XLA=(--bigvis-set model.gelu_impl=xla)  # XLA's GELU fusions, recomputed (the ninth session's)
 RESID=(--bigvis-set model.residual_in_norm=false)  # the residual adds back in XLA's fusions

@@ -31,10 +31,12 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
 
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
   """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ...
-  patch=matmul gelu=recomputed norm=auto:pallas+residual` (`gelu=recomputed|pallas` where GELU is not
-  saved, `+residual` where the norms' kernels take the residual adds).
+  patch=matmul gelu=auto:pallas norm=auto:pallas+residual` (GELU: `pallas` for the kernels, which save
+  only its input, `xla+recomputed`/`recomputed` for XLA's recomputed one; `+residual` where the norms'
+  kernels take the residual adds).
 
-  `auto` attention and norms show what they resolve to on `device` (default: the process's first).
+  `auto` attention, GELU and norms show what they resolve to on `device` (default: the process's
+  first).
   """
   import jax
   from bigvis.models import resolve_for_device

@@ -38,9 +38,12 @@ def test_paper_parameter_counts(name, total, image, text):
 
 
 # A CLIP small enough to compile in seconds; widths divide the 4-way fsdp axis.
+# XLA's fusions spelled out ('auto' would pick the Pallas kernels on a GPU host), the reference the
+# kernels' tests compare with.
+_XLA = dict(norm_impl="xla", gelu_impl="xla")
 TINY = dict(name="clip", embed_dim=32,
-            image=dict(variant="mu/4", image_size=8, pool_type="gap"),
-            text=dict(variant="mu", vocab_size=64, context_length=8))
+            image=dict(variant="mu/4", image_size=8, pool_type="gap", **_XLA),
+            text=dict(variant="mu", vocab_size=64, context_length=8, **_XLA))
 
 
 def _tiny_batch(n=16, seed=0):

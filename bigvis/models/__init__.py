@@ -66,7 +66,7 @@ def build_model(model_config: ml_collections.ConfigDict | dict, device: Any = No
 
   Parameters stay float32; `dtype` sets the compute precision (bf16 on
   accelerators), the usual mixed-precision policy. With `device` (a mesh's),
-  `attention_impl` and `norm_impl` 'auto' are decided for that device (`resolve_for_device`).
+  `attention_impl`, `norm_impl` and `gelu_impl` 'auto' are decided for that device (`resolve_for_device`).
   """
   if device is not None:
     model_config = resolve_for_device(model_config, device)

@@ -411,7 +411,7 @@ class Mlp(nn.Module):
   `recompute_gelu` saves only the first GEMM's output for the backward pass (`bias_gelu_recomputed`);
   `gelu_impl='pallas'` (or 'auto' on NVIDIA GPUs) always does (whatever `recompute_gelu` says), with
   GELU forward and backward as Pallas kernels (`pallas_kernels.bias_gelu`). The result and gradients
-  are the same, up to the kernels' approximate tanh (below bfloat16's rounding).
+  are the same, to float32 rounding (the kernels compute in float32).
   """
   mlp_dim: int
   dtype: Dtype = jnp.float32

@@ -1,7 +1,8 @@
 """Pallas (Triton) kernels for NVIDIA GPUs where XLA's fusions move more memory than they need to.
 
-Both are options (`model.norm_impl='pallas'`, `model.gelu_impl='pallas'`); `interpret=True` runs the
-same kernels in Pallas's interpreter (any backend; slow), which is how the tests check them on CPUs.
+`model.norm_impl` and `model.gelu_impl` pick them ('pallas', or 'auto', the default: on NVIDIA GPUs);
+`interpret=True` runs the same kernels in Pallas's interpreter (any backend; slow), which is how the
+tests check them on CPUs.
 
 * `residual_layernorm`, the pre-LN block's LayerNorm. XLA computes a LayerNorm in two passes over
   the activations forward (the statistics, then the normalised output) and three backward (two row
@@ -18,7 +19,8 @@ same kernels in Pallas's interpreter (any backend; slow), which is how the tests
   stream and the previous projection's output and writes their sum as it normalises it.
 * `bias_gelu`, GELU(h + bias) after the first MLP GEMM, saving only h: a forward kernel (read h,
   write GELU) and a backward one that recomputes GELU's derivative and writes the input gradient
-  with per-program partial sums of the bias gradient, both with the GPU's approximate tanh (`_tanh`).
+  with per-program partial sums of the bias gradient, both with GELU's tanh written as a sigmoid
+  (`_gelu_sigmoid`: an exponential and a division, where tanh is ≈25 instructions).
   XLA's fusions for the same work move no more bytes but run ≈36 (forward) and more (backward)
   instructions an element, compiled for an H100: on the H200 they took 3.1 and 4.0 ms of a
   ViT-B/16 step, about half the card's memory bandwidth (2026-11).
@@ -263,7 +265,8 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
     separate query, key and value projections: three copies; two of them were ≈157 MB less traffic
     per block at ViT-B/16 batch 256, each further one ≈157 MB where the GEMMs take no epilogue).
     They pass through an optimisation barrier, as distinct values: XLA merges GEMMs that read one
-    array into one GEMM and slices its output (CLIP's text tower: 2 GB of slices a step).
+    array into one GEMM and slices its output (CLIP's text tower with fused_qkv=false: 2 GB of
+    slices a step).
   * `residual_bias`: a [width] bias that the caller adds, its gradient stopped, to the residual
     stream after the returned s (the next projection's, where no later norm takes it as its input
     bias). Its gradient is the column sum of the residual gradient, which the kernel reads anyway.
@@ -288,33 +291,37 @@ def residual_layernorm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsil
 # --- GELU(h + bias): forward and backward kernels ----------------------------------------------
 
 _GELU_C = float(np.sqrt(2. / np.pi))
+_GELU_2C_LOG2E = float(2. * np.sqrt(2. / np.pi) / np.log(2.))  # exp(-2u) = 2^(-2u log2(e))
 
 
-def _tanh(u, interpret):
-  """float32 tanh: the GPU's `tanh.approx.f32` in the kernels, jnp.tanh in Pallas's interpreter.
+def _gelu_sigmoid(z):
+  """(s, e) for GELU's tanh form written as a sigmoid: 0.5 (1 + tanh(u)) = s = 1 / (1 + e), with
+  u = c (z + 0.044715 z^3) and e = exp(-2u), computed as a power of 2 and capped at 2^115 so that e
+  (and e s) stay finite.
 
-  Why not jnp.tanh on the card: it lowers to a libdevice routine (XLA's own fusions use a rational
-  approximation with a division), ≈25 instructions an element, which leaves GELU's passes short of
-  the memory's speed. Compiled for an H100, XLA's forward GELU fusion runs ≈36 instructions an
-  element, about as long at the SMs' issue rate as its bytes take at the memory's; the approximate
-  instruction is one, on the special-function unit. Its relative error (≈2^-11) is below the
-  bfloat16 output's rounding (2^-8).
+  Why not tanh: on the GPU jnp.tanh is a libdevice routine and XLA's fusions use a rational function
+  with a division, ≈25 instructions an element; compiled for an H100, XLA's forward GELU fusion runs
+  ≈36 an element, as long at the SMs' issue rate as its bytes take at the memory's. An exponential
+  and a division are a few (`ex2.approx` and a reciprocal). And 1 + tanh(u) cancels where z is
+  negative (the GPU's approximate tanh, ≈2^-11 absolute, would be off by tens of percent at
+  z = -3), which s does not: 1 - s = e s, to float32 rounding everywhere.
   """
-  return jnp.tanh(u) if interpret else plgpu.approx_tanh(u)
+  e = jnp.exp2(jnp.minimum(-_GELU_2C_LOG2E * (z + 0.044715 * z * z * z), 115.))  # exp(-2u), < 2^115
+  return 1. / (1. + e), e
 
 
-def _gelu_tanh(z, interpret):
-  """jax.nn.gelu(z, approximate=True) = z * 0.5 * (1 + tanh(c * (z + 0.044715 z^3)))."""
-  return 0.5 * z * (1. + _tanh(_GELU_C * (z + 0.044715 * z * z * z), interpret))
+def _gelu_tanh(z):
+  """jax.nn.gelu(z, approximate=True) = z * 0.5 * (1 + tanh(c * (z + 0.044715 z^3))) = z s."""
+  return z * _gelu_sigmoid(z)[0]
 
 
-def _gelu_tanh_grad(z, interpret):
-  """d/dz of `_gelu_tanh`."""
-  t = _tanh(_GELU_C * (z + 0.044715 * z * z * z), interpret)
-  return 0.5 * (1. + t) + 0.5 * z * (1. - t * t) * _GELU_C * (1. + 3. * 0.044715 * z * z)
+def _gelu_tanh_grad(z):
+  """d/dz of `_gelu_tanh`: s + z s (1 - s) 2 du/dz."""
+  s, e = _gelu_sigmoid(z)
+  return s + z * s * (e * s) * (2. * _GELU_C) * (1. + 3. * 0.044715 * z * z)
 
 
-def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols, interpret):
+def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols):
   tile = TILES["bias_gelu_forward"]
   rows = pl.program_id(0) * tile["rows"] + jnp.arange(tile["rows"])
   cols = pl.program_id(1) * tile["cols"] + jnp.arange(tile["cols"])
@@ -323,7 +330,7 @@ def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols, interpr
   at = (rows[:, None], cols[None, :])
   bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
   z = plgpu.load(h_ref.at[at], mask=ok, other=0.).astype(jnp.float32) + bias[None, :]
-  plgpu.store(g_ref.at[at], _gelu_tanh(z, interpret).astype(g_ref.dtype), mask=ok)
+  plgpu.store(g_ref.at[at], _gelu_tanh(z).astype(g_ref.dtype), mask=ok)
 
 
 def _bias_gelu_forward(h, bias, *, interpret):
@@ -331,7 +338,7 @@ def _bias_gelu_forward(h, bias, *, interpret):
   width = h.shape[-1]
   n_rows = h.size // width
   tile = TILES["bias_gelu_forward"]
-  kernel = functools.partial(_bias_gelu_forward_kernel, n_rows=n_rows, n_cols=width, interpret=interpret)
+  kernel = functools.partial(_bias_gelu_forward_kernel, n_rows=n_rows, n_cols=width)
   g = pl.pallas_call(
       kernel, grid=(pl.cdiv(n_rows, tile["rows"]), pl.cdiv(width, tile["cols"])),
       name="bigvis_pallas_bias_gelu_forward", out_shape=jax.ShapeDtypeStruct((n_rows, width), h.dtype),
@@ -340,7 +347,7 @@ def _bias_gelu_forward(h, bias, *, interpret):
   return g.reshape(h.shape)
 
 
-def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_rows, n_cols, interpret):
+def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_rows, n_cols):
   row_block, col_block = pl.program_id(0), pl.program_id(1)
   tile = TILES["bias_gelu_backward"]
   cols = col_block * tile["cols"] + jnp.arange(tile["cols"])
@@ -353,7 +360,7 @@ def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_
     at = (rows[:, None], cols[None, :])
     z = plgpu.load(h_ref.at[at], mask=ok, other=0.).astype(jnp.float32) + bias[None, :]
     dg = plgpu.load(dg_ref.at[at], mask=ok, other=0.).astype(jnp.float32)
-    dh = jnp.where(ok, dg * _gelu_tanh_grad(z, interpret), 0.)
+    dh = jnp.where(ok, dg * _gelu_tanh_grad(z), 0.)
     plgpu.store(dh_ref.at[at], dh.astype(dh_ref.dtype), mask=ok)
     return dbias + jnp.sum(dh, axis=0)
 
@@ -367,7 +374,7 @@ def _bias_gelu_backward(h, bias, dg, *, interpret):
   n_rows = h.size // width
   tile = TILES["bias_gelu_backward"]
   grid = (pl.cdiv(n_rows, tile["rows"]), pl.cdiv(width, tile["cols"]))
-  kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=width, interpret=interpret)
+  kernel = functools.partial(_bias_gelu_backward_kernel, n_rows=n_rows, n_cols=width)
   dh, dbias = pl.pallas_call(
       kernel, grid=grid, name="bigvis_pallas_bias_gelu_backward",
       out_shape=[jax.ShapeDtypeStruct((n_rows, width), h.dtype),
@@ -413,7 +420,7 @@ def bias_gelu(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
               axes: tuple[Any, ...] | None = None) -> jax.Array:
   """GELU(h + bias) (flax's tanh approximation), saving only h: the forward one Pallas kernel (read h,
   write GELU), the backward another (the derivative of GELU recomputed, times the incoming gradient,
-  and per-program partial sums of the bias gradient), both with the GPU's approximate tanh
-  (`_tanh`). Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
+  and per-program partial sums of the bias gradient), both with GELU's tanh written as a sigmoid
+  (`_gelu_sigmoid`). Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
   `tensor`): each device runs the kernels on its own shard."""
   return _bias_gelu_kernels(h, bias, interpret, None if axes is None else tuple(axes))
