@@ -152,6 +152,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
   return config
 
 
+NONFINITE_MODES = ("stop", "skip")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the keys the loop relies on exist and have sane values."""
   keys = set(all_keys(config))
@@ -161,6 +164,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for k in ("total_steps", "batch_size", "log_every_steps"):
     if int(config_get(config, k)) <= 0:
       raise UserError(f"config key '{k}' must be positive, got {config_get(config, k)}.")
+  # Matched exactly where the loop reads it: any other spelling would turn off both the stop and
+  # the skip, and a run would train on, and checkpoint, NaNs.
+  nonfinite = config_get(config, "nonfinite", "stop")
+  if nonfinite not in NONFINITE_MODES:
+    raise UserError(f"config key 'nonfinite' is {nonfinite!r}, not one of {', '.join(NONFINITE_MODES)}.")
 
 
 def config_get(config: ml_collections.ConfigDict, dotted: str, default: Any = None) -> Any:

@@ -50,19 +50,25 @@ def _path_str(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
+# Never decayed, whatever their shape: biases (attention's are [heads, head_dim]) and norm gains, and
+# in a scanned model every parameter has a leading [layers] axis, so shape alone cannot tell them.
+NEVER_DECAYED = ("bias", "scale")
+
+
 def decay_mask(params: Any, no_decay: str) -> Any:
-  """True where weight decay applies: weight matrices only (not 1-D gains, biases or temperatures,
-  nor biases of any shape, e.g. attention's [heads, head_dim]), and not names matching `no_decay`."""
+  """True where weight decay applies: weight matrices only (not 1-D parameters such as temperatures,
+  nor biases or norm gains of any shape: `NEVER_DECAYED`), and not names matching `no_decay`."""
   flat = traverse_util.flatten_dict(params)
   pattern = re.compile(no_decay) if no_decay else None
   return traverse_util.unflatten_dict({
-      k: (v.ndim > 1 and k[-1] != "bias" and not (pattern and pattern.search(_path_str(k))))
+      k: (v.ndim > 1 and k[-1] not in NEVER_DECAYED and not (pattern and pattern.search(_path_str(k))))
       for k, v in flat.items()})
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any) -> tuple[
     optax.GradientTransformation, Callable]:
-  """Returns (transformation, schedule). `params` may be abstract (shapes only)."""
+  """Returns (transformation, schedule): the learning rate the update of each train step applies.
+  `params` may be abstract (shapes only)."""
   check_known(cfg, OPTIM_KEYS, "optim")
   sched = schedule_fn(cfg, total_steps)
   name = cfg.get("name", "adamw")
@@ -71,14 +77,20 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any
     chain.append(optax.clip_by_global_norm(float(cfg.grad_clip_norm)))
   if name == "adamw":
     chain.append(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8)))
-    if cfg.get("weight_decay", 0.0):
-      mask = decay_mask(params, cfg.get("no_decay", ""))
-      chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=mask))
   elif name == "sgd":
     chain.append(optax.trace(decay=cfg.get("momentum", 0.9)))
   else:
     raise UserError(f"optim.name '{name}' is not one of adamw, sgd.")
-  chain.append(optax.scale_by_learning_rate(sched))
+  if cfg.get("weight_decay", 0.0):  # decoupled: lr * (update + wd * param), for SGD as for AdamW
+    chain.append(optax.add_decayed_weights(float(cfg.weight_decay), mask=decay_mask(params, cfg.get("no_decay", ""))))
+  # With accumulation the inner transformation counts updates, one per `accumulate` train steps,
+  # while the schedule is written in train steps (as total_steps and warmup_steps are): each update
+  # takes the schedule's value at the first train step of its window, which is also what is logged.
+  accumulate = int(cfg.get("accumulate_steps", 1))
+  if accumulate < 1:
+    raise UserError(f"optim.accumulate_steps must be at least 1, got {accumulate}.")
+  per_update = sched if accumulate == 1 else (lambda count: sched(count * accumulate))
+  chain.append(optax.scale_by_learning_rate(per_update))
   tx = optax.chain(*chain)
 
   frozen = cfg.get("frozen", "")
@@ -90,7 +102,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any
     if not any(v == "frozen" for v in traverse_util.flatten_dict(labels).values()):
       raise UserError(f"optim.frozen '{frozen}' matches no parameter.")
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
-  accumulate = int(cfg.get("accumulate_steps", 1))
-  if accumulate > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
-  return tx, sched
+  if accumulate == 1:
+    return tx, sched
+  return optax.MultiSteps(tx, every_k_schedule=accumulate), lambda step: per_update(jnp.asarray(step) // accumulate)

@@ -103,9 +103,12 @@ def plan_train_state(config, model, mesh, rules, example_batch):
   param_shardings = sharding.logical_shardings(abstract_params, mesh, rules)
   state_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
   state_shardings["params"] = param_shardings
+  # `optim.frozen` (optax.multi_transform) leaves MaskedNode placeholders where a branch holds no
+  # state for a parameter: they stay placeholders.
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   state_shardings["opt_state"] = optax.tree_map_params(
-      tx, lambda _, s: s, abstract_state["opt_state"], param_shardings,
-      transform_non_params=lambda _: sharding.replicated(mesh))
+      tx, lambda p, s: p if masked(p) else s, abstract_state["opt_state"], param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
   return init_fn, abstract_state, state_shardings, tx, schedule
 
 

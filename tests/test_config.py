@@ -68,3 +68,11 @@ def test_component_rejects_keys_it_does_not_read():
   with pytest.raises(UserError, match="model.pol_type.*'model.pool_type'"):
     from bigvis.models import build_model
     build_model({"name": "vit", "pol_type": "gap"})
+
+
+def test_a_misspelt_nonfinite_mode_is_refused():
+  """'Skip' matched neither 'stop' nor 'skip' where the loop reads it: a run went on through NaNs and
+  checkpointed them. Now it is a one-sentence error naming the key."""
+  with pytest.raises(UserError, match="config key 'nonfinite' is 'Skip', not one of stop, skip"):
+    config_lib.load("vit_ti_digits", ["nonfinite=Skip"])
+  assert config_lib.load("vit_ti_digits", ["nonfinite=skip"]).nonfinite == "skip"

@@ -1,6 +1,7 @@
-"""The optimizer's weight-decay mask."""
+"""The optimizer: what weight decay reaches, frozen parameters, the schedule under accumulation."""
 import flax.linen as nn
 import jax
+import numpy as np
 from flax import traverse_util
 
 from bigvis.models import build_model, model_config
@@ -18,8 +19,87 @@ def test_weight_decay_reaches_weight_matrices_only():
   attention_biases = [k for k in flat if k[-1] == "bias" and flat[k].ndim == 2]
   assert attention_biases, "the test model has no 2-D biases"
   for k, v in flat.items():
-    assert mask[k] == (v.ndim > 1 and k[-1] != "bias"), ("/".join(k), v.shape)
+    assert mask[k] == (v.ndim > 1 and k[-1] not in ("bias", "scale")), ("/".join(k), v.shape)
   assert any(mask.values())
   assert mask[("encoder", "block00", "block", "attn", "query", "kernel")]
   named = traverse_util.flatten_dict(decay_mask(params, r"(^|/)(cls|pos_embedding)$"))
   assert not named[("cls",)] and not named[("pos_embedding",)] and mask[("cls",)]
+
+
+def _train_steps(overrides, n):
+  """(initial params, params after `n` train steps) of vit_ti_digits with `overrides`, on the 8-device
+  CPU mesh as data 2 x fsdp 4: the trainer's own state plan, shardings and step."""
+  from bigvis import config as config_lib
+  from bigvis import sharding, train
+  from data_pipelines.synthetic import synthetic_batch
+  config = config_lib.load("vit_ti_digits", ["batch_size=16", "mesh.data=2", "mesh.fsdp=4", *overrides])
+  mesh, rules = sharding.mesh_and_rules(config, jax.devices())
+  model, loss_fn = train.model_and_objective(config, mesh)
+  local, _ = sharding.split_host_features(synthetic_batch(config.model, config.batch_size, config.seed))
+  state, shardings, tx, _ = train.create_train_state(config, model, mesh, rules, local)
+  first = jax.tree.map(np.asarray, state["params"])
+  step = train.make_train_step(config, loss_fn, tx, shardings, mesh, rules)
+  batch = sharding.global_batch(local, mesh)
+  with sharding.use_mesh(mesh):
+    for _ in range(n):
+      state, _ = step(state, batch)
+  return first, jax.tree.map(np.asarray, state["params"])
+
+
+def test_frozen_parameters_stay_put_under_a_sharded_plan():
+  """`optim.frozen` (optax.multi_transform: MaskedNode placeholders in the optimizer state) plans
+  its state shardings and trains on a data x fsdp mesh; the frozen parameters stay bit-identical
+  (weight decay included), the others move."""
+  first, after = _train_steps(["optim.frozen=^embedding/", "optim.weight_decay=0.5", "optim.lr=0.01"], 2)
+  flat_first, flat_after = traverse_util.flatten_dict(first), traverse_util.flatten_dict(after)
+  frozen = [k for k in flat_first if k[0] == "embedding"]
+  assert frozen
+  for k in flat_first:
+    if k in frozen:
+      np.testing.assert_array_equal(flat_after[k], flat_first[k], err_msg="/".join(k))
+  assert not np.array_equal(flat_after[("head", "kernel")], flat_first[("head", "kernel")])
+
+
+def test_accumulated_updates_follow_the_schedule_in_train_steps():
+  """With `accumulate_steps` k the optimizer updates once per k train steps (optax.MultiSteps) while
+  total_steps and warmup_steps count train steps: each update applies the schedule at the first
+  train step of its window, and the schedule returned for logging says so. (The schedule was read
+  at the update count, so a run decayed k times too slowly: linear over 8 steps with k = 4 applied
+  1.0 then 0.875, not 1.0 then 0.5.)"""
+  import jax.numpy as jnp
+  import ml_collections
+  from bigvis.optim import make_optimizer
+  cfg = ml_collections.ConfigDict(dict(name="sgd", momentum=0.0, lr=1.0, schedule="linear", warmup_steps=0,
+                                       weight_decay=0.0, grad_clip_norm=0.0, accumulate_steps=4))
+  params = {"w": jnp.zeros(())}
+  tx, schedule = make_optimizer(cfg, 8, params)
+  state, applied = tx.init(params), []
+  for _ in range(8):
+    updates, state = tx.update({"w": jnp.ones(())}, state, params)
+    applied.append(float(-updates["w"]))
+  assert applied == [0, 0, 0, 1.0, 0, 0, 0, 0.5]
+  assert [float(schedule(s)) for s in range(8)] == [1.0] * 4 + [0.5] * 4
+
+
+def test_sgd_takes_weight_decay_and_scanned_gains_are_not_decayed():
+  """SGD applies `weight_decay` (decoupled, as AdamW does) where it was silently ignored; in a
+  scanned ViT (every parameter [layers, ...]) the norms' gains and the biases stay undecayed."""
+  import jax.numpy as jnp
+  import ml_collections
+  from bigvis.optim import make_optimizer
+  cfg = ml_collections.ConfigDict(dict(name="sgd", momentum=0.0, lr=0.1, schedule="constant", warmup_steps=0,
+                                       weight_decay=0.5, grad_clip_norm=0.0))
+  params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}}
+  tx, _ = make_optimizer(cfg, 10, params)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  np.testing.assert_allclose(updates["dense"]["kernel"], -0.05)  # -lr * wd * param
+  np.testing.assert_allclose(updates["dense"]["bias"], 0.0)
+
+  scanned = model_config("vit", variant="mu/4", num_classes=3, scan=True)
+  params = nn.unbox(jax.eval_shape(build_model(scanned).init, jax.random.key(0),
+                                   jax.ShapeDtypeStruct((1, 16, 16, 3), "float32"))["params"])
+  mask = traverse_util.flatten_dict(decay_mask(params, ""))
+  gains = [k for k in mask if k[-1] == "scale" and "blocks" in k]
+  assert gains and all(len(traverse_util.flatten_dict(params)[k].shape) == 2 for k in gains)
+  assert not any(mask[k] for k in gains)
+  assert any(mask[k] for k in mask if k[-1] == "kernel" and "blocks" in k)
