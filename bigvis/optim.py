@@ -21,7 +21,8 @@ SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
 
 def schedule_fn(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[jax.Array], jax.Array]:
-  """Linear warmup to `lr`, then cosine/linear decay to `lr*min_lr_ratio`, rsqrt or constant."""
+  """Linear warmup to `lr`, then cosine/linear decay to `lr*min_lr_ratio`, rsqrt decay towards it, or
+  constant."""
   lr, warmup = float(cfg.lr), int(cfg.get("warmup_steps", 0))
   kind, floor = cfg.get("schedule", "cosine"), float(cfg.get("min_lr_ratio", 0.0))
   if kind not in SCHEDULES:
@@ -38,8 +39,8 @@ def schedule_fn(cfg: ml_collections.ConfigDict, total_steps: int) -> Callable[[j
       decay = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
     elif kind == "linear":
       decay = floor + (1 - floor) * (1 - progress)
-    elif kind == "rsqrt":
-      decay = jnp.sqrt(max(warmup, 1) / jnp.maximum(step + 1, max(warmup, 1)))
+    elif kind == "rsqrt":  # towards the floor like the others, which it never reaches
+      decay = floor + (1 - floor) * jnp.sqrt(max(warmup, 1) / jnp.maximum(step + 1, max(warmup, 1)))
     else:
       decay = 1.0
     return lr * warm * decay

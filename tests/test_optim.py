@@ -103,3 +103,17 @@ def test_sgd_takes_weight_decay_and_scanned_gains_are_not_decayed():
   assert gains and all(len(traverse_util.flatten_dict(params)[k].shape) == 2 for k in gains)
   assert not any(mask[k] for k in gains)
   assert any(mask[k] for k in mask if k[-1] == "kernel" and "blocks" in k)
+
+
+def test_every_decaying_schedule_heeds_min_lr_ratio():
+  """`min_lr_ratio` is the floor of cosine and linear decay (reached at the end) and of rsqrt decay
+  (approached), where rsqrt ignored it."""
+  import ml_collections
+  from bigvis.optim import schedule_fn
+  for kind in ("cosine", "linear", "rsqrt"):
+    sched = schedule_fn(ml_collections.ConfigDict(dict(lr=2.0, warmup_steps=10, schedule=kind, min_lr_ratio=0.25)),
+                        1000)
+    values = np.array([float(sched(s)) for s in range(9, 1000, 7)])  # after the warmup
+    assert values.min() >= 0.5 - 1e-6 and abs(float(sched(9)) - 2.0) < 1e-6, kind
+  rsqrt = schedule_fn(ml_collections.ConfigDict(dict(lr=1.0, warmup_steps=4, schedule="rsqrt", min_lr_ratio=0.0)), 100)
+  np.testing.assert_allclose(float(rsqrt(15)), 0.5)  # sqrt(4 / 16), unchanged without a floor
