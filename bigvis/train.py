@@ -81,6 +81,15 @@ def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   return model, objectives.make_objective(config.objective, model)
 
 
+def check_train_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """data.train.pp's tokenizer must fit the text tower's embedding (`zeroshot.check_tokenizer_fits`)."""
+  from bigvis.evaluators import zeroshot
+  from data_pipelines.tokenizer import Tokenizer
+  model = zeroshot.train_tokenize_args(config).get("model")
+  if model and config.model.get("name") == "clip":
+    zeroshot.check_tokenizer_fits(Tokenizer(model, 1), config, "data.train.pp")
+
+
 def plan_train_state(config, model, mesh, rules, example_batch):
   """Shapes and shardings of the train state, without allocating it (`jax.eval_shape`).
 
@@ -214,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
   first = next(batches)
+  check_train_tokenizer(config)  # before the first step, whose loss it would make NaN
   first_device, _ = _split_private(first)
   state, state_shardings, tx, schedule = create_train_state(config, model, mesh, rules, first_device)
   logging.info("parameters: %s", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")

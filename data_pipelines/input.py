@@ -75,6 +75,10 @@ def _reader_stream(cfg, where: str, reader: int, num_readers: int, *, batch: int
     ds = ds.shuffle(buffer, seed=seed + 7919 * reader, reshuffle_each_iteration=True)
   ds = ds.skip(start_step * batch)
   ds = _preprocess(ds, cfg.get("pp", ""), seed, reader, start=start_step * batch)
+  # An image whose header and end marker pass the reader's check (`shards.check_image`) can still be
+  # damaged inside; decoding it fails in `pp`. Skipped with tf.data's warning (not counted: the
+  # counts travel with the records, and this one is gone) rather than stopping a long run.
+  ds = ds.ignore_errors(log_warning=True)
   return ds.batch(batch, drop_remainder=True)
 
 

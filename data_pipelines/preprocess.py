@@ -184,15 +184,27 @@ def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
 @register("decode_jpeg_and_inception_crop")
 def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: float = 100,
                                    method: str = "bilinear", antialias: bool = True, key: str = "image") -> Op:
-  """Decodes only the cropped window of a JPEG: the fast path of decode|inception_crop."""
-  def fn(data, seed):
-    shape = tf.image.extract_jpeg_shape(data)
+  """Decodes only the cropped window of a JPEG: the fast path of decode|inception_crop. Other formats
+  the shards hold (PNG, GIF, BMP; the reader accepts them) take that slow path, the same crop."""
+  def window(shape, seed):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
         area_range=(area_min / 100, area_max / 100), min_object_covered=0,
         use_image_if_no_bounding_boxes=True)
-    window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
-    crop = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+    return begin, crop_size
+
+  def jpeg(data, seed):
+    begin, crop_size = window(tf.image.extract_jpeg_shape(data), seed)
+    return tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]),
+                                         channels=3)
+
+  def other(data, seed):
+    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    begin, crop_size = window(tf.shape(image), seed)
+    return tf.slice(image, begin, crop_size)
+
+  def fn(data, seed):
+    crop = tf.cond(tf.io.is_jpeg(data), lambda: jpeg(data, seed), lambda: other(data, seed))
     crop.set_shape([None, None, 3])
     return _resize_like(crop, _as_size(size), method, antialias) if size else crop
   return _image_op(fn, key)
@@ -261,9 +273,18 @@ def invert(key: str = "image") -> Op:
 @register("onehot")
 def onehot(depth: int, key: str = "label", key_result: str = "labels",
            on: float = 1.0, off: float = 0.0) -> Op:
-  """Integer label -> float32 one-hot vector of length `depth` (multi-label ids are summed)."""
+  """Integer label -> float32 one-hot vector of length `depth` (multi-label ids are summed; -1 pads a
+  list of them). A label outside [0, depth) stops the pipeline with a message naming it: tf.one_hot
+  would make it an all-zero target, a loss of 0 and class 0 in accuracy (a missing label reads -1,
+  a dataset with more classes than `depth` overflows)."""
   def op(features, seed):
     label = tf.cast(features[key], tf.int32)
+    checks = [tf.debugging.assert_less(label, depth, message=f"onehot({depth}): a '{key}' is {depth} or more")]
+    if label.shape.rank == 0:
+      checks.append(tf.debugging.assert_non_negative(label, message=f"onehot({depth}): a '{key}' is negative "
+                                                                    "(missing)"))
+    with tf.control_dependencies(checks):
+      label = tf.identity(label)
     vec = tf.one_hot(label, depth, on_value=on, off_value=off, dtype=tf.float32)
     if vec.shape.rank == 2:
       vec = tf.reduce_max(vec, axis=0)

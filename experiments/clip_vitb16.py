@@ -86,7 +86,8 @@ def clip_paper_config(name: str, *, image: str, text: str, embed_dim: int, lr: f
                       no_decay=r"(^|/)(cls|pos_embedding)$"))
   c.data.train = data_config(
       source="shards", shards="", shuffle_buffer=250_000,
-      # The paper's only augmentation: a random square crop of the resized image.
+      # The one augmentation, as open_clip trains (RandomResizedCrop, scale 0.9-1): 90-100 % of the
+      # area at 3/4-4/3 aspect, resized to 224; the paper describes a random square crop.
       pp=f"decode_jpeg_and_inception_crop(224, area_min=90)|normalize('clip')"
          f"|tokenize({CONTEXT}, model='{tok}')|keep('image', 'labels')")
   eval_pp = "decode|resize_small(224, method='bicubic')|central_crop(224)|normalize('clip')"

@@ -36,6 +36,9 @@ def _bad_and_convertible_examples() -> tuple[list[bytes], dict[str, int], int]:
   bad = [
       ex(b"\xff\xd8\xff\xe0not really a jpeg at all", key="corrupt"),
       ex(jpeg[: len(jpeg) // 2], key="truncated"),
+      # Header and end marker intact, the scan zeroed: passes the reader's check, fails to decode
+      # (skipped with tf.data's warning, not counted).
+      ex(jpeg[:300] + bytes(len(jpeg) - 302) + b"\xff\xd9", key="damaged_scan"),
       ex(b"", key="zero_bytes"),
       ex(_encode(Image.new("RGB", (40, 40)), "PNG"), key="too_large"),  # 1,600 px > the 1,000 limit below
       ex(jpeg, text="", key="empty_caption"),
@@ -58,6 +61,8 @@ def _bad_and_convertible_examples() -> tuple[list[bytes], dict[str, int], int]:
 
 
 def test_clip_run_skips_and_counts_each_kind_of_bad_record(tmp_path, capsys):
+  """Each kind of bad record is skipped and counted; an image damaged past its header is skipped
+  where decoding fails; the run finishes with a finite loss."""
   good = _good_examples(40)
   records, expected, n_convertible = _bad_and_convertible_examples()
   out = tmp_path / "shards"

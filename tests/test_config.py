@@ -76,3 +76,27 @@ def test_a_misspelt_nonfinite_mode_is_refused():
   with pytest.raises(UserError, match="config key 'nonfinite' is 'Skip', not one of stop, skip"):
     config_lib.load("vit_ti_digits", ["nonfinite=Skip"])
   assert config_lib.load("vit_ti_digits", ["nonfinite=skip"]).nonfinite == "skip"
+
+
+def test_an_eval_key_no_evaluator_reads_is_refused():
+  """`pp_txt` was accepted by every evaluator and never read (prompts are tokenized by `tokenizer` and
+  `context_length`); like any key nothing reads, it is now an error naming it."""
+  import ml_collections
+  from bigvis.evaluators import zeroshot
+  cfg = ml_collections.ConfigDict(dict(type="zeroshot", data={}, pp_txt="tokenize(8)"))
+  with pytest.raises(UserError, match="unknown config key 'evals.zs.pp_txt'"):
+    zeroshot.Evaluator(cfg, name="zs", model=None, mesh=None)
+
+
+def test_a_tokenizer_larger_than_the_text_embedding_is_refused():
+  """clip_ti_digits' tokenizer has more pieces than a 40-row text embedding: its ids would index past
+  it and the loss turn NaN at the first step ('lower optim.lr'); now the run stops before, naming
+  both sizes and the key to change."""
+  from bigvis import train
+  from bigvis.evaluators import zeroshot
+  config = config_lib.load("clip_ti_digits", ["model.text.vocab_size=40"])
+  with pytest.raises(UserError, match="data.train.pp's tokenizer .* pieces but model.text.vocab_size is 40"):
+    train.check_train_tokenizer(config)
+  train.check_train_tokenizer(config_lib.load("clip_ti_digits"))  # the experiment as written fits
+  with pytest.raises(UserError, match="evals.zs's tokenizer .* but model.text.vocab_size is 40"):
+    zeroshot.text_tokenizer({"tokenizer": "bundled:digits"}, config, "evals.zs")

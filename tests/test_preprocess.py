@@ -120,3 +120,26 @@ def test_inception_crop_antialias_switch():
   np.testing.assert_allclose(plain, tf.image.resize(full, (16, 16), antialias=False).numpy(), atol=1e-3)
   np.testing.assert_allclose(smooth, tf.image.resize(full, (16, 16), antialias=True).numpy(), atol=1e-3)
   assert np.abs(plain - smooth).max() > 10
+
+
+def test_jpeg_crop_op_takes_the_other_formats_the_reader_accepts():
+  """`decode_jpeg_and_inception_crop` on a PNG (the bundled digits are PNGs; the shard reader accepts
+  PNG, GIF and BMP) crops it like `decode|inception_crop` instead of stopping the pipeline."""
+  arr, data = _png(48, 64)
+  op = preprocess.build("decode_jpeg_and_inception_crop(24, area_min=100)")
+  out = op({"image": tf.constant(data)}, SEED)["image"].numpy()
+  want = preprocess.build("decode|inception_crop(24, area_min=100)")(
+      {"image": tf.constant(data)}, SEED)["image"].numpy()
+  assert out.shape == (24, 24, 3)
+  np.testing.assert_allclose(out, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("label", [-1, 10, 12])
+def test_onehot_refuses_labels_outside_its_depth(label):
+  """A missing (-1) or too large label stops with a message naming the op, not an all-zero target;
+  -1 still pads a list of labels."""
+  op = preprocess.build("onehot(10)")
+  with pytest.raises(tf.errors.InvalidArgumentError, match="onehot\\(10\\)"):
+    op({"label": tf.constant(label, tf.int64)}, SEED)
+  padded = op({"label": tf.constant([3, 5, -1], tf.int64)}, SEED)["labels"].numpy()
+  np.testing.assert_array_equal(padded, np.eye(10)[3] + np.eye(10)[5])

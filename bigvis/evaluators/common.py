@@ -12,7 +12,7 @@ from bigvis import sharding
 from data_pipelines import input as data_input
 
 EVAL_KEYS = ("type", "data", "batch_size", "every_steps", "class_names", "prompts", "tokenizer",
-             "context_length", "pp_txt")
+             "context_length")
 
 
 def eval_batch_size(cfg: ml_collections.ConfigDict, mesh) -> int:

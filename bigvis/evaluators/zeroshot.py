@@ -109,7 +109,21 @@ def text_tokenizer(cfg: ml_collections.ConfigDict | dict, config: ml_collections
   length = int(cfg.get("context_length") or train_args.get("max_len") or model_len or 77)
   if model_len and length > model_len:
     raise UserError(f"{where}.context_length={length} exceeds the text tower's context length {model_len}.")
-  return Tokenizer(model_path, length, bool(train_args.get("lower", True)))
+  tokenizer = Tokenizer(model_path, length, bool(train_args.get("lower", True)))
+  check_tokenizer_fits(tokenizer, config, where)
+  return tokenizer
+
+
+def check_tokenizer_fits(tokenizer, config: ml_collections.ConfigDict | None, where: str) -> None:
+  """A one-sentence error where the tokenizer has more pieces than the text tower's embedding has
+  rows: their ids would index past it (NaN losses, read as a learning-rate problem)."""
+  from bigvis.models.text import TextTransformer
+  if config is None or "model" not in config or config.model.get("name") != "clip":
+    return
+  rows = int(config.model.get("text", {}).get("vocab_size") or TextTransformer.vocab_size)
+  if tokenizer.vocab_size > rows:
+    raise UserError(f"{where}'s tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but "
+                    f"model.text.vocab_size is {rows}; set model.text.vocab_size to at least {tokenizer.vocab_size}.")
 
 
 def ensemble(ztxt: np.ndarray) -> np.ndarray:
