@@ -241,8 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed from step %d", start_step)
   writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
   if primary:
-    # Rows past the checkpoint are rewritten exactly; a finished run re-evaluates its last step.
-    metrics_lib.truncate_after(writer.path, start_step, drop_eval_at_step=start_step >= config.total_steps)
+    # Rows past the checkpoint are rewritten exactly, and evals at it are redone: the checkpoint is
+    # saved before that step's evals, so a run stopped between the two (SIGTERM, a crash in an
+    # evaluator) would otherwise never log them; a finished run re-evaluates its last step.
+    metrics_lib.truncate_after(writer.path, start_step, drop_eval_at_step=start_step > 0)
 
   # Compile ahead of time: compile cost and FLOPs are known before the first step.
   train_step = make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
@@ -303,6 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   step, last_log_t, last_log_step = start_step, time.time(), start_step
   pending, last_metrics, skipped = first, {}, None
   try:
+    if 0 < start_step < config.total_steps:
+      evaluate(start_step)  # those due at the restored step (see truncate_after above)
     while step < config.total_steps:
       device_batch, private = _split_private(pending)
       # The compiled step carries its shardings: no mesh context needed per step.

@@ -115,3 +115,36 @@ def test_default_experiment_learns_digits(tmp_path, monkeypatch):
   assert again["eval/test/accuracy"] == final["eval/test/accuracy"]
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert sum("eval/test/accuracy" in r for r in rows) == 1
+
+
+def test_evals_due_at_the_resume_step_are_not_lost(tmp_path, monkeypatch):
+  """A step's checkpoint is saved before its evals; a run stopped between the two (SIGTERM, or a
+  crash in an evaluator, as here) resumes at that step and runs its evals there, so metrics.jsonl
+  has every eval row the uninterrupted run has."""
+  from bigvis.evaluators import classification
+
+  def run(overrides, workdir):
+    c = config_lib.load("vit_ti_digits", ["total_steps=8", "log_every_steps=2", "checkpoint_every_steps=3",
+                                          "eval_every_steps=3", "batch_size=32", "optim.warmup_steps=2",
+                                          "mesh.data=1", *overrides])
+    return train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
+
+  def eval_steps(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    return sorted(r["step"] for r in rows if any(k.startswith("eval/") for k in r))
+  run([], tmp_path / "whole")
+  real, calls = classification.Evaluator.run, []
+
+  def failing_at_step_6(self, params):
+    calls.append(1)
+    if len(calls) == 2:  # step 3's eval ran; step 6's checkpoint is saved, then its eval fails
+      raise RuntimeError("evaluator crashed")
+    return real(self, params)
+  monkeypatch.setattr(classification.Evaluator, "run", failing_at_step_6)
+  with pytest.raises(RuntimeError, match="evaluator crashed"):
+    run([], tmp_path / "stopped")
+  monkeypatch.setattr(classification.Evaluator, "run", real)
+  run([], tmp_path / "stopped")  # resumes at step 6
+  assert eval_steps(tmp_path / "whole") == [3, 6, 8]
+  assert eval_steps(tmp_path / "stopped") == [3, 6, 8]
