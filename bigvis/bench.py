@@ -32,8 +32,8 @@ if TYPE_CHECKING:  # jax and the models load lazily, so `bigvis --help` stays fa
 def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> str:
   """A one-line summary of what is timed, e.g. `vit B/16 224px bfloat16 attn=auto:cudnn pool=gap ...
   patch=matmul gelu=auto:pallas norm=auto:pallas+residual` (GELU: `pallas` for the kernels, which save
-  only its input, `xla+recomputed`/`recomputed` for XLA's recomputed one; `+residual` where the norms'
-  kernels take the residual adds).
+  only its input, `xla+recomputed` for XLA's recomputed one; `+residual` where the norms' kernels take
+  the residual adds).
 
   `auto` attention, GELU and norms show what they resolve to on `device` (default: the process's
   first).
@@ -60,11 +60,10 @@ def describe_model(model_cfg: ml_collections.ConfigDict, device: Any = None) -> 
           value = f"auto:{r[key]}"
         parts.append(f"{short}={value}")
     gelu = r.get("gelu_impl", c.get("gelu_impl", "xla"))  # the kernels save only h, whatever recompute_gelu says
-    gelu = gelu + "+recomputed" if gelu == "xla" and c.get("recompute_gelu") else gelu
-    if c.get("gelu_impl") == "auto":
-      parts.append(f"gelu=auto:{gelu}")
-    elif gelu != "xla":
-      parts.append("gelu=" + gelu.replace("xla+", ""))
+    if gelu == "xla" and c.get("recompute_gelu"):
+      gelu = "xla+recomputed"
+    if c.get("gelu_impl") == "auto" or gelu != "xla":
+      parts.append("gelu=" + ("auto:" if c.get("gelu_impl") == "auto" else "") + gelu)
     if "norm_impl" in c:
       parts.append(f"norm={c['norm_impl']}" + (f":{r['norm_impl']}" if c["norm_impl"] == "auto" else ""))
       if norm_kernels_take_residual_adds(r["norm_impl"], c.get("dropout", 0.0), c.get("residual_in_norm", True)):

@@ -86,7 +86,7 @@ def check_train_tokenizer(config: ml_collections.ConfigDict) -> None:
   from bigvis.evaluators import zeroshot
   from data_pipelines.tokenizer import Tokenizer
   model = zeroshot.train_tokenize_args(config).get("model")
-  if model and config.model.get("name") == "clip":
+  if model:
     zeroshot.check_tokenizer_fits(Tokenizer(model, 1), config, "data.train.pp")
 
 

@@ -94,14 +94,17 @@ def _as_size(size) -> tuple[int, int]:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def _decode_image(data: tf.Tensor, channels: int = 3) -> tf.Tensor:
+  """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, channels] (alpha dropped, 16-bit scaled)."""
+  image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
+  image.set_shape([None, None, channels])
+  return image
+
+
 @register("decode")
 def decode(channels: int = 3, key: str = "image") -> Op:
   """Encoded JPEG/PNG/GIF/BMP bytes -> uint8 [H, W, channels] (alpha dropped, 16-bit scaled)."""
-  def fn(data, seed):
-    image = tf.io.decode_image(data, channels=channels, expand_animations=False, dtype=tf.uint8)
-    image.set_shape([None, None, channels])
-    return image
-  return _image_op(fn, key)
+  return _image_op(lambda data, seed: _decode_image(data, channels), key)
 
 
 def _resize_like(image: tf.Tensor, size: tuple, method: str = "bilinear", antialias: bool = True) -> tf.Tensor:
@@ -166,17 +169,26 @@ def random_crop(size, key: str = "image") -> Op:
   return _image_op(fn, key)
 
 
+def _inception_window(shape: tf.Tensor, seed: tf.Tensor, area_min: float, area_max: float) -> tuple:
+  """(begin, size) of a random crop of `area_min`-`area_max` % of an image of `shape`, 3/4-4/3 aspect."""
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=seed, area_range=(area_min / 100, area_max / 100),
+      min_object_covered=0, use_image_if_no_bounding_boxes=True)
+  return begin, crop_size
+
+
+def _inception_crop(image: tf.Tensor, seed: tf.Tensor, area_min: float, area_max: float) -> tf.Tensor:
+  crop = tf.slice(image, *_inception_window(tf.shape(image), seed, area_min, area_max))
+  crop.set_shape([None, None, image.shape[-1]])
+  return crop
+
+
 @register("inception_crop")
 def inception_crop(size=None, area_min: float = 5, area_max: float = 100,
                    method: str = "bilinear", key: str = "image") -> Op:
   """Random crop of 5%-100% of the area and 3/4-4/3 aspect (Szegedy et al.), then resize."""
   def fn(image, seed):
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seed,
-        area_range=(area_min / 100, area_max / 100), min_object_covered=0,
-        use_image_if_no_bounding_boxes=True)
-    crop = tf.slice(image, begin, crop_size)
-    crop.set_shape([None, None, image.shape[-1]])
+    crop = _inception_crop(image, seed, area_min, area_max)
     return _resize_like(crop, _as_size(size), method) if size else crop
   return _image_op(fn, key)
 
@@ -186,25 +198,14 @@ def decode_jpeg_and_inception_crop(size=None, area_min: float = 5, area_max: flo
                                    method: str = "bilinear", antialias: bool = True, key: str = "image") -> Op:
   """Decodes only the cropped window of a JPEG: the fast path of decode|inception_crop. Other formats
   the shards hold (PNG, GIF, BMP; the reader accepts them) take that slow path, the same crop."""
-  def window(shape, seed):
-    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
-        area_range=(area_min / 100, area_max / 100), min_object_covered=0,
-        use_image_if_no_bounding_boxes=True)
-    return begin, crop_size
-
   def jpeg(data, seed):
-    begin, crop_size = window(tf.image.extract_jpeg_shape(data), seed)
+    begin, crop_size = _inception_window(tf.image.extract_jpeg_shape(data), seed, area_min, area_max)
     return tf.image.decode_and_crop_jpeg(data, tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]]),
                                          channels=3)
 
-  def other(data, seed):
-    image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-    begin, crop_size = window(tf.shape(image), seed)
-    return tf.slice(image, begin, crop_size)
-
   def fn(data, seed):
-    crop = tf.cond(tf.io.is_jpeg(data), lambda: jpeg(data, seed), lambda: other(data, seed))
+    crop = tf.cond(tf.io.is_jpeg(data), lambda: jpeg(data, seed),
+                   lambda: _inception_crop(_decode_image(data), seed, area_min, area_max))
     crop.set_shape([None, None, 3])
     return _resize_like(crop, _as_size(size), method, antialias) if size else crop
   return _image_op(fn, key)

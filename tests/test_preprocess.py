@@ -124,14 +124,15 @@ def test_inception_crop_antialias_switch():
 
 def test_jpeg_crop_op_takes_the_other_formats_the_reader_accepts():
   """`decode_jpeg_and_inception_crop` on a PNG (the bundled digits are PNGs; the shard reader accepts
-  PNG, GIF and BMP) crops it like `decode|inception_crop` instead of stopping the pipeline."""
+  PNG, GIF and BMP) makes the random crop `inception_crop` makes of the decoded image with the same
+  seed, instead of stopping the pipeline; seeds that differ give other crops."""
   arr, data = _png(48, 64)
-  op = preprocess.build("decode_jpeg_and_inception_crop(24, area_min=100)")
-  out = op({"image": tf.constant(data)}, SEED)["image"].numpy()
-  want = preprocess.build("decode|inception_crop(24, area_min=100)")(
-      {"image": tf.constant(data)}, SEED)["image"].numpy()
+  run = lambda spec, image, seed=SEED: preprocess.build(spec)({"image": tf.constant(image)}, seed)["image"].numpy()  # noqa: E731
+  out = run("decode_jpeg_and_inception_crop(24)", data)
   assert out.shape == (24, 24, 3)
-  np.testing.assert_allclose(out, want, atol=1e-4)
+  np.testing.assert_allclose(out, run("inception_crop(24)", arr), atol=1e-4)  # the op at position 0: one seed
+  others = [run("decode_jpeg_and_inception_crop(24)", data, tf.constant([1, s], tf.int64)) for s in range(3, 7)]
+  assert any(np.abs(o - out).max() > 1 for o in others)
 
 
 @pytest.mark.parametrize("label", [-1, 10, 12])
