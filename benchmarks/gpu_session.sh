@@ -13,11 +13,11 @@
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
 # so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
-# runs the two goals, each followed by the same family with XLA's GELU instead of the kernels, the
-# kernels' tiling sweep, then B/16 with the residual adds in XLA, in about 9 minutes (the ninth session's one
-# command, with that session's candidates, took 532 s on an H200). $OUT ends with up to 6 files
-# (pallas_check.jsonl, kernel_sweep.jsonl, peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine
-# returns at most 8).
+# runs the ViT-B/16 goal, the kernels' tiling sweep (the fastest per kernel into $OUT/tiles.json),
+# B/16 with those tilings, the CLIP goal and CLIP with them, then B/16 with XLA's GELU, in about 9
+# minutes (the twelfth session's goals and candidates took 511 s on an H200). $OUT ends with up to 7
+# files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json, peers.jsonl, kernels.txt, hlo.tgz,
+# table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
 case "$PART" in all|1|2|goals) ;; *) echo "PART must be all, 1, 2 or goals, not '$PART'" >&2; exit 2 ;; esac
@@ -54,10 +54,10 @@ peers() { "$PY" benchmarks/peers.py --out "$J" --steps 20 --warmup 3 --no-ceilin
 b16() { peers --timeout 120 --skip-torch --only bigvis_vit_b16_default "$@"; }
 
 # The defaults since the ninth session (H200: B/16 +2.5 %, CLIP +3.0 %) are recomputed GELU, the
-# Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT; since the tenth (unmeasured),
-# the residual adds and the q/k/v input gradients' sum in those norms' kernels; since the eleventh
-# (unmeasured), GELU forward and backward as Triton kernels with fewer instructions an element
-# (gelu_impl=auto). What is left to try:
+# Pallas LayerNorms (norm_impl=auto) and three q/k/v GEMMs in the ViT; since the tenth, the residual
+# adds and the q/k/v input gradients' sum in those norms' kernels (B/16 +5.1 %, twelfth session);
+# since the eleventh, GELU forward and backward as Triton kernels (gelu_impl=auto: B/16 +1.6 %,
+# CLIP +1.8 %, twelfth session). The switches that turn each off, and the old defaults:
 GELU_XLA=(--bigvis-set model.gelu_impl=xla)  # XLA's GELU fusions, recomputed (the ninth session's)
 RESID=(--bigvis-set model.residual_in_norm=false)  # the residual adds back in XLA's fusions
 SAVED=(--bigvis-set model.recompute_gelu=false)  # with GELU_XLA, GELU saved: never timed apart from the Pallas norms
@@ -79,10 +79,17 @@ kernel_check() {
 }
 # Each kernel alone under other tilings (pallas_kernels.TILES, chosen without a profile): the
 # LayerNorm kernels ran at 2.3-3 TB/s on the H200 (ninth session), the card can do ≈4.
+# The fastest tiling per kernel goes to $OUT/tiles.json, which the *_tuned runs time in a whole step.
 kernel_sweep() {
   log "Pallas kernels' tilings"
-  room 70 timeout 150 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 | tee "$OUT/kernel_sweep.jsonl" \
-    | grep fastest
+  room 70 timeout 150 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 --tiles-out "$OUT/tiles.json" \
+    | tee "$OUT/kernel_sweep.jsonl" | grep fastest
+}
+TUNED=(--kernel-tiles "$OUT/tiles.json")
+vit_tuned() { [ -s "$OUT/tiles.json" ] && room 50 b16 "${TUNED[@]}" --tag _tuned_tiles; }
+clip_tuned() {
+  [ -s "$OUT/tiles.json" ] && room 90 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${TUNED[@]}" \
+    --tag _tuned_tiles
 }
 # 1. The goals side by side, the experiments as they are: the card's matmul ceiling (the basis of
 #    "fraction of the ceiling") and ViT-B/16 against timm; CLIP B/16 against open_clip.
@@ -132,11 +139,11 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check vit_goal vit_resid vit_gelu_xla vit_old vit_fused profile vit_saved) ;;
-  2) steps=(clip_goal clip_gelu_xla clip_old kernel_sweep large extras) ;;
-  goals) steps=(kernel_check vit_goal vit_gelu_xla clip_goal clip_gelu_xla kernel_sweep vit_resid) ;;
-  all) steps=(kernel_check vit_goal vit_resid vit_gelu_xla vit_old vit_fused profile vit_saved clip_goal
-              clip_gelu_xla clip_old kernel_sweep large extras) ;;
+  1) steps=(kernel_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved) ;;
+  2) steps=(clip_goal clip_tuned clip_gelu_xla clip_old large vit_fused extras) ;;
+  goals) steps=(vit_goal kernel_sweep vit_tuned clip_goal clip_tuned vit_gelu_xla) ;;
+  all) steps=(kernel_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved
+              clip_goal clip_tuned clip_gelu_xla clip_old large vit_fused extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table

@@ -7,16 +7,19 @@ XLA fusions it replaces, before whole-step timings mix them with everything else
   python benchmarks/pallas_kernels_check.py                        # ViT-B/16 at batch 256, bf16
   python benchmarks/pallas_kernels_check.py --rows 19712 --width 512 --mlp 2048   # CLIP text tower
 
-Prints one JSON line per kernel: forward + backward time of each implementation (ms, the median of
-`--steps` runs), and the largest error of the Pallas outputs and gradients relative to each
-array's largest XLA value. `--interpret` runs the kernels in Pallas's interpreter (any backend).
+Prints one JSON line per kernel: forward + backward time of each implementation (ms a call: the median
+of `--steps` timings of `--calls` calls dispatched back to back), and the largest error of the Pallas
+outputs and gradients relative to each array's largest XLA value (`rel_errs`: per output, the loss
+first, then each argument's gradient; for GELU in bfloat16 also each one's errors against the same
+loss in float32). `--interpret` runs the kernels in Pallas's interpreter (any backend).
 
   python benchmarks/pallas_kernels_check.py --sweep     # each kernel alone, under other tilings
 
 `--sweep` times each of the four kernels alone (ViT-B/16's shapes: the attention norm's backward
 with three copies, the MLP norm's forward with the residual add) under alternatives to
 `pallas_kernels.TILES` (rows per program, warps, pipeline stages): one JSON line per setting with
-its ms, GB/s and largest difference from the current setting's output, then the fastest per kernel.
+its ms, GB/s and largest difference from the current setting's output, then the fastest per kernel
+(with `--tiles-out FILE.json`, also as a file `peers.py --kernel-tiles` times a whole step with).
 """
 from __future__ import annotations
 
@@ -37,32 +40,47 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from bigvis.models import pallas_kernels  # noqa: E402
 
 
-def _time_ms(fn: Callable, args: tuple, steps: int) -> float:
+def _time_ms(fn: Callable, args: tuple, steps: int, calls: int) -> float:
+  """The median over `steps` of the time per call of `calls` calls dispatched back to back, one wait at
+  the end: the device's time. One call waited on at a time adds the host's dispatch and wait, ≈0.1 ms
+  on a GPU, as much as a kernel takes at these shapes (the twelfth session's sweep timed that noise)."""
   jax.block_until_ready(fn(*args))  # compile and warm up
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
+    outs = [fn(*args) for _ in range(calls)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) * 1e3 / calls)
   return statistics.median(times)
 
 
-def _max_rel_err(reference: Any, candidate: Any) -> float:
-  errs = [float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+def _rel_errs(reference: Any, candidate: Any) -> list[float]:
+  """Per output (the loss, then each argument's gradient): the largest difference relative to that
+  array's largest reference value."""
+  return [float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
           / max(float(np.max(np.abs(np.asarray(a, np.float32)))), 1e-30)
           for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(candidate))]
-  return max(errs)
 
 
-def compare(name: str, xla_fn: Callable, pallas_fn: Callable, args: tuple, steps: int) -> dict:
-  """Value and gradients of two scalar functions of `args`, jitted; their times and disagreement."""
-  xla_grad = jax.jit(jax.value_and_grad(xla_fn, argnums=tuple(range(len(args)))))
-  pallas_grad = jax.jit(jax.value_and_grad(pallas_fn, argnums=tuple(range(len(args)))))
+def compare(name: str, xla_fn: Callable, pallas_fn: Callable, args: tuple, steps: int, calls: int,
+            f32_fn: Callable | None = None) -> dict:
+  """Value and gradients of two scalar functions of `args`, jitted; their times and disagreement.
+  With `f32_fn` (the same loss computed in float32) and low-precision `args`, also each one's error
+  against it: which of the two is the coarse one where they disagree."""
+  argnums = tuple(range(len(args)))
+  xla_grad = jax.jit(jax.value_and_grad(xla_fn, argnums=argnums))
+  pallas_grad = jax.jit(jax.value_and_grad(pallas_fn, argnums=argnums))
   reference, candidate = xla_grad(*args), pallas_grad(*args)
-  return {"kernel": name, "shape": list(args[0].shape), "dtype": str(args[0].dtype),
-          "xla_ms": round(_time_ms(xla_grad, args, steps), 4),
-          "pallas_ms": round(_time_ms(pallas_grad, args, steps), 4),
-          "max_rel_err": _max_rel_err(reference, candidate)}
+  errs = _rel_errs(reference, candidate)
+  record = {"kernel": name, "shape": list(args[0].shape), "dtype": str(args[0].dtype),
+            "xla_ms": round(_time_ms(xla_grad, args, steps, calls), 4),
+            "pallas_ms": round(_time_ms(pallas_grad, args, steps, calls), 4),
+            "max_rel_err": max(errs), "rel_errs": [float(f"{e:.3g}") for e in errs]}
+  if f32_fn is not None and args[0].dtype != jnp.float32:
+    exact = jax.jit(jax.value_and_grad(f32_fn, argnums=argnums))(*(a.astype(jnp.float32) for a in args))
+    record["xla_rel_errs_vs_f32"] = [float(f"{e:.3g}") for e in _rel_errs(exact, reference)]
+    record["pallas_rel_errs_vs_f32"] = [float(f"{e:.3g}") for e in _rel_errs(exact, candidate)]
+  return record
 
 
 def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool, copies: int = 1, biases: bool = False,
@@ -104,9 +122,9 @@ def layernorm_case(rows: int, width: int, dtype: Any, interpret: bool, copies: i
   return xla, pallas, (x, scale, bias, b, r, a)
 
 
-def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Callable, Callable, tuple]:
-  """(XLA's, the kernel's loss, their arguments) for GELU(h + bias) after the first MLP GEMM:
-  loss = <GELU(h + bias), c>."""
+def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Callable, Callable, tuple, Callable]:
+  """(XLA's, the kernel's loss, their arguments, XLA's loss in float32) for GELU(h + bias) after the
+  first MLP GEMM: loss = <GELU(h + bias), c>."""
   keys = jax.random.split(jax.random.key(1), 3)
   h = (jax.random.normal(keys[0], (rows, mlp)) * 2).astype(dtype)
   bias = (0.1 * jax.random.normal(keys[1], (mlp,))).astype(dtype)
@@ -117,7 +135,10 @@ def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Ca
 
   def pallas(h, bias):
     return jnp.sum(pallas_kernels.bias_gelu(h, bias, interpret=interpret).astype(jnp.float32) * c)
-  return xla, pallas, (h, bias)
+
+  def f32(h, bias):
+    return jnp.sum(nn.gelu(h + bias) * c.astype(jnp.float32))
+  return xla, pallas, (h, bias), f32
 
 
 # Alternatives to pallas_kernels.TILES that --sweep times, per kernel (the current setting first).
@@ -167,7 +188,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
       try:
         fn = jax.jit(lambda *a: call(*a))  # a new function, so a new trace: the kernel reads TILES then
         out = jax.block_until_ready(fn(*call_args))
-        ms = _time_ms(fn, call_args, args.steps)
+        ms = _time_ms(fn, call_args, args.steps, args.calls)
       except Exception as e:  # a tiling Triton cannot compile: say so, go on
         records.append({"kernel": name, **setting, "error": f"{type(e).__name__}: {str(e)[:200]}"})
         continue
@@ -190,9 +211,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--width", type=int, default=768, help="model width (LayerNorm)")
   p.add_argument("--mlp", type=int, default=3072, help="MLP hidden width (GELU)")
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--steps", type=int, default=20, help="timings; the median is printed")
+  p.add_argument("--calls", type=int, default=20, help="calls dispatched back to back in each timing")
   p.add_argument("--interpret", action="store_true", help="run the kernels in Pallas's interpreter")
   p.add_argument("--sweep", action="store_true", help="time each kernel alone under other tilings")
+  p.add_argument("--tiles-out", metavar="FILE.json",
+                 help="with --sweep: write the fastest tiling per kernel, for peers.py --kernel-tiles")
   return p.parse_args(argv)
 
 
@@ -201,13 +225,18 @@ def main(argv: list[str] | None = None) -> int:
   dtype = jnp.dtype(args.dtype)
   if args.sweep:
     records = sweep(args)
+    fastest = {}
     for name in SWEEP:
       timed = [r for r in records if r["kernel"] == name and "ms" in r]
       current = [r["ms"] for r in timed if all(r[k] == v for k, v in pallas_kernels.TILES[name].items())]
       if timed:
         best = min(timed, key=lambda r: r["ms"])
+        fastest[name] = {k: best[k] for k in pallas_kernels.TILES[name]}
         print(json.dumps({"fastest": name, **best, "current_ms": current[0] if current else None,
                           "device": jax.devices()[0].device_kind}), flush=True)
+    if args.tiles_out:
+      with open(args.tiles_out, "w") as f:
+        json.dump(fastest, f)
     return 0
   cases = (
       ("layernorm", layernorm_case(args.rows, args.width, dtype, args.interpret)),
@@ -217,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
       ("layernorm_three_copies", layernorm_case(args.rows, args.width, dtype, args.interpret, copies=3)),
       ("bias_gelu", bias_gelu_case(args.rows, args.mlp, dtype, args.interpret)))
   for name, case in cases:
-    print(json.dumps({**compare(name, *case, steps=args.steps), "device": jax.devices()[0].device_kind}),
-          flush=True)
+    xla, pallas, case_args, *f32 = case
+    record = compare(name, xla, pallas, case_args, steps=args.steps, calls=args.calls, f32_fn=(f32 or [None])[0])
+    print(json.dumps({**record, "device": jax.devices()[0].device_kind}), flush=True)
   return 0
 
 

@@ -69,11 +69,18 @@ SMOKE_VARIANTS = (
 def _run_specs(args: argparse.Namespace) -> list[dict]:
   """What to measure, in order: the matmul ceiling, then per family the peer and the bigvis variants."""
   specs: list[dict] = []
+  tiles = None
+  if args.kernel_tiles:  # read here, so a wrong path stops the script before any run
+    try:
+      with open(args.kernel_tiles) as f:
+        tiles = json.load(f)
+    except (OSError, ValueError) as e:
+      raise SystemExit(f"peers: --kernel-tiles {args.kernel_tiles} is not a readable JSON file: {e}")
 
   def bigvis(name, config, overrides, family, batch, group):
     specs.append({"kind": "bigvis", "name": name + args.tag, "family": family, "group": group, "config": config,
                   "batch": batch, "overrides": [*overrides, *args.bigvis_set],
-                  "steps": args.steps, "warmup": args.warmup})
+                  "steps": args.steps, "warmup": args.warmup, **({"kernel_tiles": tiles} if tiles else {})})
 
   def torch(name, family, model, batch, group):
     if not args.skip_torch and not args.cpu_smoke:
@@ -124,7 +131,11 @@ def bigvis_config(spec: dict):
 
 def _worker_bigvis(spec: dict) -> dict:
   from bigvis import bench
-  return bench.benchmark(bigvis_config(spec), steps=spec["steps"], warmup=spec["warmup"])
+  if spec.get("kernel_tiles"):
+    from bigvis.models import pallas_kernels
+    pallas_kernels.set_tiles(spec["kernel_tiles"])  # before the step is traced: kernels read TILES then
+  result = bench.benchmark(bigvis_config(spec), steps=spec["steps"], warmup=spec["warmup"])
+  return {**result, "kernel_tiles": spec["kernel_tiles"]} if spec.get("kernel_tiles") else result
 
 
 def check_specs(specs: list[dict]) -> list[str]:
@@ -137,6 +148,9 @@ def check_specs(specs: list[dict]) -> list[str]:
       lines.append(f"{spec['name']}: {spec.get('model', spec['kind'])} batch {spec.get('batch', '-')}")
       continue
     config = bigvis_config(spec)
+    if spec.get("kernel_tiles"):
+      from bigvis.models import pallas_kernels
+      pallas_kernels.set_tiles(spec["kernel_tiles"])  # a wrong kernel or key: an error before a GPU is held
     n = sum(x.size for x in jax.tree.leaves(params.abstract_params(config.model)))  # shapes only
     lines.append(f"{spec['name']}: {bench.describe_model(config.model)}, {n / 1e6:.1f}M params, "
                  f"batch {config.batch_size}")
@@ -275,6 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--warmup", type=int, default=3)
   p.add_argument("--bigvis-set", action="append", default=[], metavar="KEY=VALUE",
                  help="extra --set for every bigvis run, e.g. model.remat_policy=dots_no_batch")
+  p.add_argument("--kernel-tiles", metavar="FILE.json",
+                 help="Pallas kernels' tilings for every bigvis run (pallas_kernels_check.py --sweep --tiles-out)")
   p.add_argument("--only", default="vit,clip",
                  help="comma-separated families (vit, clip) or run names, e.g. bigvis_vit_b16_gap_cudnn")
   p.add_argument("--tag", default="", help="suffix for bigvis run names, e.g. _b512 (tells reruns apart in --out)")

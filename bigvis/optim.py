@@ -51,6 +51,11 @@ def _path_str(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
+# `optim.no_decay` for the ViT and CLIP experiments: the class token and the learned position
+# embeddings are offsets added to the tokens, not weights a token is multiplied by; big_vision
+# (which decays kernels only) and timm (`no_weight_decay`) leave them undecayed too.
+EMBEDDING_OFFSETS = r"(^|/)(cls|pos_embedding)$"
+
 # Never decayed, whatever their shape: biases (attention's are [heads, head_dim]) and norm gains, and
 # in a scanned model every parameter has a leading [layers] axis, so shape alone cannot tell them.
 NEVER_DECAYED = ("bias", "scale")
@@ -64,6 +69,20 @@ def decay_mask(params: Any, no_decay: str) -> Any:
   return traverse_util.unflatten_dict({
       k: (v.ndim > 1 and k[-1] not in NEVER_DECAYED and not (pattern and pattern.search(_path_str(k))))
       for k, v in flat.items()})
+
+
+def frozen_mask(params: Any, frozen: str) -> Any | None:
+  """True at the parameters whose path matches `optim.frozen` (None when it is empty). The train step
+  stops their gradients (so XLA computes none: a frozen tower costs its forward pass only) and the
+  optimizer leaves them as they are."""
+  if not frozen:
+    return None
+  pattern = re.compile(frozen)
+  mask = traverse_util.unflatten_dict({k: bool(pattern.search(_path_str(k)))
+                                       for k in traverse_util.flatten_dict(params)})
+  if not any(traverse_util.flatten_dict(mask).values()):
+    raise UserError(f"optim.frozen '{frozen}' matches no parameter.")
+  return mask
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any) -> tuple[
@@ -94,14 +113,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any
   chain.append(optax.scale_by_learning_rate(per_update))
   tx = optax.chain(*chain)
 
-  frozen = cfg.get("frozen", "")
-  if frozen:
-    pattern = re.compile(frozen)
-    labels = traverse_util.unflatten_dict({
-        k: ("frozen" if pattern.search(_path_str(k)) else "train")
-        for k in traverse_util.flatten_dict(params)})
-    if not any(v == "frozen" for v in traverse_util.flatten_dict(labels).values()):
-      raise UserError(f"optim.frozen '{frozen}' matches no parameter.")
+  frozen = frozen_mask(params, cfg.get("frozen", ""))
+  if frozen is not None:
+    labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   if accumulate == 1:
     return tx, sched

@@ -133,10 +133,18 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   """One optimisation step: grads on the global batch, update, non-finite bookkeeping."""
   skip_nonfinite = config.get("nonfinite", "stop") == "skip"
   base_rng = jax.random.key(config.seed)
+  # `optim.frozen`: no gradient flows into frozen parameters, so XLA drops their weight-gradient GEMMs
+  # (and a frozen tower's whole backward), and grad_norm is the trained parameters' alone.
+  frozen = optim.frozen_mask(state_shardings["params"], config.optim.get("frozen", ""))
+
+  def loss_of_trained(params, batch, rng):
+    if frozen is not None:
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    return loss_fn(params, batch, rng)
 
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+    (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state["params"], batch, rng)
     grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.tree_utils.tree_l2_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

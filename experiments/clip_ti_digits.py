@@ -23,6 +23,7 @@ import ml_collections
 
 from bigvis.config import base_config
 from bigvis.models import model_config
+from bigvis.optim import EMBEDDING_OFFSETS
 from data_pipelines.sources import data_config
 from data_pipelines.digits import ZEROSHOT_CLASSNAMES, ZEROSHOT_TEMPLATES
 
@@ -46,6 +47,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.05
+  c.optim.no_decay = EMBEDDING_OFFSETS  # as in the full-size experiments
   c.optim.b2 = 0.98
   c.optim.eps = 1e-6
   c.data.train = data_config(

@@ -27,6 +27,7 @@ import ml_collections
 
 from bigvis.config import base_config
 from bigvis.models import model_config
+from bigvis.optim import EMBEDDING_OFFSETS
 from data_pipelines.sources import data_config
 from bigvis.errors import UserError
 
@@ -83,7 +84,7 @@ def clip_paper_config(name: str, *, image: str, text: str, embed_dim: int, lr: f
   # 1-D, hence undecayed), so they are excluded too; token embeddings and kernels are decayed.
   c.optim.update(dict(name="adamw", lr=lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, schedule="cosine",
                       warmup_steps=2000, min_lr_ratio=0.0, grad_clip_norm=1.0,  # clipping: a cheap guard
-                      no_decay=r"(^|/)(cls|pos_embedding)$"))
+                      no_decay=EMBEDDING_OFFSETS))
   c.data.train = data_config(
       source="shards", shards="", shuffle_buffer=250_000,
       # The one augmentation, as open_clip trains (RandomResizedCrop, scale 0.9-1): 90-100 % of the

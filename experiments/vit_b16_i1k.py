@@ -8,6 +8,7 @@ import ml_collections
 
 from bigvis.config import base_config
 from bigvis.models import model_config
+from bigvis.optim import EMBEDDING_OFFSETS
 from data_pipelines.sources import data_config
 
 IMAGES_PER_EPOCH = 1_281_167
@@ -25,7 +26,10 @@ def get_config(arg=None):
       "vit", variant="B/16", num_classes=1000, image_size=224, pool_type="tok", posemb="learn",
       dropout=0.0, dtype="bfloat16", remat_policy="none", scan=False, attention_impl="auto")
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="softmax", label_smoothing=0.1))
-  c.optim.update(dict(lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.1, warmup_steps=10_000, grad_clip_norm=1.0))
+  # Decayed: kernels and the head; not the class token or position embeddings (optim.EMBEDDING_OFFSETS),
+  # nor biases and gains (optim.NEVER_DECAYED), as in big_vision and timm.
+  c.optim.update(dict(lr=3e-3, b1=0.9, b2=0.999, weight_decay=0.1, warmup_steps=10_000, grad_clip_norm=1.0,
+                      no_decay=EMBEDDING_OFFSETS))
   c.data.train = data_config(
       source="tfds", name="imagenet2012", split="train[:99%]", data_dir="", shuffle_buffer=250_000,
       pp="decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot(1000)|keep('image','labels')")

@@ -9,6 +9,7 @@ import ml_collections
 
 from bigvis.config import base_config
 from bigvis.models import model_config
+from bigvis.optim import EMBEDDING_OFFSETS
 from data_pipelines.sources import data_config
 
 IMAGES_PER_EPOCH = 13_000_000
@@ -28,8 +29,10 @@ def get_config(arg=None):
       "vit", variant="L/16", num_classes=NUM_CLASSES, image_size=224, pool_type="tok", posemb="learn",
       representation_size=1024, dropout=0.1, dtype="bfloat16", remat_policy="dots_no_batch", scan=True)
   c.objective = ml_collections.ConfigDict(dict(name="classification", loss="sigmoid", label_smoothing=0.0))
+  # Decayed: kernels and the head; not the class token or position embeddings (optim.EMBEDDING_OFFSETS),
+  # nor biases and gains (optim.NEVER_DECAYED), as in big_vision and timm.
   c.optim.update(dict(lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.03, warmup_steps=10_000, schedule="linear",
-                      grad_clip_norm=1.0))
+                      grad_clip_norm=1.0, no_decay=EMBEDDING_OFFSETS))
   c.data.train = data_config(
       source="tfds", name="imagenet21k", split="full[51200:]", data_dir="", shuffle_buffer=250_000,
       pp=f"decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)|onehot({NUM_CLASSES})"

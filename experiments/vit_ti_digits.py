@@ -7,6 +7,7 @@ import ml_collections
 
 from bigvis.config import base_config
 from bigvis.models import model_config
+from bigvis.optim import EMBEDDING_OFFSETS
 from data_pipelines.sources import data_config
 
 
@@ -24,6 +25,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 50
   c.optim.weight_decay = 1e-4
+  c.optim.no_decay = EMBEDDING_OFFSETS  # as in the full-size experiments
   c.data.train = data_config(
       source="digits", split="train", shuffle_buffer=2000, cache=True,
       pp="decode|resize(18)|random_crop(16)|value_range(-1,1)|onehot(10)")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from bigvis import bench, cli
@@ -99,6 +100,37 @@ def test_peers_cpu_smoke_runs_bigvis(tmp_path):
 def test_peers_only_with_an_unknown_run_is_an_error():
   proc = _script(["benchmarks/peers.py", "--dry-run", "--only", "bigvis_vit_b16_gap_cudn"])
   assert proc.returncode != 0 and "bigvis_vit_b16_gap_cudn" in proc.stderr
+
+
+def test_peers_kernel_tiles_reach_the_worker_before_the_step_is_traced(tmp_path, monkeypatch):
+  """`peers.py --kernel-tiles FILE` (the sweep's `--tiles-out`): every bigvis run sets those tilings
+  before its step is traced and reports them; a wrong kernel or key fails the dry run, before a GPU is
+  held; a missing file stops the script."""
+  peers = _benchmark_module("peers")
+  from bigvis.models import pallas_kernels
+  monkeypatch.setattr(pallas_kernels, "TILES", {k: dict(v) for k, v in pallas_kernels.TILES.items()})
+  tiles = {"bias_gelu_forward": dict(rows=16, cols=128, warps=8, stages=2)}
+  path = tmp_path / "tiles.json"
+  path.write_text(json.dumps(tiles))
+  specs = peers._run_specs(peers.parse_args(["--cpu-smoke", "--only", "bigvis_vit_ti_digits_pad8",
+                                             "--kernel-tiles", str(path)]))
+  (spec,) = [s for s in specs if s["kind"] == "bigvis"]
+  seen = []
+  monkeypatch.setattr(bench, "benchmark", lambda config, **kw: seen.append(
+      dict(pallas_kernels.TILES["bias_gelu_forward"])) or {"examples_per_sec": 1.0})
+  result = peers._worker_bigvis(spec)
+  assert seen == [tiles["bias_gelu_forward"]] and result["kernel_tiles"] == tiles
+
+  path.write_text(json.dumps({"bias_gelu_forwrd": tiles["bias_gelu_forward"]}))
+  specs = peers._run_specs(peers.parse_args(["--cpu-smoke", "--only", "bigvis_vit_ti_digits_pad8",
+                                             "--kernel-tiles", str(path)]))
+  with pytest.raises(UserError, match="bias_gelu_forwrd"):
+    peers.check_specs(specs)
+  path.write_text(json.dumps({"bias_gelu_forward": dict(rows=16, cols=128, warps=8)}))
+  with pytest.raises(UserError, match="stages"):
+    pallas_kernels.set_tiles(json.loads(path.read_text()))
+  with pytest.raises(SystemExit, match="missing.json"):
+    peers._run_specs(peers.parse_args(["--cpu-smoke", "--kernel-tiles", str(tmp_path / "missing.json")]))
 
 
 def test_peers_gpu_runs_have_valid_configs():
@@ -250,6 +282,13 @@ def test_gpu_session_script_names_real_runs_and_config_keys():
   assert {"model.gelu_impl=xla", "model.image.gelu_impl=xla", "model.norm_impl=xla"} <= set(overrides)
   for override in re.findall(r"--set (\S+=[^\s)]+)", script):
     config_lib.load(os.path.join(REPO, "experiments/vit_b16_i1k.py"), [override])
+  # Every part's steps are functions the script defines, and `all` runs each of them.
+  defined = set(re.findall(r"^(\w+)\(\) \{", script, re.M))
+  parts = dict(re.findall(r"^  ([\w]+)\) steps=\(([^)]*)\)", script, re.M))
+  assert set(parts) == {"1", "2", "goals", "all"}, parts
+  for part, steps in parts.items():
+    assert steps.split() and set(steps.split()) <= defined, (part, set(steps.split()) - defined)
+  assert set(parts["1"].split()) | set(parts["2"].split()) | set(parts["goals"].split()) == set(parts["all"].split())
 
 
 _GPU_HLO = """HloModule jit_step
@@ -306,15 +345,40 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   the kernels compute in float32."""
   check = _benchmark_module("pallas_kernels_check")
   assert check.main(["--rows", "130", "--width", "24", "--mlp", "300", "--dtype", dtype,
-                     "--steps", "1", "--interpret"]) == 0
+                     "--steps", "1", "--calls", "1", "--interpret"]) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["kernel"] for r in lines] == ["layernorm", "layernorm_biases", "layernorm_biases_added_by_xla",
                                           "layernorm_three_copies", "bias_gelu"]
   for r in lines:
     assert r["max_rel_err"] < tolerance and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r
+    assert len(r["rel_errs"]) == (3 if r["kernel"] == "bias_gelu" else 7), r  # the loss, each gradient
+  gelu = lines[-1]
+  if dtype == "bfloat16":  # against GELU in float32 the kernel's error is its bfloat16 outputs' rounding
+    assert len(gelu["xla_rel_errs_vs_f32"]) == 3 and max(gelu["pallas_rel_errs_vs_f32"]) < 1e-2, gelu
+  else:
+    assert "pallas_rel_errs_vs_f32" not in gelu
 
 
-def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypatch):
+def test_kernel_timing_dispatches_calls_back_to_back_and_waits_once(monkeypatch):
+  """The kernels' times are the device's: `calls` calls dispatched before one wait, per timing (a wait
+  after each call timed the host's dispatch and wait, as long as the kernel, in the twelfth session)."""
+  check = _benchmark_module("pallas_kernels_check")
+  events = []
+  monkeypatch.setattr(check.jax, "block_until_ready", lambda x: events.append(("wait", len(jax.tree.leaves(x)))) or x)
+  clock = iter(range(100))
+  monkeypatch.setattr(check.time, "perf_counter", lambda: float(next(clock)))  # each timing reads 2 ticks
+
+  def fn(x):
+    events.append("call")
+    return x
+
+  ms = check._time_ms(fn, (np.zeros(2),), steps=3, calls=4)
+  # Warm-up: a call and its wait; then three timings of four calls and one wait for all four outputs.
+  assert events == ["call", ("wait", 1)] + (["call"] * 4 + [("wait", 4)]) * 3, events
+  assert ms == pytest.approx(1e3 / 4)
+
+
+def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypatch, tmp_path):
   """`pallas_kernels_check.py --sweep` (run on a GPU to tune `pallas_kernels.TILES`): each setting
   really retraces the kernel with its tiling (rows per program that do and do not divide 70 rows,
   GELU columns that do not divide 300), gives the current setting's results up to the partial sums'
@@ -334,7 +398,9 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   traced = []
   real = pallas_kernels.pl.pallas_call
   monkeypatch.setattr(pallas_kernels.pl, "pallas_call", lambda *a, **kw: traced.append(kw["grid"]) or real(*a, **kw))
-  assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1"]) == 0
+  tiles_out = tmp_path / "tiles.json"
+  assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
+                     "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   timed = [r for r in records if "fastest" not in r]
   assert [r["kernel"] for r in timed] == [k for k in small for _ in range(2)], timed
@@ -347,3 +413,5 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
     assert r["current_ms"] == next(t["ms"] for t in timed if t["kernel"] == r["fastest"] and
                                    all(t[k] == v for k, v in before[r["fastest"]].items())), r
   assert pallas_kernels.TILES == before
+  # --tiles-out: the fastest setting per kernel, as peers.py --kernel-tiles reads it.
+  assert json.loads(tiles_out.read_text()) == {r["fastest"]: {k: r[k] for k in before[r["fastest"]]} for r in fastest}

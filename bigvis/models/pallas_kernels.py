@@ -23,7 +23,8 @@ tests check them on CPUs.
   (`_gelu_sigmoid`: an exponential and a division, where tanh is ≈25 instructions).
   XLA's fusions for the same work move no more bytes but run ≈36 (forward) and more (backward)
   instructions an element, compiled for an H100: on the H200 they took 3.1 and 4.0 ms of a
-  ViT-B/16 step, about half the card's memory bandwidth (2026-11).
+  ViT-B/16 step, about half the card's memory bandwidth; the kernels take 2.1 and 3.7 ms (≈3.6 and
+  3.1 TB/s), and the step 64.0 ms against 65.0 (2026-11).
 """
 from __future__ import annotations
 
@@ -37,17 +38,33 @@ from jax import shard_map
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from bigvis.errors import UserError
+
 # Each kernel's tiling and Triton parameters: rows per program, rows per step of a backward's loop,
 # columns per program (GELU's; a LayerNorm program takes whole rows), warps and software-pipeline
 # stages. A backward's programs each write one row of partial sums, so they take more rows (51,200
 # rows of ViT-B/16 at batch 256 -> 800 LayerNorm programs, 4.9 MB of partials). Chosen without a
-# profile; `benchmarks/pallas_kernels_check.py --sweep` times alternatives on a GPU.
+# profile; `benchmarks/pallas_kernels_check.py --sweep` times alternatives on a GPU, and `set_tiles`
+# puts its fastest in place for a run (benchmarks/peers.py --kernel-tiles).
 TILES = {
     "layernorm_forward": dict(rows=4, warps=4, stages=1),
     "layernorm_backward": dict(rows=64, step_rows=4, warps=4, stages=1),
     "bias_gelu_forward": dict(rows=32, cols=256, warps=4, stages=1),
     "bias_gelu_backward": dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
 }
+
+
+def set_tiles(tiles: dict[str, dict[str, int]]) -> None:
+  """Replaces some kernels' tilings (each setting whole, with TILES's keys). Kernels read TILES when
+  they are traced, so this must come before the step is jitted."""
+  for kernel, setting in tiles.items():
+    if kernel not in TILES:
+      raise UserError(f"Unknown Pallas kernel '{kernel}' in the tilings; known: {', '.join(TILES)}.")
+    if set(setting) != set(TILES[kernel]) or not all(isinstance(v, int) and v > 0 for v in setting.values()):
+      raise UserError(f"The tiling of '{kernel}' needs positive integers for exactly "
+                      f"{', '.join(sorted(TILES[kernel]))}; got {setting}.")
+  for kernel, setting in tiles.items():
+    TILES[kernel] = dict(setting)
 
 
 def _block_cols(n_cols: int) -> int:
