@@ -76,6 +76,8 @@ def _run_specs(args: argparse.Namespace) -> list[dict]:
         tiles = json.load(f)
     except (OSError, ValueError) as e:
       raise SystemExit(f"peers: --kernel-tiles {args.kernel_tiles} is not a readable JSON file: {e}")
+    if not isinstance(tiles, dict) or not tiles:  # e.g. a sweep whose every tiling failed
+      raise SystemExit(f"peers: --kernel-tiles {args.kernel_tiles} names no kernel's tiling: {tiles!r}")
 
   def bigvis(name, config, overrides, family, batch, group):
     specs.append({"kind": "bigvis", "name": name + args.tag, "family": family, "group": group, "config": config,

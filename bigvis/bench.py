@@ -139,6 +139,9 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
   t0 = time.perf_counter()
   for _ in range(steps):
     state, metrics = compiled(state, batch)
+  # The host's time to hand the steps over: near step_s means the device waited for the host
+  # (launches, dispatch), not the other way round.
+  dispatch_s = (time.perf_counter() - t0) / steps
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / steps
   loss = float(jax.device_get(metrics["train/loss"]))
@@ -171,6 +174,7 @@ def benchmark(config: ml_collections.ConfigDict, steps: int, warmup: int = 3,
       "steps": int(steps),
       "warmup": int(warmup),
       "step_ms": step_s * 1e3,
+      "dispatch_ms": dispatch_s * 1e3,
       "examples_per_sec": ex_s,
       "examples_per_sec_per_device": ex_s / n_dev,
       "tflops_per_sec": tflops,

@@ -73,7 +73,8 @@ def decay_mask(params: Any, no_decay: str) -> Any:
 
 def frozen_mask(params: Any, frozen: str) -> Any | None:
   """True at the parameters whose path matches `optim.frozen` (None when it is empty). The train step
-  stops their gradients (so XLA computes none: a frozen tower costs its forward pass only) and the
+  stops their gradients, so XLA drops their weight-gradient GEMMs and a wholly frozen tower's backward
+  (a Pallas norm or GELU kernel still sums its frozen gains' partials, then discarded), and the
   optimizer leaves them as they are."""
   if not frozen:
     return None

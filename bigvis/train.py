@@ -332,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ex_s = (step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9)
         last_log_t, last_log_step = now, step
         last_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        row = {**last_metrics, "train/lr": float(schedule(step - 1)),
+        # Skipped steps (nonfinite='skip') leave the optimizer's count, and so its schedule, where it was.
+        row = {**last_metrics, "train/lr": float(schedule(step - 1 - int(state["nonfinite"]))),
                "perf/examples_per_sec": ex_s, "perf/examples_per_sec_per_device": ex_s / jax.device_count(),
                "perf/mfu": (flops_per_example * ex_s / jax.device_count() / peak) if flops_per_example and peak else None,
                "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}

@@ -23,6 +23,7 @@ def _positive(result: dict) -> None:
     assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, (key, result[key])
   assert math.isfinite(result["final_loss"])
   assert result["mfu"] is None  # CPU: no known peak
+  assert 0 < result["dispatch_ms"] <= result["step_ms"]  # handing the steps over is part of their time
 
 
 def test_bench_cli_on_8_devices_matches_one_device_flops(capsys):
@@ -131,6 +132,12 @@ def test_peers_kernel_tiles_reach_the_worker_before_the_step_is_traced(tmp_path,
     pallas_kernels.set_tiles(json.loads(path.read_text()))
   with pytest.raises(SystemExit, match="missing.json"):
     peers._run_specs(peers.parse_args(["--cpu-smoke", "--kernel-tiles", str(tmp_path / "missing.json")]))
+  path.write_text("{}")  # a sweep whose every tiling failed: refused, not run as "tuned" with the defaults
+  with pytest.raises(SystemExit, match="names no kernel"):
+    peers._run_specs(peers.parse_args(["--cpu-smoke", "--kernel-tiles", str(path)]))
+  # A loop step that does not divide a backward's rows would leave rows unwritten: refused.
+  with pytest.raises(UserError, match="powers of two"):
+    pallas_kernels.set_tiles({"bias_gelu_backward": dict(rows=12, step_rows=8, cols=256, warps=4, stages=1)})
 
 
 def test_peers_gpu_runs_have_valid_configs():
@@ -415,3 +422,12 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   assert pallas_kernels.TILES == before
   # --tiles-out: the fastest setting per kernel, as peers.py --kernel-tiles reads it.
   assert json.loads(tiles_out.read_text()) == {r["fastest"]: {k: r[k] for k in before[r["fastest"]]} for r in fastest}
+  # A tiling whose outputs disagree with the current one's is never the fastest: with no agreement
+  # allowed at all, nothing is chosen.
+  monkeypatch.setattr(check, "AGREEMENT", -1.0)
+  small_one = {"bias_gelu_forward": small["bias_gelu_forward"]}
+  monkeypatch.setattr(check, "SWEEP", small_one)
+  assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
+                     "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
+  assert not [line for line in capsys.readouterr().out.splitlines() if "fastest" in line]
+  assert json.loads(tiles_out.read_text()) == {}

@@ -56,13 +56,21 @@ TILES = {
 
 def set_tiles(tiles: dict[str, dict[str, int]]) -> None:
   """Replaces some kernels' tilings (each setting whole, with TILES's keys). Kernels read TILES when
-  they are traced, so this must come before the step is jitted."""
+  they are traced, so this must come before the step is jitted. Rows, columns and warps are powers of
+  two, and a backward's loop steps divide its rows: a loop that stopped short would leave rows unwritten."""
+  if not isinstance(tiles, dict) or not tiles:
+    raise UserError(f"Pallas kernels' tilings must map kernel names ({', '.join(TILES)}) to settings; got {tiles!r}.")
   for kernel, setting in tiles.items():
     if kernel not in TILES:
       raise UserError(f"Unknown Pallas kernel '{kernel}' in the tilings; known: {', '.join(TILES)}.")
-    if set(setting) != set(TILES[kernel]) or not all(isinstance(v, int) and v > 0 for v in setting.values()):
+    if (not isinstance(setting, dict) or set(setting) != set(TILES[kernel])
+        or not all(isinstance(v, int) and v > 0 for v in setting.values())):
       raise UserError(f"The tiling of '{kernel}' needs positive integers for exactly "
                       f"{', '.join(sorted(TILES[kernel]))}; got {setting}.")
+    odd = [k for k in ("rows", "step_rows", "cols", "warps") if k in setting and setting[k] & (setting[k] - 1)]
+    if odd or setting.get("step_rows", 1) > setting["rows"]:
+      raise UserError(f"The tiling of '{kernel}' needs powers of two for rows, step_rows, cols and warps, and "
+                      f"step_rows <= rows; got {setting}.")
   for kernel, setting in tiles.items():
     TILES[kernel] = dict(setting)
 
