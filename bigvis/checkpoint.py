@@ -11,6 +11,7 @@ import os
 from typing import Any, Optional
 
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from bigvis.errors import UserError
 
@@ -67,7 +68,19 @@ class Checkpointer:
     item = {"params": abstract_params}
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    expected = {"/".join(map(str, k)): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params).items()}
     for s in ([step] if step is not None else reversed(steps)):
+      # A partial restore fills the model's parameters and drops the rest without a word: a model
+      # configured otherwise than the trained one (a pooling, a head) would evaluate half-restored.
+      stored = self.stored_param_shapes(s)
+      if stored is not None and stored != expected:
+        extra, missing = sorted(set(stored) - set(expected)), sorted(set(expected) - set(stored))
+        reshaped = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+        what = (f"parameters the model lacks ({', '.join(extra[:3])})" if extra else
+                f"no {', '.join(missing[:3])}" if missing else
+                f"{reshaped[0]} of shape {stored[reshaped[0]]}, not {expected[reshaped[0]]}")
+        raise UserError(f"the checkpoint at step {s} in '{self.directory}' holds {what}: it was trained with "
+                        "another model config than the one given.")
       try:
         return s, self._mngr.restore(s, args=args)["state"]["params"]
       except Exception as e:  # damaged, or another model's checkpoint
@@ -77,6 +90,17 @@ class Checkpointer:
         logging.warning("checkpoint at step %d in %s is not readable (%s); trying the previous one.",
                         s, self.directory, type(e).__name__)
     raise AssertionError("unreachable")
+
+  def stored_param_shapes(self, step: int) -> Optional[dict[str, tuple]]:
+    """Path -> shape of the parameters saved at `step`, from the checkpoint's metadata (None where it
+    cannot be read: the restore then reports what is wrong)."""
+    try:
+      metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+      tree = getattr(metadata, "item_metadata", metadata)
+      params = getattr(tree, "tree", tree)["params"]
+      return {"/".join(map(str, k)): tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}
+    except Exception:
+      return None
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

@@ -142,6 +142,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   config = inference.load_config(workdir)
   if "model" not in config:
     raise UserError(f"{os.path.join(workdir, 'config.json')} has no 'model' section.")
+  inference.check_config_matches(workdir, config, step)  # before --set, which may change kernels
   if experiment:
     config = with_experiment_evals(config, experiment)
   config = config_lib.apply_overrides(config, overrides)

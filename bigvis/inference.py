@@ -40,6 +40,25 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise UserError(f"{path} is not readable JSON ({e}).")
 
 
+def check_config_matches(workdir: str, config: ml_collections.ConfigDict, step: int | None) -> None:
+  """`workdir/config.json` must describe the model and objective its checkpoints hold (the training
+  fingerprint in each checkpoint's record); else the run's evals would read the wrong model's outputs."""
+  from bigvis.checkpoint import Checkpointer
+  from bigvis.train import fingerprint
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), reader=True)
+  try:
+    steps = ckpt.steps() if step is None else [step]
+    meta = ckpt.read_meta(steps[-1]) if steps and steps[-1] in ckpt.steps() else {}
+  except Exception:  # a damaged record: the restore reports it
+    meta = {}
+  finally:
+    ckpt.close()
+  if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(config):
+    raise UserError(f"{os.path.join(workdir, 'config.json')} describes another model or objective than the "
+                    f"checkpoint at step {steps[-1]} ('{meta.get('experiment') or '?'}'); it was edited or "
+                    "overwritten after training.")
+
+
 def restore_params(directory: str, abstract: Any, step: int | None) -> tuple[int, Any]:
   """(step, params) from the newest readable (or the given) checkpoint under `directory`."""
   from bigvis.checkpoint import Checkpointer
@@ -57,6 +76,7 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
   config = load_config(workdir)
   if "model" not in config:
     raise UserError(f"{os.path.join(workdir, 'config.json')} has no 'model' section.")
+  check_config_matches(workdir, config, step)
   # XLA's LayerNorm and GELU whatever the run trained with: the same parameters and results, and
   # the Pallas kernels (`norm_impl`/`gelu_impl='pallas'`) only run on NVIDIA GPUs.
   model = build_model(with_tower_fields(config.model, **XLA_KERNELS))
@@ -66,8 +86,6 @@ def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.Conf
   restored_step, params = restore_params(os.path.join(workdir, "checkpoints"), abstract, step)
   logging.info("restored %s at step %d", workdir, restored_step)
   return config, model, params
-
-
 
 
 def _op_name(part: str) -> str:
@@ -94,10 +112,15 @@ def image_pp(config: ml_collections.ConfigDict) -> str:
 
 def _as_rgb_uint8(image: Any, index: int) -> np.ndarray:
   image = np.asarray(image)
-  if image.dtype != np.uint8:
-    if image.dtype.kind not in "iub":
+  if image.dtype == np.uint16:  # 16-bit images, scaled as the eval pipeline's decode scales them
+    image = np.round(image / 257.0).astype(np.uint8)
+  elif image.dtype != np.uint8:
+    if image.dtype.kind not in "iu":
       raise UserError(f"image {index} has dtype {image.dtype}; the embedder takes uint8 HxWx3 arrays.")
-    image = np.clip(image, 0, 255).astype(np.uint8)
+    if image.size and (image.min() < 0 or image.max() > 255):
+      raise UserError(f"image {index} has {image.dtype} values outside 0-255; the embedder takes uint8 "
+                      "HxWx3 arrays (or uint16, scaled down).")
+    image = image.astype(np.uint8)
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or min(image.shape[:2]) < 1:

@@ -61,7 +61,8 @@ def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.Co
     return
 
 
-def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bool) -> None:
+def prepare_workdir(workdir: str) -> None:
+  """Creates the workdir; an unwritable one is a one-sentence error before any work."""
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
@@ -70,9 +71,12 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, primary: bo
     os.remove(probe)
   except OSError as e:
     raise UserError(f"workdir '{workdir}' is not writable ({e.strerror}).")
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=2, default=str)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """The run's config beside its checkpoints (what `bigvis eval` and inference read back)."""
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config.to_dict(), f, indent=2, default=str)
 
 
 def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:
@@ -219,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.check_known(config, TOP_KEYS, "config")
   eval_lib.check_types(config.get("reports"), "reports")  # run by `bigvis eval`, checked now
   primary = jax.process_index() == 0
-  prepare_workdir(workdir, config, primary)
+  prepare_workdir(workdir)
 
   # Devices: the mesh and how parameters and activations map onto it.
   mesh, rules = sharding.mesh_and_rules(config, devices)
@@ -228,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model, loss_fn = model_and_objective(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
   check_same_experiment(ckpt, config, workdir)  # before any heavy work
+  if primary:  # only now: a refused run must not overwrite the config of the checkpoints it found
+    write_config(workdir, config)
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
   first = next(batches)

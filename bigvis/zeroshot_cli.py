@@ -56,7 +56,10 @@ def read_images(folder: str) -> tuple[list[str], list[np.ndarray]]:
   for name in image_files(folder):
     try:
       with Image.open(os.path.join(folder, name)) as im:
-        images.append(np.asarray(im.convert("RGB")))
+        # 16-bit greyscale (PIL's I;16 or I modes) scaled to 8 bits, as the eval pipeline's decode does;
+        # convert("RGB") would saturate it.
+        images.append(np.clip(np.asarray(im), 0, 65535).astype(np.uint16) if im.mode.startswith("I")
+                      else np.asarray(im.convert("RGB")))
       names.append(name)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
       print(f"bigvis: skipping {os.path.join(folder, name)}: not a readable image ({type(e).__name__}).",

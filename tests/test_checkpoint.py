@@ -45,3 +45,26 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, caplog):
   ck.close()
   np.testing.assert_array_equal(state["params"]["w"], np.ones((4, 3)))
   assert "damaged" in caplog.text
+
+
+def test_params_restore_refuses_a_checkpoint_of_another_model(tmp_path):
+  """The params-only restore (evaluation, inference) is partial: it would fill the given model's
+  parameters and drop the others silently. A checkpoint with parameters the model lacks, missing
+  ones, or another shape is a one-sentence error naming one; the same tree restores."""
+  import pytest
+  from bigvis.errors import UserError
+  ck = Checkpointer(str(tmp_path), keep=2)
+  state = {"params": {"w": jnp.ones((4, 3)), "cls": jnp.zeros((1, 3))}, "step": jnp.asarray(1, jnp.int32)}
+  ck.save(1, state, {"step": 1})
+  ck.close()
+  ck = Checkpointer(str(tmp_path), reader=True)
+  shape = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+  step, params = ck.restore_params({"w": shape(4, 3), "cls": shape(1, 3)})
+  assert step == 1 and set(params) == {"w", "cls"}
+  with pytest.raises(UserError, match=r"parameters the model lacks \(cls\)"):
+    ck.restore_params({"w": shape(4, 3)})
+  with pytest.raises(UserError, match="no head"):
+    ck.restore_params({"w": shape(4, 3), "cls": shape(1, 3), "head": shape(3,)})
+  with pytest.raises(UserError, match=r"w of shape \(4, 3\), not \(4, 5\)"):
+    ck.restore_params({"w": shape(4, 5), "cls": shape(1, 3)})
+  ck.close()

@@ -411,3 +411,23 @@ def test_image_pp_keeps_only_deterministic_image_ops():
   c = _experiment("clip_vitb16", [])
   c.data.train.pp = "decode_jpeg_and_inception_crop(224)|normalize('clip')|tokenize(77, model='x')"
   assert inference.image_pp(c) == "resize(224)|normalize('clip')"
+
+
+def test_sixteen_bit_images_are_scaled_not_saturated(tmp_path):
+  """A 16-bit greyscale PNG (PIL mode I;16) read by `bigvis zeroshot`, or a uint16 array given to the
+  embedder, is scaled to 8 bits as the eval pipeline's decode scales it; PIL's convert("RGB") set
+  every pixel above 255 to white. Integer arrays outside 0-255 are refused rather than clipped."""
+  import numpy as np
+  from PIL import Image
+  from bigvis import inference, zeroshot_cli
+  from bigvis.errors import UserError
+  ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024)
+  Image.fromarray(ramp).save(tmp_path / "ramp.png")  # uint16: mode I;16
+  _, (read,) = zeroshot_cli.read_images(str(tmp_path))
+  rgb = inference._as_rgb_uint8(read, 0)
+  assert rgb.shape == (8, 8, 3) and rgb.dtype == np.uint8
+  np.testing.assert_array_equal(rgb[..., 0], np.round(ramp / 257.0).astype(np.uint8))
+  assert rgb.max() == 251 and 0.4 < np.mean(rgb > 128) < 0.6  # the ramp, not white above 255
+  with pytest.raises(UserError, match="outside 0-255"):
+    inference._as_rgb_uint8(np.full((4, 4, 3), 300, np.int32), 1)
+  np.testing.assert_array_equal(inference._as_rgb_uint8(np.full((4, 4, 3), 200, np.int64), 2), 200)

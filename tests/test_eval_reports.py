@@ -105,6 +105,35 @@ def test_probe_on_perfectly_separable_features_is_perfect():
   assert np.mean(probe.predict(noise[350:]) == labels[350:]) < 0.5
 
 
+def test_probe_leaves_unlabelled_examples_out_and_counts_them():
+  """Examples without a label (-1, as shards store a missing one) are neither a class of their own in
+  training nor a sure miss in testing: left out of both splits and counted. A train split with no class
+  of two examples (no validation split to choose C on) is a one-sentence error, not a silent pick."""
+  x, y = _separable(30)
+  x_test, y_test = _separable(25, seed=1)
+  unlabelled_train = np.concatenate([y[:20], -np.ones(10, int), y[20:]])
+  train = {"z": np.concatenate([x[:20], x[:10] * -1.0, x[20:]]), "label": unlabelled_train}
+  test = {"z": np.concatenate([x_test, x_test[:7]]), "label": np.concatenate([y_test, -np.ones(7, int)])}
+  probe = object.__new__(linear_probe.Evaluator)
+  probe.name, probe.where, probe.shots, probe.seeds, probe.val_fraction = "lp", "evals.lp", [1, 4], 1, 0.2
+  probe.c_grid, probe.max_iter, probe.batch_size, probe.class_names, probe.text = [1.0, 100.0], 1000, 8, None, None
+  probe.train_data, probe.data = "train", "test"
+  probe.images = lambda params, data, batch, where: train if data == "train" else test
+  metrics = probe.run(None)
+  assert metrics["num_unlabeled"] == 17 and metrics["num_test"] == len(y_test) and metrics["num_train"] == len(y)
+  assert metrics["top1_full"] == 1.0 and metrics["top1_4shot"] == 1.0  # the -1s were neither learnt nor missed
+
+  train = {"z": x[:4], "label": np.arange(4)}  # one example per class: nothing to validate on
+  with pytest.raises(UserError, match="two labelled examples"):
+    probe.run(None)
+
+
+def test_one_hot_rows_without_a_single_class_have_no_label():
+  from bigvis.evaluators.features import single_label
+  rows = np.array([[0, 1, 0], [0.05, 0.9, 0.05], [0, 0, 0], [1, 0, 1]], np.float32)  # one-hot, smoothed, none, two
+  np.testing.assert_array_equal(single_label(rows), [1, 1, -1, -1])
+
+
 def test_zeroshot_equivalent_shots_interpolates_in_log_k():
   ks, acc = [1, 2, 4, 8], [0.2, 0.4, 0.6, 0.8]
   k, how = linear_probe.equivalent_shots(ks, acc, 0.5)

@@ -47,9 +47,17 @@ def test_nonfinite_skip_mode_counts_and_finishes(tmp_path):
 
 def test_workdir_of_another_experiment_is_refused(tmp_path, capsys):
   assert _train(tmp_path, "total_steps=2") == 0
+  before = (tmp_path / "w" / "config.json").read_text()
   capsys.readouterr()
   assert _train(tmp_path, "total_steps=2", "model.variant='Ti/4'") == 2
   assert "different experiment" in _one_line_error(capsys)
+  assert (tmp_path / "w" / "config.json").read_text() == before  # the refused run kept the run's config
+  # A config.json edited after training no longer describes the checkpoints: evaluation refuses it.
+  edited = json.loads(before)
+  edited["model"]["variant"] = "Ti/4"
+  (tmp_path / "w" / "config.json").write_text(json.dumps(edited))
+  assert cli.main(["eval", "--workdir", str(tmp_path / "w"), "--no-tensorboard"]) == 2
+  assert "config.json describes another model or objective than the checkpoint at step 2" in _one_line_error(capsys)
 
 
 def test_unwritable_workdir(tmp_path, capsys):

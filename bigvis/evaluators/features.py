@@ -81,6 +81,14 @@ def is_clip(config: ml_collections.ConfigDict | None, model) -> bool:
   return hasattr(model, "text")
 
 
+def single_label(labels: jax.Array) -> jax.Array:
+  """Class ids of one-hot rows [batch, classes]: the single largest entry's, or -1 (no label) for an
+  all-zero row or a multi-hot one, which argmax would give their lowest class."""
+  top = jnp.max(labels, axis=-1, keepdims=True)
+  single = (top[:, 0] > 0) & (jnp.sum(labels == top, axis=-1) == 1)
+  return jnp.where(single, jnp.argmax(labels, axis=-1), -1).astype(jnp.int32)
+
+
 class ImageFeatures:
   """Embeds every example of a data section on the mesh: {z, label, logits (ViT), <extra keys>}."""
 
@@ -99,7 +107,7 @@ class ImageFeatures:
       if "label" in batch:
         out["label"] = batch["label"].astype(jnp.int32)
       elif "labels" in batch and batch["labels"].ndim == 2 and jnp.issubdtype(batch["labels"].dtype, jnp.floating):
-        out["label"] = jnp.argmax(batch["labels"], axis=-1).astype(jnp.int32)
+        out["label"] = single_label(batch["labels"])
       for k in self.extra_keys:
         out[k] = batch[k].astype(jnp.int32)
       return out

@@ -21,8 +21,11 @@ Config (`reports.<name>` or `evals.<name>`): `train_data` (required), `data`
 (name of the `evals` entry whose class names and prompts to use; default the
 first zeroshot entry; `class_names`, `prompts`, `tokenizer`, `context_length`
 override it), `batch_size`.
+Examples without a label (-1, as shards store a missing one, or a one-hot row with no single
+class) are left out of both splits and counted.
 Metrics: `top1_<k>shot`, `top1_full`, `zeroshot_top1`, `zeroshot_equivalent_shots`
-(absent when zero-shot beats even the full-data probe), `num_train`, `num_test`.
+(absent when zero-shot beats even the full-data probe), `num_train`, `num_test`,
+`num_unlabeled` (train and test together).
 """
 from __future__ import annotations
 
@@ -102,6 +105,12 @@ def equivalent_shots(shots: Sequence[float], accuracy: Sequence[float], target: 
   return None
 
 
+def _labelled(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The per-example arrays of `features` at its labelled examples (label >= 0)."""
+  keep = features["label"] >= 0
+  return {k: v[keep] if len(v) == len(keep) else v for k, v in features.items()}
+
+
 class Evaluator:
   """k-shot and full-data logistic-regression probes on frozen embeddings, with CLIP's zero-shot for reference."""
 
@@ -136,7 +145,18 @@ class Evaluator:
   def run(self, params) -> dict[str, float]:
     train = self.images(params, self.train_data, self.batch_size, f"{self.where}.train_data")
     test = self.images(params, self.data, self.batch_size, f"{self.where}.data")
+    # Unlabelled examples would be a class of their own in training and a sure miss in testing.
+    unlabeled = int(np.sum(train["label"] < 0) + np.sum(test["label"] < 0))
+    train, test = (_labelled(split) for split in (train, test))
+    if not len(test["label"]):
+      raise UserError(f"{self.where}.data has no labelled example.")
     pool, val = split_validation(train["label"], self.val_fraction)
+    if not len(val):
+      raise UserError(f"{self.where}.train_data has no class with two labelled examples, so no validation "
+                      "split to choose the regularisation on.")
+    if self.class_names is not None and np.any(test["label"] >= len(self.class_names)):
+      bad = int(test["label"][test["label"] >= len(self.class_names)][0])
+      raise UserError(f"{self.where}.data has label {bad}, outside the {len(self.class_names)} class names.")
     x, y = train["z"].astype(np.float32), train["label"]
     rows = []
     for k in self.shots:
@@ -165,7 +185,7 @@ class Evaluator:
       cross = self._crossing()
       if cross is not None:
         metrics["zeroshot_equivalent_shots"] = cross[0]
-    metrics.update(num_train=int(len(y)), num_test=int(len(test["label"])))
+    metrics.update(num_train=int(len(y)), num_test=int(len(test["label"])), num_unlabeled=unlabeled)
     return metrics
 
   def _curve(self) -> tuple[list[float], list[float]]:
