@@ -134,6 +134,40 @@ def test_one_hot_rows_without_a_single_class_have_no_label():
   np.testing.assert_array_equal(single_label(rows), [1, 1, -1, -1])
 
 
+def test_probe_splits_equal_a_scan_per_class():
+  """The validation split and the k-shot draws group examples by one sort (a scan per class took hours at
+  ImageNet-21k's size) and draw exactly what a scan per class draws: the same seeds, the same indices."""
+  def scan_split(labels, fraction, seed=0):
+    rng, pool, val = np.random.default_rng(seed), [], []
+    for c in np.unique(labels):
+      idx = rng.permutation(np.flatnonzero(labels == c))
+      n_val = min(len(idx) - 1, max(1, int(round(fraction * len(idx))))) if len(idx) > 1 else 0
+      val.append(idx[:n_val])
+      pool.append(idx[n_val:])
+    return np.sort(np.concatenate(pool)), np.sort(np.concatenate(val))
+
+  def scan_shots(labels, pool, k, seed):
+    rng = np.random.default_rng([seed, k])
+    return np.sort(np.concatenate([rng.choice(pool[labels[pool] == c], size=min(k, np.sum(labels[pool] == c)),
+                                              replace=False) for c in np.unique(labels[pool])]))
+
+  labels = np.random.default_rng(3).integers(0, 40, 3000)
+  labels[:5] = 99  # a rare class
+  pool, val = linear_probe.split_validation(labels, 0.2)
+  want_pool, want_val = scan_split(labels, 0.2)
+  np.testing.assert_array_equal(pool, want_pool)
+  np.testing.assert_array_equal(val, want_val)
+  for k, seed in ((1, 0), (4, 2), (16, 1)):
+    np.testing.assert_array_equal(linear_probe.sample_shots(labels, pool, k, seed), scan_shots(labels, pool, k, seed))
+
+
+def test_same_split_compares_where_examples_come_from_not_their_pp():
+  from bigvis.evaluators.features import same_split
+  a = {"source": "shards", "shards": "/d/val-*", "pp": "decode|resize(224)"}
+  assert same_split(a, {**a, "pp": "decode|resize(256)"})
+  assert not same_split(a, {**a, "shards": "/d/train-*"})
+
+
 def test_zeroshot_equivalent_shots_interpolates_in_log_k():
   ks, acc = [1, 2, 4, 8], [0.2, 0.4, 0.6, 0.8]
   k, how = linear_probe.equivalent_shots(ks, acc, 0.5)

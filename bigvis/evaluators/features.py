@@ -81,6 +81,12 @@ def is_clip(config: ml_collections.ConfigDict | None, model) -> bool:
   return hasattr(model, "text")
 
 
+def same_split(a: Any, b: Any) -> bool:
+  """Whether two data sections read the same examples (source, split, shards, name), whatever their pp."""
+  keys = ("source", "split", "shards", "name", "data_dir")
+  return all(dict(a).get(k) == dict(b).get(k) for k in keys)
+
+
 def single_label(labels: jax.Array) -> jax.Array:
   """Class ids of one-hot rows [batch, classes]: the single largest entry's, or -1 (no label) for an
   all-zero row or a multi-hot one, which argmax would give their lowest class."""
