@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# An experiment name, with its argument if it takes one: EXP=clip_vitb16:tokenizer=/data/tok.model
 EXP ?= vit_ti_digits
-WORKDIR ?= runs/$(EXP)
+EXP_NAME := $(firstword $(subst :, ,$(EXP)))
+WORKDIR ?= runs/$(EXP_NAME)
 ARGS ?=
 # Reuse the extras the venv was installed with (e.g. `make install EXTRAS=gpu`), else test.
 EXTRAS ?= $(or $(patsubst $(VENV)/.installed-%,%,$(firstword $(wildcard $(VENV)/.installed-*))),test)
@@ -26,7 +28,7 @@ $(VENV)/.installed-%: pyproject.toml
 install: $(VENV)/.installed-$(EXTRAS)
 
 train: install
-	$(BIN)/bigvis train --config experiments/$(EXP).py --workdir $(WORKDIR) $(ARGS)
+	$(BIN)/bigvis train --config '$(EXP)' --workdir $(WORKDIR) $(ARGS)
 
 test: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

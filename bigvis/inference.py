@@ -41,10 +41,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def check_config_matches(workdir: str, config: ml_collections.ConfigDict, step: int | None) -> None:
-  """`workdir/config.json` must describe the model and objective its checkpoints hold (the training
-  fingerprint in each checkpoint's record); else the run's evals would read the wrong model's outputs."""
+  """`workdir/config.json` must describe the model and objective its checkpoints hold (the fingerprint
+  in each checkpoint's record, whatever kernels either names); else the evals would read the wrong
+  model's outputs. Checkpoints written before the fingerprint was recorded are not checked."""
   from bigvis.checkpoint import Checkpointer
-  from bigvis.train import fingerprint
+  from bigvis.train import model_fingerprint
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), reader=True)
   try:
     steps = ckpt.steps() if step is None else [step]
@@ -53,7 +54,7 @@ def check_config_matches(workdir: str, config: ml_collections.ConfigDict, step: 
     meta = {}
   finally:
     ckpt.close()
-  if meta.get("fingerprint") and meta["fingerprint"] != fingerprint(config):
+  if meta.get("model_fingerprint") and meta["model_fingerprint"] != model_fingerprint(config):
     raise UserError(f"{os.path.join(workdir, 'config.json')} describes another model or objective than the "
                     f"checkpoint at step {steps[-1]} ('{meta.get('experiment') or '?'}'); it was edited or "
                     "overwritten after training.")

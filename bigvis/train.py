@@ -48,6 +48,17 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def model_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """Identifies what a checkpoint computes: `fingerprint` with the fields that change how a model is
+  computed but not what (kernels, padding, remat, scan, q/k/v GEMMs) set one way. Evaluation compares
+  it with config.json, which may name other kernels than training did (a GPU run read on a CPU)."""
+  from bigvis.models import with_tower_fields
+  model = with_tower_fields(metrics_lib.reference_model_config(config.model), fused_qkv=True,
+                            recompute_gelu=True, residual_in_norm=True)
+  blob = json.dumps({"model": model.to_dict(), "objective": config.objective.to_dict()}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a workdir whose checkpoints hold another model or objective."""
   for step in reversed(ckpt.steps()):
@@ -301,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def save(step: int) -> None:
     check_finite()
     ckpt.save(step, state, {"step": step, "fingerprint": fingerprint(config),
+                            "model_fingerprint": model_fingerprint(config),
                             "experiment": config.get("experiment", "")})
 
   # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step. With

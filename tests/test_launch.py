@@ -475,3 +475,21 @@ def test_shellcheck(tmp_path):
   result = subprocess.run(["shellcheck", str(TPU_POD), str(SLURM_GPU), str(generated)],
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
+
+
+def test_an_experiment_argument_travels_with_exp_and_names_stay_plain(tmp_path):
+  """CLIP's experiments take their tokenizer as an argument (`clip_vitb16:tokenizer=PATH`): `make
+  train EXP=…`, tpu_pod.sh and slurm_gpu.sh pass it on whole, while the default workdir, log and job
+  names use the experiment's name alone (no colons or slashes in file names)."""
+  exp = "clip_vith14:tokenizer=gs://b/tok.model"
+  make = subprocess.run(["make", "-n", "train", f"EXP={exp}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert make.returncode == 0, make.stderr
+  assert f"train --config '{exp}' --workdir runs/clip_vith14" in make.stdout
+  _, cmds = _tpu("--exp", exp, "--accelerator-type", "v5p-32", "--workdir", "gs://b/runs/x", "--logs", "out/logs")
+  remote = _opt(next(c for c in cmds if _kind(c) == "ssh" and "make train" in _opt(c, "--command")), "--command")
+  assert f"EXP={exp}" in _make_train_argv(remote)
+  assert "| tee ~/bigvis-logs/clip_vith14-" in remote
+  assert all(c[6].startswith("out/logs/clip_vith14-") for c in cmds if _kind(c) == "scp-down")
+  script, _ = _slurm("--exp", exp.replace("vith14", "vitb16"), "--logs", str(tmp_path / "logs"))
+  assert "#SBATCH --job-name=bigvis-clip_vitb16" in script.splitlines()

@@ -13,7 +13,8 @@ usage() {
   cat <<'EOF'
 Usage: experiments/launch/slurm_gpu.sh --exp EXP [options]
 
-  --exp EXP              experiment in experiments/EXP.py (required)
+  --exp EXP              experiment in experiments/EXP.py (required), with its argument if it takes
+                         one: clip_vitb16:tokenizer=/shared/tok.model
   --nodes N              nodes, one task per node (default 1)
   --gpus-per-node G      GPUs per node (default 8)
   --cpus-per-task C      CPUs per task (default: the cluster's)
@@ -76,10 +77,11 @@ done
 [[ -z $CPUS || $CPUS =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, not '$CPUS'"
 [[ -z $PORT || $PORT =~ ^[1-9][0-9]*$ ]] || die "--port must be a number, not '$PORT'"
 [[ $TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time must look like HH:MM:SS, not '$TIME'"
-for v in "$EXP" "${JOB_NAME:-x}" "$PARTITION" "$ACCOUNT"; do
+EXP_NAME=${EXP%%:*}  # EXP may carry the experiment's argument: clip_vitb16:tokenizer=/shared/tok.model
+for v in "$EXP_NAME" "${JOB_NAME:-x}" "$PARTITION" "$ACCOUNT"; do
   [[ $v =~ ^[A-Za-z0-9_.,+-]*$ ]] || die "'$v' has characters SLURM names cannot hold"
 done
-JOB_NAME=${JOB_NAME:-bigvis-$EXP}
+JOB_NAME=${JOB_NAME:-bigvis-$EXP_NAME}
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 LOGS=${LOGS:-$REPO_ROOT/runs/slurm}

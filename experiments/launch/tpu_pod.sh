@@ -18,7 +18,8 @@ Required:
   --name NAME              TPU VM name (also the queued-resource name with --queued)
   --zone ZONE              e.g. us-central2-b
   --accelerator-type TYPE  e.g. v4-32, v5litepod-16, v5p-256, v6e-64
-  --exp EXP                experiment in experiments/EXP.py
+  --exp EXP                experiment in experiments/EXP.py, with its argument if it takes one:
+                           clip_vith14:tokenizer=gs://bucket/tok.model
 
 Options:
   --project PROJECT        GCP project (default: gcloud's configured project)
@@ -114,7 +115,8 @@ REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 REMOTE_DIR=bigvis              # code directory on each worker, under the login user's home
 REMOTE_LOG_DIR=bigvis-logs     # logs on each worker, under the login user's home
 RUN_ID=$(date -u +%Y%m%d-%H%M%S)
-LOG_NAME="$EXP-$RUN_ID.log"
+EXP_NAME=${EXP%%:*}  # EXP may carry the experiment's argument: clip_vith14:tokenizer=gs://b/tok.model
+LOG_NAME="$EXP_NAME-$RUN_ID.log"
 
 LOC=(--zone "$ZONE")
 if [[ -n $PROJECT ]]; then LOC+=(--project "$PROJECT"); fi
@@ -199,7 +201,7 @@ finish() {
   if (( TRAIN_STARTED )) && [[ -n $LOGS ]]; then
     run mkdir -p "$LOGS" || true
     for (( i = 0; i < NUM_WORKERS; i++ )); do
-      run "${TPU[@]}" scp "$NAME:$REMOTE_LOG_DIR/$LOG_NAME" "$LOGS/$EXP-$RUN_ID.worker$i.log" \
+      run "${TPU[@]}" scp "$NAME:$REMOTE_LOG_DIR/$LOG_NAME" "$LOGS/$EXP_NAME-$RUN_ID.worker$i.log" \
         "${LOC[@]}" --worker="$i" || echo "tpu_pod.sh: could not fetch the log of worker $i" >&2
     done
   fi
