@@ -2,15 +2,21 @@
 
 Saves are atomic (orbax writes to a temporary folder and renames on commit)
 and asynchronous. On resume the newest *complete and readable* checkpoint is
-used: a damaged newest one is reported in one line and skipped.
+used: a damaged newest one is reported in one line and set aside (moved to
+`damaged/`, not deleted); when none is readable the run stops rather than start
+afresh over them.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from bigvis.errors import UserError
@@ -42,20 +48,49 @@ class Checkpointer:
     return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore_latest(self, abstract_state: Any) -> Optional[tuple[int, Any, dict]]:
-    """(step, state, meta) of the newest checkpoint that restores cleanly, or None."""
-    damaged = []
+    """(step, state, meta) of the newest checkpoint that restores cleanly, or None when there is none.
+    Newer damaged ones are set aside (`set_aside`); when none restores it is an error, not a fresh start
+    that would overwrite them."""
+    damaged, first_error = [], ""
     for step in reversed(self.steps()):
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         for bad in damaged:  # so the resumed run can write those steps again
-          self._mngr.delete(bad)
+          self.set_aside(bad)
         return step, out["state"], out["meta"]
       except Exception as e:  # damaged or incomplete: fall back to the previous one
         damaged.append(step)
-        logging.warning("checkpoint at step %d in %s is damaged (%s: %s); trying the previous one.",
-                        step, self.directory, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+        first_error = first_error or f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        logging.warning("checkpoint at step %d in %s is damaged (%s); trying the previous one.",
+                        step, self.directory, first_error)
+    if damaged:
+      raise UserError(f"none of the checkpoints in '{self.directory}' (steps {', '.join(map(str, sorted(damaged)))}) "
+                      f"can be restored, the newest failing with {first_error}; move them away to start afresh.")
     return None
+
+  def set_aside(self, step: int) -> None:
+    """Moves a damaged step's folder to `damaged/<step>-<time>` in the checkpoint directory, where
+    orbax does not look (it lists step folders only): the run can write that step again, and nothing
+    is deleted. Where the file system cannot rename a folder (object stores), it is deleted."""
+    src = epath.Path(self.directory) / str(step)
+    dst = epath.Path(self.directory) / "damaged" / f"{step}-{int(time.time())}"
+    moved = False
+    if jax.process_index() == 0 and src.exists():
+      try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        src.rename(dst)
+        moved = True
+        logging.warning("damaged checkpoint at step %d moved to %s.", step, dst)
+      except Exception as e:  # noqa: BLE001 - any failure falls back to orbax's delete
+        logging.warning("could not move damaged checkpoint %s aside (%s); deleting it.", src, type(e).__name__)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      moved = bool(multihost_utils.broadcast_one_to_all(np.asarray(moved)))
+    if moved:
+      self._mngr.reload()
+    else:
+      self._mngr.delete(step)
 
   def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> tuple[int, Any]:
     """(step, params) of the newest readable (or the given) checkpoint; the optimizer state is not read."""

@@ -40,11 +40,32 @@ def test_damaged_newest_falls_back_to_previous(tmp_path, caplog):
         fh.truncate(0)
   ck = Checkpointer(str(tmp_path))
   step, state, _ = ck.restore_latest(_abstract())
-  assert step == 1 and ck.steps() == [1]  # the damaged one is removed so step 2 can be rewritten
+  assert step == 1 and ck.steps() == [1]  # the damaged one is set aside so step 2 can be rewritten
+  (kept,) = os.listdir(tmp_path / "damaged")  # moved, not deleted: whatever it holds is still there
+  assert kept.startswith("2-") and os.path.isdir(tmp_path / "damaged" / kept / "state")
   ck.save(2, _state(2), {"step": 2})
   ck.close()
   np.testing.assert_array_equal(state["params"]["w"], np.ones((4, 3)))
   assert "damaged" in caplog.text
+  assert Checkpointer(str(tmp_path)).steps() == [1, 2]  # the folder aside is not taken for a step
+
+
+def test_no_readable_checkpoint_stops_instead_of_starting_afresh(tmp_path):
+  """When every checkpoint fails to restore (damaged, or written by another version of the state), the
+  run stops with one sentence naming the folder and leaves them all in place: starting from step 0
+  would silently train over them."""
+  import pytest
+  from bigvis.errors import UserError
+  ck = Checkpointer(str(tmp_path), keep=3)
+  ck.save(1, _state(1), {"step": 1})
+  ck.save(2, _state(2), {"step": 2})
+  ck.close()
+  other = {"params": {"w": jax.ShapeDtypeStruct((5, 3), jnp.float32)}, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  ck = Checkpointer(str(tmp_path))
+  with pytest.raises(UserError, match=r"none of the checkpoints in .* \(steps 1, 2\) can be restored"):
+    ck.restore_latest(other)
+  assert ck.steps() == [1, 2] and not os.path.exists(tmp_path / "damaged")
+  ck.close()
 
 
 def test_params_restore_refuses_a_checkpoint_of_another_model(tmp_path):

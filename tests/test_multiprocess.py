@@ -57,6 +57,23 @@ def test_two_processes_match_one_process(tmp_path):
   assert len(got) == len(ref)
   assert sorted(d for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) == ["12", "6"]
 
+  # A damaged newest checkpoint: both processes fall back to step 6 together (process 0 moves step 12
+  # aside, both reload), retrain steps 7-12 exactly, and the damaged folder is kept.
+  for root, _, files in os.walk(os.path.join(two, "checkpoints", "12", "state")):
+    for f in files:
+      with open(os.path.join(root, f), "r+b") as fh:
+        fh.truncate(0)
+  port = _free_port()
+  procs = [_start(two, 4, ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                           "--process-id", str(i)]) for i in range(2)]
+  errs = [pr.communicate(timeout=600)[1] for pr in procs]
+  for pr, err in zip(procs, errs):
+    assert pr.returncode == 0, err[-3000:]
+  resumed = loss(_rows(two))
+  np.testing.assert_allclose([resumed[s] for s in range(7, 13)], [loss(ref)[s] for s in range(7, 13)], rtol=1e-5)
+  assert [d.split("-")[0] for d in os.listdir(os.path.join(two, "checkpoints", "damaged"))] == ["12"]
+  assert sorted(d for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) == ["12", "6"]
+
 
 def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
   """Preemption of one process: JAX's preemption service agrees on a step, both save it and exit 0."""
