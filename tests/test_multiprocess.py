@@ -26,6 +26,16 @@ def _start(workdir, devices, extra=()):
                           stderr=subprocess.PIPE, text=True)
 
 
+def _train_on_two_processes(workdir):
+  """Two processes x 4 devices, coordinated on a free local port; both must finish."""
+  port = _free_port()
+  procs = [_start(workdir, 4, ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", str(i)]) for i in range(2)]
+  errs = [pr.communicate(timeout=600)[1] for pr in procs]
+  for pr, err in zip(procs, errs):
+    assert pr.returncode == 0, err[-3000:]
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(l) for l in f]
@@ -38,12 +48,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert p.returncode == 0, err[-3000:]
 
   two = str(tmp_path / "two")
-  port = _free_port()
-  procs = [_start(two, 4, ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                           "--process-id", str(i)]) for i in range(2)]
-  errs = [pr.communicate(timeout=600)[1] for pr in procs]
-  for pr, err in zip(procs, errs):
-    assert pr.returncode == 0, err[-3000:]
+  _train_on_two_processes(two)
 
   ref, got = _rows(one), _rows(two)
   loss = lambda rows: {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
@@ -63,12 +68,7 @@ def test_two_processes_match_one_process(tmp_path):
     for f in files:
       with open(os.path.join(root, f), "r+b") as fh:
         fh.truncate(0)
-  port = _free_port()
-  procs = [_start(two, 4, ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
-                           "--process-id", str(i)]) for i in range(2)]
-  errs = [pr.communicate(timeout=600)[1] for pr in procs]
-  for pr, err in zip(procs, errs):
-    assert pr.returncode == 0, err[-3000:]
+  _train_on_two_processes(two)
   resumed = loss(_rows(two))
   np.testing.assert_allclose([resumed[s] for s in range(7, 13)], [loss(ref)[s] for s in range(7, 13)], rtol=1e-5)
   assert [d.split("-")[0] for d in os.listdir(os.path.join(two, "checkpoints", "damaged"))] == ["12"]
