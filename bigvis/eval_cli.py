@@ -137,8 +137,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   from bigvis import inference, sharding
   from bigvis import metrics as metrics_lib
   from bigvis.evaluators import reports
-  from bigvis.models import XLA_KERNELS, build_model, with_tower_fields
-  from bigvis.models.layers import resolve_kernel_impl
+  from bigvis.models import build_model, kernels_for_reading
 
   config = inference.load_config(workdir)
   if "model" not in config:
@@ -156,10 +155,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   mesh = eval_mesh(config)
   rules = sharding.rules_from_config(config)
   device = mesh.devices.flat[0]
-  # A run trained with the Pallas kernels named ('pallas') evaluates anywhere: where they cannot run,
-  # XLA's LayerNorm and GELU compute the same function with the same parameters.
-  pallas_here = resolve_kernel_impl("auto", device) == "pallas"
-  model = build_model(config.model if pallas_here else with_tower_fields(config.model, **XLA_KERNELS), device)
+  model = build_model(kernels_for_reading(config.model, device), device)
   restored_step, params = restore_params(workdir, config, mesh, rules, step)
   logging.info("evaluating %s at step %d on %d device(s)", workdir, restored_step, mesh.size)
   evaluators = eval_lib.build_evaluators(chosen, model=model, mesh=mesh, config=config)

@@ -73,14 +73,12 @@ def restore_params(directory: str, abstract: Any, step: int | None) -> tuple[int
 def load_run(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
   """(config, model, params) of the run in `workdir` at `step` (default: the newest checkpoint)."""
   from bigvis import params as params_lib
-  from bigvis.models import XLA_KERNELS, build_model, with_tower_fields
+  from bigvis.models import build_model, kernels_for_reading
   config = load_config(workdir)
   if "model" not in config:
     raise UserError(f"{os.path.join(workdir, 'config.json')} has no 'model' section.")
   check_config_matches(workdir, config, step)
-  # XLA's LayerNorm and GELU whatever the run trained with: the same parameters and results, and
-  # the Pallas kernels (`norm_impl`/`gelu_impl='pallas'`) only run on NVIDIA GPUs.
-  model = build_model(with_tower_fields(config.model, **XLA_KERNELS))
+  model = build_model(kernels_for_reading(config.model))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           params_lib.abstract_params(config.model))

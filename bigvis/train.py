@@ -42,10 +42,14 @@ class NonFiniteLoss(UserError):
   """The loss became NaN/inf; the run stopped without checkpointing the bad state."""
 
 
+def _digest(model: dict, objective: dict) -> str:
+  blob = json.dumps({"model": model, "objective": objective}, sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def fingerprint(config: ml_collections.ConfigDict) -> str:
   """Identifies what a checkpoint holds: the model and objective, not run lengths or paths."""
-  blob = json.dumps({"model": config.model.to_dict(), "objective": config.objective.to_dict()}, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+  return _digest(config.model.to_dict(), config.objective.to_dict())
 
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> str:
@@ -55,8 +59,7 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> str:
   from bigvis.models import with_tower_fields
   model = with_tower_fields(metrics_lib.reference_model_config(config.model), fused_qkv=True,
                             recompute_gelu=True, residual_in_norm=True)
-  blob = json.dumps({"model": model.to_dict(), "objective": config.objective.to_dict()}, sort_keys=True)
-  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+  return _digest(model.to_dict(), config.objective.to_dict())
 
 
 def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -309,11 +312,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise NonFiniteLoss(f"the loss became non-finite at step {bad}; stopped without saving that state "
                           f"({where}). Lower optim.lr or set nonfinite='skip'.")
 
+  # What every checkpoint's record says of the run, besides its step (computed once).
+  record = {"fingerprint": fingerprint(config), "model_fingerprint": model_fingerprint(config),
+            "experiment": config.get("experiment", "")}
+
   def save(step: int) -> None:
     check_finite()
-    ckpt.save(step, state, {"step": step, "fingerprint": fingerprint(config),
-                            "model_fingerprint": model_fingerprint(config),
-                            "experiment": config.get("experiment", "")})
+    ckpt.save(step, state, {"step": step, **record})
 
   # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step. With
   # several processes the signal reaches each at a different step, and the save is collective: JAX's

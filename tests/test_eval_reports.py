@@ -123,6 +123,12 @@ def test_probe_leaves_unlabelled_examples_out_and_counts_them():
   assert metrics["num_unlabeled"] == 17 and metrics["num_test"] == len(y_test) and metrics["num_train"] == len(y)
   assert metrics["top1_full"] == 1.0 and metrics["top1_4shot"] == 1.0  # the -1s were neither learnt nor missed
 
+  # With CLIP's class names, a test label past them has no zero-shot class: refused as zeroshot does.
+  probe.class_names = ["a", "b", "c"]
+  with pytest.raises(UserError, match=r"evals.lp.data has label 3, outside the 3 class names"):
+    probe.run(None)
+  probe.class_names = None
+
   train = {"z": x[:4], "label": np.arange(4)}  # one example per class: nothing to validate on
   with pytest.raises(UserError, match="two labelled examples"):
     probe.run(None)

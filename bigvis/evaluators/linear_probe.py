@@ -166,9 +166,8 @@ class Evaluator:
     if not len(val):
       raise UserError(f"{self.where}.train_data has no class with two labelled examples, so no validation "
                       "split to choose the regularisation on.")
-    if self.class_names is not None and np.any(test["label"] >= len(self.class_names)):
-      bad = int(test["label"][test["label"] >= len(self.class_names)][0])
-      raise UserError(f"{self.where}.data has label {bad}, outside the {len(self.class_names)} class names.")
+    if self.class_names is not None:
+      zeroshot.check_labels(test["label"], len(self.class_names), f"{self.where}.data")
     x, y = train["z"].astype(np.float32), train["label"]
     rows = []
     for k in self.shots:

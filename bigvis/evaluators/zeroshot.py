@@ -114,6 +114,14 @@ def text_tokenizer(cfg: ml_collections.ConfigDict | dict, config: ml_collections
   return tokenizer
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Zero-shot accuracy needs every label to name one of the class names: a one-sentence error
+  naming the first that does not (a -1 for a missing label included)."""
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if len(bad):
+    raise UserError(f"{where} has label {int(bad[0])}, outside the {num_classes} class names.")
+
+
 def check_tokenizer_fits(tokenizer, config: ml_collections.ConfigDict | None, where: str) -> None:
   """A one-sentence error where the tokenizer has more pieces than the text tower's embedding has
   rows: their ids would index past it (NaN losses, read as a learning-rate problem)."""
@@ -207,9 +215,7 @@ class Evaluator:
     if not out:
       raise UserError(f"evals.{self.name}.data yielded no examples.")
     labels = out["label"]
-    bad = labels[(labels < 0) | (labels >= c)]
-    if len(bad):
-      raise UserError(f"evals.{self.name}.data has label {int(bad[0])}, outside the {c} class names.")
+    check_labels(labels, c, f"evals.{self.name}.data")
     hits = out["top"] == labels[:, None]
     metrics = {"top1": float(np.mean(hits[:, 0])), "top5": float(np.mean(np.any(hits[:, :TOP_K], axis=1))),
                "num_examples": int(len(labels))}

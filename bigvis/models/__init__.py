@@ -138,6 +138,15 @@ def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: A
 XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
 
 
+def kernels_for_reading(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> ml_collections.ConfigDict:
+  """The model section for reading a trained run (evaluation, inference) on `device` (default: the
+  process's first): its kernels where they run there, else XLA's LayerNorm and GELU, the same
+  function with the same parameters, so a run that named `pallas` is read anywhere."""
+  if resolve_kernel_impl("auto", device) == "pallas":
+    return ml_collections.ConfigDict(_copied_dict(model_config), type_safe=False)
+  return with_tower_fields(model_config, **XLA_KERNELS)
+
+
 def check_implementation_choices(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
   """A one-sentence error naming the key for a `fused_qkv` that is not true, false or None, a
   `residual_in_norm` that is not true or false, a `norm_impl`/`gelu_impl` that is not one of
