@@ -75,8 +75,10 @@ CLIP_OLD=(--bigvis-set model.image.fused_qkv=true --bigvis-set model.image.recom
 # 0. bigvis's Pallas kernels against XLA's fusions at ViT-B/16's shapes: do they agree on this card,
 #    and how long does each take (seconds; steps 2 and 3 time them inside the whole step).
 kernel_check() {
-  log "Pallas kernels against XLA"
-  room 80 timeout 120 "$PY" benchmarks/pallas_kernels_check.py | tee "$OUT/pallas_check.jsonl"
+  log "Pallas LayerNorm kernels against XLA"
+  room 60 timeout 120 "$PY" benchmarks/pallas_kernels_check.py \
+    --cases layernorm,layernorm_biases,layernorm_biases_added_by_xla,layernorm_three_copies \
+    | tee -a "$OUT/pallas_check.jsonl"
 }
 # GELU's alone (≈20 s): its kernels and XLA's bfloat16 fusion were 4.5 % apart on the H200 (twelfth
 # session); each one's error against float32 says which is the coarse one.
@@ -158,7 +160,7 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved) ;;
+  1) steps=(kernel_check gelu_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved) ;;
   2) steps=(clip_goal clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused extras) ;;
   goals) steps=(gelu_check vit_goal kernel_sweep vit_tuned clip_goal clip_tuned vit_gelu_xla) ;;
   all) steps=(kernel_check gelu_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved
