@@ -1,8 +1,9 @@
 """bigvis's Pallas kernels against XLA's fusions at a real model's shapes: agreement and time.
 
-The first thing a GPU session should run for `model.norm_impl=pallas` / `model.gelu_impl=pallas`:
-whether the Triton kernels compute what XLA does on the card, and how long each takes next to the
-XLA fusions it replaces, before whole-step timings mix them with everything else.
+The first thing a GPU session should run for `model.norm_impl=pallas` / `model.gelu_impl=pallas` /
+`model.attention_impl=pallas`: whether the Triton kernels compute what XLA (or cuDNN, for attention:
+what 'auto' runs, on the ViT's padded tokens) does on the card, and how long each takes next to what
+it replaces, before whole-step timings mix them with everything else.
 
   python benchmarks/pallas_kernels_check.py                        # ViT-B/16 at batch 256, bf16
   python benchmarks/pallas_kernels_check.py --rows 19712 --width 512 --mlp 2048   # CLIP text tower
@@ -15,8 +16,9 @@ loss in float32). `--interpret` runs the kernels in Pallas's interpreter (any ba
 
   python benchmarks/pallas_kernels_check.py --sweep     # each kernel alone, under other tilings
 
-`--sweep` times each of the four kernels alone (ViT-B/16's shapes: the attention norm's backward
-with three copies, the MLP norm's forward with the residual add) under alternatives to
+`--sweep` times each of the six kernels alone (ViT-B/16's shapes: the attention norm's backward
+with three copies, the MLP norm's forward with the residual add, attention over 197 tokens) under
+alternatives to
 `pallas_kernels.TILES` (rows per program, warps, pipeline stages): one JSON line per setting with
 its ms, GB/s and largest difference from the current setting's output, then the fastest per kernel
 (with `--tiles-out FILE.json`, also as a file `peers.py --kernel-tiles` times a whole step with).
@@ -24,6 +26,7 @@ its ms, GB/s and largest difference from the current setting's output, then the 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -37,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
-from bigvis.models import pallas_kernels  # noqa: E402
+from bigvis.models import pallas_attention, pallas_kernels  # noqa: E402
+from bigvis.models.layers import dot_product_attention, pad_for_attention  # noqa: E402
 
 
 def _time_ms(fn: Callable, args: tuple, steps: int, calls: int) -> float:
@@ -142,6 +146,30 @@ def bias_gelu_case(rows: int, mlp: int, dtype: Any, interpret: bool) -> tuple[Ca
   return xla, pallas, (h, bias), f32
 
 
+def attention_case(batch: int, length: int, heads: int, head_dim: int, dtype: Any,
+                   interpret: bool) -> tuple[Callable, Callable, tuple, Callable]:
+  """(the model's attention, the Pallas kernels', their arguments, XLA's in float32) for a ViT's
+  attention with its query bias: loss = <attention(q + bias, k, v), c>. The model's is what
+  `attention_impl='auto'` runs: on an NVIDIA GPU cuDNN's, on the tokens padded as the ViT pads them
+  (197 -> 200) with the padding masked; elsewhere XLA's. The Pallas kernels take the 197 as they are."""
+  keys = jax.random.split(jax.random.key(4), 5)
+  q, k, v, c = (jax.random.normal(key, (batch, length, heads, head_dim)).astype(dtype) for key in keys[:4])
+  bias = 0.5 * jax.random.normal(keys[4], (heads, head_dim))
+
+  def model(q, k, v, bias, impl="auto"):
+    tokens = lambda x: x.reshape(batch, length, heads * head_dim)  # noqa: E731  the padding is per token
+    (qp, mask), (kp, _), (vp, _) = (pad_for_attention(tokens(x), impl) for x in (q, k, v))
+    split = lambda x: x.reshape(batch, x.shape[1], heads, head_dim)  # noqa: E731
+    out = dot_product_attention(split(qp), split(kp), split(vp), mask=mask, causal=False, impl=impl,
+                                query_bias=bias)
+    return jnp.sum(out[:, :length].astype(jnp.float32) * c.astype(jnp.float32))
+
+  def pallas(q, k, v, bias):
+    out = pallas_attention.attention(q, k, v, query_bias=bias, interpret=interpret)
+    return jnp.sum(out.astype(jnp.float32) * c.astype(jnp.float32))
+  return model, pallas, (q, k, v, bias), functools.partial(model, impl="xla")
+
+
 # The comparisons, by name: (args, dtype) -> a case.
 CASES = {
     "layernorm": lambda a, dt: layernorm_case(a.rows, a.width, dt, a.interpret),
@@ -150,7 +178,14 @@ CASES = {
         lambda a, dt: layernorm_case(a.rows, a.width, dt, a.interpret, biases=True, addend=False),
     "layernorm_three_copies": lambda a, dt: layernorm_case(a.rows, a.width, dt, a.interpret, copies=3),
     "bias_gelu": lambda a, dt: bias_gelu_case(a.rows, a.mlp, dt, a.interpret),
+    "attention": lambda a, dt: attention_case(a.rows // _padded(a.length), a.length, a.heads, a.width // a.heads,
+                                              dt, a.interpret),
 }
+
+
+def _padded(length: int) -> int:
+  """Tokens after the ViT's padding for cuDNN (197 -> 200): --rows counts those."""
+  return -(-length // 8) * 8
 
 
 # Alternatives to pallas_kernels.TILES that --sweep times, per kernel (the current setting first).
@@ -162,11 +197,20 @@ SWEEP = {
                           for r, c in ((32, 256), (16, 256), (64, 256), (8, 1024)) for w in (4, 8)],
     "bias_gelu_backward": [dict(rows=r, step_rows=s, cols=256, warps=w, stages=st)
                            for r, s in ((64, 8), (128, 8), (64, 16), (32, 8)) for w in (4, 8) for st in (1, 2)],
+    "attention_forward": [dict(rows=r, keys=k, warps=w, stages=st) for r, k in ((64, 64), (128, 64), (64, 128),
+                                                                              (128, 128), (32, 64))
+                          for w, st in ((4, 1), (8, 1), (4, 2))],
+    "attention_backward": [dict(rows=r, warps=w, stages=st) for r in (64, 32, 128) for w in (4, 8) for st in (1, 2)],
 }
+# Outputs of a kernel from this index on are partial sums with a row per program, which the tiling
+# sets: the sweep compares their totals.
+PARTIAL_SUMS_FROM = {"layernorm_backward": 1, "bias_gelu_backward": 1, "attention_backward": 3}
 
 
-def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool) -> dict[str, tuple[Callable, tuple]]:
-  """kernel name -> (a function calling that kernel alone, its arguments), at the block's shapes."""
+def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool, length: int = 197,
+                heads: int = 12) -> dict[str, tuple[Callable, tuple]]:
+  """kernel name -> (a function calling that kernel alone, its arguments), at the block's shapes (the
+  attention's: `length` tokens of rows // the padded length examples, unpadded)."""
   keys = jax.random.split(jax.random.key(3), 8)
   act = lambda k, cols: jax.random.normal(k, (rows, cols)).astype(dtype)  # noqa: E731
   vec = lambda k, n: 0.1 * jax.random.normal(k, (n,))  # noqa: E731
@@ -174,7 +218,12 @@ def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool) ->
   h, dg = act(keys[6], mlp), act(keys[7], mlp)
   scale, bias = 1 + vec(keys[0], width), vec(keys[1], width)
   mean, rstd = jnp.mean(x.astype(jnp.float32), -1), jnp.ones((rows,), jnp.float32)
-  k = pallas_kernels
+  k, a_ = pallas_kernels, pallas_attention
+  batch = rows // _padded(length)
+  qkv = [jax.random.normal(key, (batch, length, heads, width // heads)).astype(dtype)
+         for key in jax.random.split(keys[5], 4)]
+  kv_len, qbias = jnp.full((batch,), length, jnp.int32), vec(keys[3], width).reshape(heads, -1)
+  o, lse = a_._forward(*qkv[:3], kv_len, qbias, causal=False, interpret=interpret)
   return {
       "layernorm_forward": (lambda x, a, b, s, c: k._layernorm_forward(
           x, s, c, a, b, eps=1e-6, out_dtype=dtype, interpret=interpret), (x, a, bias, scale, bias)),
@@ -185,6 +234,10 @@ def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool) ->
                             (h, vec(keys[2], mlp).astype(dtype))),
       "bias_gelu_backward": (lambda h, b, g: k._bias_gelu_backward(h, b, g, interpret=interpret),
                              (h, vec(keys[2], mlp).astype(dtype), dg)),
+      "attention_forward": (lambda q, k_, v, n, b: a_._forward(q, k_, v, n, b, causal=False, interpret=interpret),
+                            (*qkv[:3], kv_len, qbias)),
+      "attention_backward": (lambda q, k_, v, n, b, o, lse, do: a_._backward(
+          q, k_, v, n, b, o, lse, do, causal=False, interpret=interpret), (*qkv[:3], kv_len, qbias, o, lse, qkv[3])),
   }
 
 
@@ -198,7 +251,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
   """One record per (kernel, tiling): ms, GB/s (operands + outputs) and the largest difference from the
   current tiling's outputs, absolute and relative; TILES is restored after each."""
   dtype, records = jnp.dtype(args.dtype), []
-  calls = sweep_calls(args.rows, args.width, args.mlp, dtype, args.interpret)
+  calls = sweep_calls(args.rows, args.width, args.mlp, dtype, args.interpret, args.length, args.heads)
   for name in SWEEP:
     call, call_args = calls[name]
     current = dict(pallas_kernels.TILES[name])
@@ -215,8 +268,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
       finally:
         pallas_kernels.TILES[name] = current
       moved = sum(a.nbytes for a in jax.tree.leaves((call_args, out)))
-      # A backward's partial sums have a row per program, which the tiling sets: compare their totals.
-      out = [o.astype(jnp.float32) if i == 0 or not name.endswith("backward") else jnp.sum(o, 0)
+      out = [o.astype(jnp.float32) if i < PARTIAL_SUMS_FROM.get(name, 1 << 30) else jnp.sum(o, 0)
              for i, o in enumerate(jax.tree.leaves(out))]
       reference = out if reference is None else reference
       records.append({"kernel": name, **setting, "ms": round(ms, 4), "gb_per_s": round(moved / ms / 1e6, 1),
@@ -231,6 +283,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--rows", type=int, default=256 * 200, help="tokens in the batch (ViT-B/16, batch 256: 51,200)")
   p.add_argument("--width", type=int, default=768, help="model width (LayerNorm)")
   p.add_argument("--mlp", type=int, default=3072, help="MLP hidden width (GELU)")
+  p.add_argument("--length", type=int, default=197, help="tokens per example (attention: rows // this padded to 8 examples)")
+  p.add_argument("--heads", type=int, default=12, help="attention heads (head size: width // heads)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--steps", type=int, default=20, help="timings; the median is printed")
   p.add_argument("--calls", type=int, default=20, help="calls dispatched back to back in each timing")

@@ -346,20 +346,23 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   x (residual gradient included), scale and bias gradients; GELU's output and its h and bias
   gradients, also as the block calls it with the residual add before it (in the kernel, or by XLA),
   biases added before and after it (whose gradients the kernel sums) and with three copies of its
-  output (whose gradients it adds). 130 rows (not a whole
-  number of 4- or 64-row blocks), 24 features (loaded as 32 lanes, the tail masked), 300 hidden
-  units (not a whole number of 256-column blocks). In bfloat16 XLA's fusions round every step while
-  the kernels compute in float32."""
+  output (whose gradients it adds); attention's output and its q, k, v and query-bias gradients
+  against the model's attention (XLA's here) on the tokens padded as the ViT pads them. 130 rows (not
+  a whole number of 4- or 64-row blocks), 24 features (loaded as 32 lanes, the tail masked), 300
+  hidden units (not a whole number of 256-column blocks), 13 tokens in 2 heads (not a whole 64-row
+  block). In bfloat16 XLA's fusions round every step while the kernels compute in float32."""
   check = _benchmark_module("pallas_kernels_check")
-  assert check.main(["--rows", "130", "--width", "24", "--mlp", "300", "--dtype", dtype,
-                     "--steps", "1", "--calls", "1", "--interpret"]) == 0
+  assert check.main(["--rows", "130", "--width", "24", "--mlp", "300", "--dtype", dtype, "--length", "13",
+                     "--heads", "2", "--steps", "1", "--calls", "1", "--interpret"]) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["kernel"] for r in lines] == ["layernorm", "layernorm_biases", "layernorm_biases_added_by_xla",
-                                          "layernorm_three_copies", "bias_gelu"]
+                                          "layernorm_three_copies", "bias_gelu", "attention"]
+  assert lines[-1]["shape"] == [8, 13, 2, 12]  # 130 rows // 16 (13 padded to 8's multiple) examples
   for r in lines:
     assert r["max_rel_err"] < tolerance and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r
-    assert len(r["rel_errs"]) == (3 if r["kernel"] == "bias_gelu" else 7), r  # the loss, each gradient
-  gelu = lines[-1]
+    # the loss, then each gradient
+    assert len(r["rel_errs"]) == {"bias_gelu": 3, "attention": 5}.get(r["kernel"], 7), r
+  gelu = lines[-2]
   if dtype == "bfloat16":  # against GELU in float32 the kernel's error is its bfloat16 outputs' rounding
     assert len(gelu["xla_rel_errs_vs_f32"]) == 3 and max(gelu["pallas_rel_errs_vs_f32"]) < 1e-2, gelu
   else:
@@ -388,8 +391,9 @@ def test_kernel_timing_dispatches_calls_back_to_back_and_waits_once(monkeypatch)
 def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypatch, tmp_path):
   """`pallas_kernels_check.py --sweep` (run on a GPU to tune `pallas_kernels.TILES`): each setting
   really retraces the kernel with its tiling (rows per program that do and do not divide 70 rows,
-  GELU columns that do not divide 300), gives the current setting's results up to the partial sums'
-  order, and leaves TILES as it was."""
+  GELU columns that do not divide 300, attention blocks that do and do not cover 40 tokens), gives
+  the current setting's results up to the partial sums' order (float32: attention's key blocks change
+  its softmax's rescaling, a bfloat16 rounding apart), and leaves TILES as it was."""
   check = _benchmark_module("pallas_kernels_check")
   from bigvis.models import pallas_kernels
   before = {k: dict(v) for k, v in pallas_kernels.TILES.items()}
@@ -400,20 +404,25 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
                                   dict(rows=32, step_rows=8, warps=8, stages=2)],
            "bias_gelu_forward": [dict(rows=32, cols=256, warps=4, stages=1), dict(rows=8, cols=128, warps=4, stages=1)],
            "bias_gelu_backward": [dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
-                                  dict(rows=16, step_rows=4, cols=128, warps=4, stages=1)]}
+                                  dict(rows=16, step_rows=4, cols=128, warps=4, stages=1)],
+           "attention_forward": [dict(rows=64, keys=64, warps=4, stages=1), dict(rows=32, keys=16, warps=8, stages=2)],
+           "attention_backward": [dict(rows=64, warps=4, stages=1), dict(rows=16, warps=8, stages=1)]}
   monkeypatch.setattr(check, "SWEEP", small)
   traced = []
   real = pallas_kernels.pl.pallas_call
   monkeypatch.setattr(pallas_kernels.pl, "pallas_call", lambda *a, **kw: traced.append(kw["grid"]) or real(*a, **kw))
   tiles_out = tmp_path / "tiles.json"
   assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
-                     "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
+                     "--length", "40", "--heads", "2", "--dtype", "float32", "--calls", "1",
+                     "--tiles-out", str(tiles_out)]) == 0
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   timed = [r for r in records if "fastest" not in r]
   assert [r["kernel"] for r in timed] == [k for k in small for _ in range(2)], timed
   for r in timed:
     assert "error" not in r and r["ms"] > 0 and r["max_abs_diff"] < 1e-4, r
-  assert len(set(traced)) == 8, traced  # every setting its own grid: a real retrace each
+  # Every setting its own grid, a real retrace each (attention's: (1 example, 2 heads, blocks of 40
+  # tokens); the forward's current one also traced once to give the backward its inputs).
+  assert len(set(traced)) == 11, traced
   fastest = [r for r in records if "fastest" in r]
   assert [r["fastest"] for r in fastest] == list(small)
   for r in fastest:  # the current setting's time, found by its tiling
@@ -428,6 +437,6 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   small_one = {"bias_gelu_forward": small["bias_gelu_forward"]}
   monkeypatch.setattr(check, "SWEEP", small_one)
   assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
-                     "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
+                     "--length", "40", "--heads", "2", "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
   assert not [line for line in capsys.readouterr().out.splitlines() if "fastest" in line]
   assert json.loads(tiles_out.read_text()) == {}

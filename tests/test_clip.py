@@ -120,14 +120,16 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   """`norm_impl` and `gelu_impl` = 'pallas' under a mesh: each device runs the kernels on its own
   shard (shard_map over the batch axes, and the MLP's hidden units where tensor parallelism splits
   them; interpreted here), and the loss and gradients are those of XLA's fusions on one device, the
-  scale, bias and residual-stream bias gradients summed over the devices' rows; with separate
+  scale, bias and residual-stream bias gradients summed over the devices' rows; attention's kernels
+  (`attention_impl='pallas'`) on each device's examples and heads, causal in the text tower, the
+  query bias's gradient summed over the devices' examples; with separate
   query, key and value GEMMs too (three copies of the norm's output, but one where tensor parallelism
   splits the heads: apart, the partial input gradients would each need an all-reduce); with the
   residual adds in the norms' kernels, each device adds its own rows."""
   model, boxed, batch, (ref_loss, ref_grads, _) = tiny
   # The norms' kernels take the residual adds (the default) but in the first case.
   kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv,
-             "residual_in_norm": mesh_cfg["tensor"] > 1 or not fused_qkv}
+             "residual_in_norm": mesh_cfg["tensor"] > 1 or not fused_qkv, "attention_impl": "pallas_interpret"}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
   from bigvis.models import pallas_kernels
   per_device = collections.defaultdict(list)  # kernel wrapper -> the in_specs of each call
@@ -141,6 +143,11 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   # 2 LayerNorms (forward and backward) per GELU (forward and backward), in every block of both towers.
   assert calls["_layernorm_forward"] == calls["_layernorm_backward"] == 2 * calls["_bias_gelu_backward"] > 0, calls
   assert calls["_bias_gelu_forward"] == calls["_bias_gelu_backward"], calls
+  # Attention's kernels, each device its examples and (under tensor parallelism) its heads: the query
+  # bias split like the heads.
+  assert calls["_forward"] == calls["_backward"] == calls["_bias_gelu_forward"], calls
+  assert {specs[0][2] for name in ("_forward", "_backward") for specs in per_device[name]} == {"tensor"}
+  assert {specs[4] for specs in per_device["_forward"]} == {jax.sharding.PartitionSpec("tensor", None)}
   assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name])
   addends = {len(specs) == 5 for specs in per_device["_layernorm_forward"]}  # x, scale, bias (, addend, bias)
   assert addends == ({False, True} if kernels["residual_in_norm"] else {False}), addends

@@ -449,14 +449,86 @@ def test_patch_embedding_matmul_equals_the_convolution():
     PatchEmbedding(8, 4, impl="fft").init(jax.random.key(1), image)
 
 
+@pytest.mark.parametrize("length, causal, masked, biased", [(72, False, True, True), (40, True, False, True),
+                                                         (16, False, False, False)],
+                         ids=["ragged_masked_biased", "causal_biased", "one_block"])
+def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, biased):
+  """`pallas_attention.attention` (interpreted) against XLA's attention in float32: the output and
+  the q, k, v and query-bias gradients, with the bias added to the queries inside the kernels, keys
+  past each example's length hidden (72 tokens: two 64-row blocks, the second ragged) and the causal
+  mask (the text tower's); one block whole too. In bfloat16 (below) they agree to its rounding, the
+  kernels' bias gradient, summed in float32, closer to float32's than XLA's."""
+  from bigvis.models import pallas_attention
+  from bigvis.models.layers import dot_product_attention
+  rng = np.random.default_rng(0)
+  b, h, d = 2, 2, 16
+  q, k, v, c = (jnp.asarray(rng.normal(size=(b, length, h, d)), jnp.float32) for _ in range(4))
+  bias = jnp.asarray(rng.normal(size=(h, d)), jnp.float32) if biased else None
+  kv_len = jnp.array([length, length - 13], jnp.int32) if masked else None
+  mask = None if kv_len is None else jnp.arange(length)[None] < kv_len[:, None]
+
+  def loss(fn, dtype):
+    def f(q, k, v, bias):
+      return jnp.sum(fn(*(x.astype(dtype) for x in (q, k, v)), bias).astype(jnp.float32) * c)
+    return jax.value_and_grad(f, argnums=(0, 1, 2) + ((3,) if biased else ()))
+
+  def xla(q, k, v, bias):
+    return dot_product_attention(q, k, v, mask=mask, causal=causal, impl="xla", query_bias=bias)
+
+  def pallas(q, k, v, bias):
+    return pallas_attention.attention(q, k, v, kv_len=kv_len, query_bias=bias, causal=causal, interpret=True)
+  for dtype, tolerance in ((jnp.float32, 2e-6), (jnp.bfloat16, 2e-2)):
+    ref, got = loss(xla, dtype)(q, k, v, bias), loss(pallas, dtype)(q, k, v, bias)
+    for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+      assert float(jnp.max(jnp.abs(r - g))) <= tolerance * float(jnp.max(jnp.abs(r))), (dtype, r, g)
+  if masked:  # a hidden key gets no gradient and moves no output
+    _, (_, dk, dv, *_) = loss(pallas, jnp.float32)(q, k, v, bias)
+    assert float(jnp.abs(dk[1, length - 13:]).max()) == float(jnp.abs(dv[1, length - 13:]).max()) == 0.0
+  with pytest.raises(ValueError, match="whole sequences"):
+    pallas_attention.attention(q, k, v, axes=(None, "data", None, None))
+
+
+@pytest.mark.parametrize("extra", [{}, {"fused_qkv": True}, {"seq_pad_multiple": 8}],
+                         ids=["separate_qkv", "fused_qkv", "padded_and_masked"])
+def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kernel(extra, monkeypatch):
+  """`model.attention_impl='pallas'` (interpreted): the same loss and gradients as XLA's attention,
+  with the query bias handed to the kernels rather than added by XLA (one GEMM for q, k and v, or
+  three; with padded tokens the padding masked), and no padding of its own: the 17 tokens as they are."""
+  from bigvis.models import pallas_attention
+  seen = []
+  real = pallas_attention.attention
+
+  def recording(q, k, v, **kw):
+    seen.append((q.shape[1], kw["query_bias"] is not None, kw["kv_len"] is not None))
+    return real(q, k, v, **kw)
+  monkeypatch.setattr(pallas_attention, "attention", recording)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, norm_impl="xla", gelu_impl="xla",
+              attention_impl="xla", **extra)
+  p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
+  p = jax.tree_util.tree_map_with_path(lambda path, v: v + 0.1 if path[-1].key == "bias" else v, p)
+
+  def loss(params, cfg):
+    return jnp.sum(build_model(cfg).apply({"params": params}, x)[0] ** 2)
+  a, ga = jax.value_and_grad(loss)(p, base)
+  b, gb = jax.value_and_grad(loss)(p, dict(base, attention_impl="pallas_interpret"))
+  padded = "seq_pad_multiple" in extra
+  assert seen and set(seen) == {(24 if padded else 17, True, padded)}, seen
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
+  assert float(jnp.abs(gb["encoder"]["block00"]["block"]["attn"]["query"]["bias"]).max()) > 0
+
+
 @pytest.mark.parametrize("field, extra", [
     ("norm_impl", {"fused_qkv": True}), ("norm_impl", {}), ("norm_impl", {"residual_in_norm": False}),
-    ("norm_impl", {"dropout": 0.1}), ("norm_impl", {"scan": True, "remat_policy": "full"}), ("gelu_impl", {})],
+    ("norm_impl", {"dropout": 0.1}), ("norm_impl", {"scan": True, "remat_policy": "full"}), ("gelu_impl", {}),
+    ("attention_impl", {})],
     ids=["norm_fused_qkv", "norm_separate_qkv", "norm_residual_by_xla", "norm_dropout",
-         "norm_scan_remat_separate_qkv", "gelu"])
+         "norm_scan_remat_separate_qkv", "gelu", "attention"])
 def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(field, extra, monkeypatch):
-  """`model.norm_impl` / `model.gelu_impl` = 'pallas': the same parameters, loss and gradients as
-  XLA's fusions (kernels interpreted here; the kernels alone, in float32 and bfloat16 on ragged
+  """`model.norm_impl` / `model.gelu_impl` / `model.attention_impl` = 'pallas': the same parameters,
+  loss and gradients as XLA's fusions (kernels interpreted here; the kernels alone, in float32 and bfloat16 on ragged
   shapes, are checked through benchmarks/pallas_kernels_check.py in test_bench); a CPU mesh gets a
   one-sentence error naming the field; a bad value is named. The norms' kernels also take the
   gradients of the out projection's and the MLP's output biases (not under dropout: then XLA does)

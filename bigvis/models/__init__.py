@@ -12,7 +12,7 @@ import ml_collections
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
-from bigvis.models.layers import KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl, resolve_kernel_impl
+from bigvis.models.layers import ATTENTION_IMPLS, KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl, resolve_kernel_impl
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
 
@@ -140,17 +140,19 @@ XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
 
 def kernels_for_reading(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> ml_collections.ConfigDict:
   """The model section for reading a trained run (evaluation, inference) on `device` (default: the
-  process's first): its kernels where they run there, else XLA's LayerNorm and GELU, the same
-  function with the same parameters, so a run that named `pallas` is read anywhere."""
+  process's first): its kernels where they run there, else XLA's LayerNorm and GELU and the attention
+  'auto' picks, the same function with the same parameters, so a run that named `pallas` (or `cudnn`)
+  is read anywhere."""
   if resolve_kernel_impl("auto", device) == "pallas":
     return ml_collections.ConfigDict(_copied_dict(model_config), type_safe=False)
-  return with_tower_fields(model_config, **XLA_KERNELS)
+  return with_tower_fields(model_config, attention_impl="auto", **XLA_KERNELS)
 
 
 def check_implementation_choices(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> None:
   """A one-sentence error naming the key for a `fused_qkv` that is not true, false or None, a
   `residual_in_norm` that is not true or false, a `norm_impl`/`gelu_impl` that is not one of
-  KERNEL_IMPLS, or (given the mesh's `device`) for 'pallas' where bigvis's Pallas kernels
+  KERNEL_IMPLS, an `attention_impl` not one of ATTENTION_IMPLS, or (given the mesh's `device`) for
+  'pallas' where bigvis's Pallas kernels
   cannot run: they are Triton kernels, for NVIDIA GPUs of compute capability 8.0 or newer."""
   cfg = _copied_dict(model_config)
   clip = cfg.get("name") == "clip"
@@ -161,10 +163,11 @@ def check_implementation_choices(model_config: ml_collections.ConfigDict | dict,
       raise UserError(f"{prefix}fused_qkv {tower['fused_qkv']!r} is not true, false or None.")
     if not isinstance(tower.get("residual_in_norm", True), bool):
       raise UserError(f"{prefix}residual_in_norm {tower['residual_in_norm']!r} is not true or false.")
-    for field in ("norm_impl", "gelu_impl"):
+    for field, choices in (("norm_impl", KERNEL_IMPLS), ("gelu_impl", KERNEL_IMPLS),
+                           ("attention_impl", ATTENTION_IMPLS)):
       value = tower.get(field, "xla")
-      if value not in KERNEL_IMPLS:
-        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(KERNEL_IMPLS)}.")
+      if value not in choices:
+        raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(choices)}.")
       if value == "pallas" and device is not None and not nvidia_sm80_or_newer(device):
         raise UserError(f"{prefix}{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
                         f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")

@@ -51,6 +51,9 @@ TILES = {
     "layernorm_backward": dict(rows=64, step_rows=4, warps=4, stages=1),
     "bias_gelu_forward": dict(rows=32, cols=256, warps=4, stages=1),
     "bias_gelu_backward": dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
+    # Attention (`pallas_attention`): query rows and keys per block; the backward's blocks are both.
+    "attention_forward": dict(rows=64, keys=64, warps=4, stages=1),
+    "attention_backward": dict(rows=64, warps=4, stages=1),
 }
 
 
@@ -67,9 +70,9 @@ def set_tiles(tiles: dict[str, dict[str, int]]) -> None:
         or not all(isinstance(v, int) and v > 0 for v in setting.values())):
       raise UserError(f"The tiling of '{kernel}' needs positive integers for exactly "
                       f"{', '.join(sorted(TILES[kernel]))}; got {setting}.")
-    odd = [k for k in ("rows", "step_rows", "cols", "warps") if k in setting and setting[k] & (setting[k] - 1)]
+    odd = [k for k in ("rows", "step_rows", "cols", "keys", "warps") if k in setting and setting[k] & (setting[k] - 1)]
     if odd or setting.get("step_rows", 1) > setting["rows"]:
-      raise UserError(f"The tiling of '{kernel}' needs powers of two for rows, step_rows, cols and warps, and "
+      raise UserError(f"The tiling of '{kernel}' needs powers of two for rows, step_rows, cols, keys and warps, and "
                       f"step_rows <= rows; got {setting}.")
   for kernel, setting in tiles.items():
     TILES[kernel] = dict(setting)
