@@ -6,22 +6,24 @@
 #   OUT=runs/gpu bash benchmarks/gpu_session.sh            # repo root, on the GPU machine
 #   OUT=runs/gpu PART=1 bash benchmarks/gpu_session.sh     # steps 0-3 (ViT-B/16), then PART=2 the rest
 #   OUT=runs/gpu PART=goals bash benchmarks/gpu_session.sh # only what the goals need, in one command
+#   OUT=runs/gpu PART=tune bash benchmarks/gpu_session.sh  # then: the kernels' tilings, and steps with them
 #
 # Needs jax with CUDA, flax, optax, orbax, ml_collections, torch, timm and open_clip_torch (no
 # TensorFlow: `bigvis bench` runs on synthetic batches). About 10 minutes on one H100 or H200, most
 # of it compiling: each run is its own process. A lent machine runs one command for at most 10
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
-# so far. A session lent 15 minutes of device time in all has room for one such command: PART=goals
-# runs GELU's kernel check, the ViT-B/16 goal, the kernels' tiling sweep (the fastest per kernel into
-# $OUT/tiles.json), B/16 with those tilings, the CLIP goal and CLIP with them, then B/16 with XLA's
-# GELU if time is left, in about 9 minutes (by the twelfth session's times on an H200; this set is
-# untimed as a whole). $OUT ends with up to 7
-# files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json, peers.jsonl, kernels.txt, hlo.tgz,
-# table.txt; a lent machine returns at most 8).
+# so far. A session lent 15 minutes of device time in all has room for one such command and a short
+# one: PART=goals runs the attention kernels' check (Pallas against cuDNN), the ViT-B/16 goal and B/16
+# with bigvis's attention kernels (model.attention_impl=pallas), the CLIP goal and CLIP with them,
+# then the kernels' tiling sweep and B/16 with the sweep's tilings if time is left, in about 9
+# minutes (untimed as a whole; by the twelfth session's times on an H200). PART=tune (about 5
+# minutes) runs the sweep (the fastest tiling per kernel into $OUT/tiles.json) and the steps with
+# those tilings. $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
+# peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
-case "$PART" in all|1|2|goals) ;; *) echo "PART must be all, 1, 2 or goals, not '$PART'" >&2; exit 2 ;; esac
+case "$PART" in all|1|2|goals|tune) ;; *) echo "PART must be all, 1, 2, goals or tune, not '$PART'" >&2; exit 2 ;; esac
 OUT=${OUT:-runs/gpu_session}
 mkdir -p "$OUT"
 J=$OUT/peers.jsonl
@@ -67,6 +69,11 @@ FUSED=(--bigvis-set model.fused_qkv=true)
 OLD=(--bigvis-set model.fused_qkv=true --bigvis-set model.recompute_gelu=false --bigvis-set model.norm_impl=xla
      --bigvis-set model.gelu_impl=xla)
 CLIP_GELU_XLA=(--bigvis-set model.image.gelu_impl=xla --bigvis-set model.text.gelu_impl=xla)
+# Not a default yet (thirteenth session, unmeasured): attention as bigvis's Pallas kernels, on the
+# tokens unpadded, with the query bias inside (cuDNN's and the bias's passes: 11.2 ms of the H200's
+# 64 ms B/16 step).
+ATTN=(--bigvis-set model.attention_impl=pallas)
+CLIP_ATTN=(--bigvis-set model.image.attention_impl=pallas --bigvis-set model.text.attention_impl=pallas)
 CLIP_OLD=(--bigvis-set model.image.fused_qkv=true --bigvis-set model.image.recompute_gelu=false
           --bigvis-set model.text.recompute_gelu=false --bigvis-set model.image.norm_impl=xla
           --bigvis-set model.text.norm_impl=xla --bigvis-set model.image.gelu_impl=xla
@@ -86,6 +93,12 @@ gelu_check() {
   log "GELU's kernels against XLA and float32"
   room 30 timeout 90 "$PY" benchmarks/pallas_kernels_check.py --cases bias_gelu | tee -a "$OUT/pallas_check.jsonl"
 }
+# Attention's kernels against cuDNN's (what 'auto' runs, on the ViT's padded tokens) at ViT-B/16's
+# shapes: agreement, and forward + backward time (≈40 s).
+attention_check() {
+  log "Pallas attention against cuDNN's"
+  room 40 timeout 120 "$PY" benchmarks/pallas_kernels_check.py --cases attention | tee -a "$OUT/pallas_check.jsonl"
+}
 # Each kernel alone under other tilings (pallas_kernels.TILES, chosen without a profile): the
 # LayerNorm kernels ran at 2.3-3 TB/s on the H200 (ninth session), the card can do ≈4.
 # The fastest tiling per kernel goes to $OUT/tiles.json, which the *_tuned runs time in a whole step.
@@ -93,8 +106,8 @@ gelu_check() {
 kernel_sweep() {
   log "Pallas kernels' tilings"
   rm -f "$OUT/tiles.json"  # never an earlier run's
-  fits 70 kernel sweep || return
-  timeout 150 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 --tiles-out "$OUT/tiles.json" \
+  fits 120 kernel sweep || return
+  timeout 200 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 --tiles-out "$OUT/tiles.json" \
     | tee "$OUT/kernel_sweep.jsonl" | grep fastest
 }
 TUNED=(--kernel-tiles "$OUT/tiles.json")
@@ -105,6 +118,11 @@ tuned() {  # seconds, what, then the run: only with this part's sweep's tilings
 vit_tuned() { tuned 50 vit_tuned b16 "${TUNED[@]}" --tag _tuned_tiles; }
 clip_tuned() {
   tuned 90 clip_tuned peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${TUNED[@]}" --tag _tuned_tiles
+}
+vit_attn_tuned() { tuned 50 vit_attn_tuned b16 "${ATTN[@]}" "${TUNED[@]}" --tag _pallas_attention_tuned_tiles; }
+clip_attn_tuned() {
+  tuned 90 clip_attn_tuned peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_ATTN[@]}" \
+    "${TUNED[@]}" --tag _pallas_attention_tuned_tiles
 }
 # 1. The goals side by side, the experiments as they are: the card's matmul ceiling (the basis of
 #    "fraction of the ceiling") and ViT-B/16 against timm; CLIP B/16 against open_clip.
@@ -120,6 +138,8 @@ clip_goal() {
 # 2. Against the defaults: the residual adds in XLA (+5.1 % for the kernels' adds, twelfth session),
 #    XLA's GELU (+1.6 % for the kernels), the defaults before the ninth session (how much the new ones
 #    win on this card), one q/k/v GEMM, GELU saved by XLA rather than recomputed.
+vit_attn() { room 50 b16 "${ATTN[@]}" --tag _pallas_attention; }
+clip_attn() { room 90 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_ATTN[@]}" --tag _pallas_attention; }
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gelu_xla() { room 50 b16 "${GELU_XLA[@]}" --tag _gelu_xla; }
 vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }
@@ -160,11 +180,14 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(kernel_check gelu_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved) ;;
-  2) steps=(clip_goal clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused extras) ;;
-  goals) steps=(gelu_check vit_goal kernel_sweep vit_tuned clip_goal clip_tuned vit_gelu_xla) ;;
-  all) steps=(kernel_check gelu_check vit_goal kernel_sweep vit_tuned vit_resid vit_gelu_xla vit_old profile vit_saved
-              clip_goal clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused extras) ;;
+  1) steps=(attention_check kernel_check gelu_check vit_goal vit_attn kernel_sweep vit_tuned vit_attn_tuned vit_resid
+           vit_gelu_xla profile) ;;
+  2) steps=(clip_goal clip_attn clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old vit_saved extras) ;;
+  goals) steps=(attention_check vit_goal vit_attn clip_goal clip_attn kernel_sweep vit_attn_tuned) ;;
+  tune) steps=(kernel_sweep vit_attn_tuned clip_attn_tuned vit_tuned) ;;
+  all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn kernel_sweep vit_tuned vit_attn_tuned vit_resid
+              vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
+              clip_gelu_xla clip_old large vit_fused extras) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table

@@ -292,10 +292,11 @@ def test_gpu_session_script_names_real_runs_and_config_keys():
   # Every part's steps are functions the script defines, and `all` runs each of them.
   defined = set(re.findall(r"^(\w+)\(\) \{", script, re.M))
   parts = dict(re.findall(r"^  ([\w]+)\) steps=\(([^)]*)\)", script, re.M))
-  assert set(parts) == {"1", "2", "goals", "all"}, parts
+  assert set(parts) == {"1", "2", "goals", "tune", "all"}, parts
   for part, steps in parts.items():
     assert steps.split() and set(steps.split()) <= defined, (part, set(steps.split()) - defined)
-  assert set(parts["1"].split()) | set(parts["2"].split()) | set(parts["goals"].split()) == set(parts["all"].split())
+  assert set().union(*(parts[p].split() for p in ("1", "2", "goals", "tune"))) == set(parts["all"].split())
+  assert {"model.attention_impl=pallas", "model.image.attention_impl=pallas"} <= set(overrides)
 
 
 _GPU_HLO = """HloModule jit_step

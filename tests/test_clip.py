@@ -371,13 +371,13 @@ def test_zeroshot_command_and_embedder_on_a_short_clip_run(tmp_path, capsys):
   np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
   np.testing.assert_allclose(z[0], embed(images[:1])[0], atol=1e-5)  # independent of the batch
 
-  # A run trained with the Pallas kernels (GPU only) is served on a CPU by XLA's LayerNorm and GELU:
+  # A run trained with the Pallas kernels (GPU only) is served on a CPU by XLA's LayerNorm, GELU and attention:
   # the same parameters and embeddings.
   import json
   with open(tmp_path / "run" / "config.json") as f:
     trained = json.load(f)
   for tower in ("image", "text"):
-    trained["model"].setdefault(tower, {}).update(norm_impl="pallas", gelu_impl="pallas")
+    trained["model"].setdefault(tower, {}).update(norm_impl="pallas", gelu_impl="pallas", attention_impl="pallas")
   with open(tmp_path / "run" / "config.json", "w") as f:
     json.dump(trained, f)
   np.testing.assert_allclose(inference.load_image_embedder(str(tmp_path / "run"))(images[:1])[0], z[0], atol=1e-6)

@@ -455,7 +455,8 @@ def test_patch_embedding_matmul_equals_the_convolution():
 def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, biased):
   """`pallas_attention.attention` (interpreted) against XLA's attention in float32: the output and
   the q, k, v and query-bias gradients, with the bias added to the queries inside the kernels, keys
-  past each example's length hidden (72 tokens: two 64-row blocks, the second ragged) and the causal
+  past each example's length hidden (72 tokens: a 64-row block and a 16-row one, each with code of its
+  own, the second ragged) and the causal
   mask (the text tower's); one block whole too. In bfloat16 (below) they agree to its rounding, the
   kernels' bias gradient, summed in float32, closer to float32's than XLA's."""
   from bigvis.models import pallas_attention
@@ -486,6 +487,12 @@ def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, bi
     assert float(jnp.abs(dk[1, length - 13:]).max()) == float(jnp.abs(dv[1, length - 13:]).max()) == 0.0
   with pytest.raises(ValueError, match="whole sequences"):
     pallas_attention.attention(q, k, v, axes=(None, "data", None, None))
+  # The blocks: whole ones, then the rest in the least power of two >= 16 (ViT-B/16's 197 tokens: 208
+  # where cuDNN computes 256; CLIP's text, 77: 80).
+  assert pallas_attention.blocks_of(197, 64) == [(0, 64), (64, 64), (128, 64), (192, 16)]
+  assert pallas_attention.blocks_of(77, 64) == [(0, 64), (64, 16)]
+  assert pallas_attention.blocks_of(100, 64) == [(0, 64), (64, 64)]
+  assert pallas_attention.blocks_of(13, 64) == [(0, 16)] and pallas_attention.blocks_of(128, 64) == [(0, 64), (64, 64)]
 
 
 @pytest.mark.parametrize("extra", [{}, {"fused_qkv": True}, {"seq_pad_multiple": 8}],

@@ -111,14 +111,15 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
 
 
 def test_eval_of_a_run_that_named_the_pallas_kernels_runs_on_cpu(tmp_path, monkeypatch):
-  """`bigvis eval` of a run trained with `norm_impl`/`gelu_impl='pallas'` (NVIDIA GPUs only) evaluates on
-  this CPU with XLA's LayerNorm and GELU, the same function and parameters, as inference already did."""
+  """`bigvis eval` of a run trained with `norm_impl`/`gelu_impl`/`attention_impl='pallas'` (NVIDIA GPUs
+  only) evaluates on this CPU with XLA's LayerNorm, GELU and attention, the same function and
+  parameters, as inference already did."""
   from bigvis import inference
   workdir = tmp_path / "w"
   assert cli.main(["train", "--config", "vit_ti_digits", "--workdir", str(workdir), "--set", "batch_size=16",
                    "--set", "total_steps=2", "--set", "eval_every_steps=2"]) == 0
   config = json.loads((workdir / "config.json").read_text())
-  config["model"].update(norm_impl="pallas", gelu_impl="pallas")  # as a GPU run would have written it
+  config["model"].update(norm_impl="pallas", gelu_impl="pallas", attention_impl="pallas")  # as a GPU run wrote it
   (workdir / "config.json").write_text(json.dumps(config))
   monkeypatch.setattr(inference, "check_config_matches", lambda *a: None)  # trained here with XLA's
   assert cli.main(["eval", "--workdir", str(workdir), "--no-tensorboard"]) == 0

@@ -16,8 +16,8 @@ With as few tokens as a ViT's, these kernels need neither:
 Logits are computed in float32 in log2 units (`exp2`), probabilities and dS rounded to the inputs'
 dtype for their GEMMs, as flash kernels do.
 
-Blocks are powers of two (Triton's); rows past the sequence's end are masked, so any length works
-without padding. `interpret=True` runs the same kernels in Pallas's interpreter (any backend), which
+Blocks are powers of two (Triton's), the last one trimmed to what the sequence needs (`blocks_of`);
+rows past the sequence's end are masked, so any length works without padding. `interpret=True` runs the same kernels in Pallas's interpreter (any backend), which
 is how the tests check them against XLA's attention on CPUs.
 """
 from __future__ import annotations
@@ -75,32 +75,62 @@ def _logits(q, k, rows, keys, kv_len, *, scale, causal):
   return jnp.where(visible, s, _MASKED)
 
 
+def blocks_of(length: int, size: int) -> list[tuple[int, int]]:
+  """(start, size) of the blocks that cover `length` tokens: whole blocks of `size`, then the rest in the
+  smallest power of two (at least 16, Triton's least GEMM side) that holds it. ViT-B/16's 197 tokens
+  in blocks of 64 are 64 + 64 + 64 + 16 = 208, where whole blocks (and cuDNN's, on 200 tokens) cover
+  256: (208 / 256)^2 = 0.66 of the logits' work."""
+  whole, rest = divmod(length, size)
+  blocks = [(i * size, size) for i in range(whole)]
+  return blocks + ([(whole * size, min(size, max(16, 1 << (rest - 1).bit_length())))] if rest else [])
+
+
+def _each_block(program, blocks, body):
+  """body(start, size) for this program's block: the blocks but the last share one size and a start
+  computed from `program`; the last, where it is smaller, gets code of its own."""
+  (last_start, last_size), size = blocks[-1], blocks[0][1]
+  if last_size == size:
+    body(program * size, size)
+    return
+
+  @pl.when(program < len(blocks) - 1)
+  def _():
+    body(program * size, size)
+
+  @pl.when(program == len(blocks) - 1)
+  def _():
+    body(last_start, last_size)
+
+
 def _forward_kernel(*refs, length, heads, dim, causal, scale, biased):
   if biased:
     q_ref, bias_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref = refs
   else:
     (q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref), bias_ref = refs, None
-  batch, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  block, head, batch = (pl.program_id(i) for i in range(3))  # see `_grid`
   tile = TILES["attention_forward"]
-  rows = block * tile["rows"] + jnp.arange(tile["rows"])
   kv_len = plgpu.load(kv_len_ref.at[batch])
-  q = _queries(q_ref, bias_ref, batch, rows, head, length, dim)
-  m = jnp.full((tile["rows"],), _MASKED, jnp.float32)  # running row maximum (log2 units)
-  l = jnp.zeros((tile["rows"],), jnp.float32)  # running sum of exp2(logit - m)
-  acc = jnp.zeros((tile["rows"], dim), jnp.float32)
-  for start in range(0, length, tile["keys"]):  # static: a ViT's few key blocks, unrolled
-    keys = start + jnp.arange(tile["keys"])
-    k = _load_block(k_ref, batch, keys, head, length, dim)
-    v = _load_block(v_ref, batch, keys, head, length, dim)
-    s = _logits(q, k, rows, keys, kv_len, scale=scale, causal=causal)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    p = jnp.exp2(s - m_new[:, None])
-    rescale = jnp.exp2(m - m_new)
-    l = l * rescale + jnp.sum(p, axis=1)
-    acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
-    m = m_new
-  _store_block(o_ref, acc / l[:, None], batch, rows, head, length, dim)
-  plgpu.store(lse_ref.at[(batch * heads + head) * length + rows], m + jnp.log2(l), mask=rows < length)
+
+  def rows_block(first, size):
+    rows = first + jnp.arange(size)
+    q = _queries(q_ref, bias_ref, batch, rows, head, length, dim)
+    m = jnp.full((size,), _MASKED, jnp.float32)  # running row maximum (log2 units)
+    l = jnp.zeros((size,), jnp.float32)  # running sum of exp2(logit - m)
+    acc = jnp.zeros((size, dim), jnp.float32)
+    for start, n_keys in blocks_of(length, tile["keys"]):  # static: a ViT's few key blocks, unrolled
+      keys = start + jnp.arange(n_keys)
+      k = _load_block(k_ref, batch, keys, head, length, dim)
+      v = _load_block(v_ref, batch, keys, head, length, dim)
+      s = _logits(q, k, rows, keys, kv_len, scale=scale, causal=causal)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      p = jnp.exp2(s - m_new[:, None])
+      rescale = jnp.exp2(m - m_new)
+      l = l * rescale + jnp.sum(p, axis=1)
+      acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+      m = m_new
+    _store_block(o_ref, acc / l[:, None], batch, rows, head, length, dim)
+    plgpu.store(lse_ref.at[(batch * heads + head) * length + rows], m + jnp.log2(l), mask=rows < length)
+  _each_block(block, blocks_of(length, tile["rows"]), rows_block)
 
 
 def _backward_kernel(*refs, length, heads, dim, causal, scale, biased):
@@ -110,10 +140,9 @@ def _backward_kernel(*refs, length, heads, dim, causal, scale, biased):
     q_ref, bias_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref, dbias_ref = refs
   else:
     (q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref), bias_ref = refs, None
-  batch, head, block = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  size = TILES["attention_backward"]["rows"]
+  block, head, batch = (pl.program_id(i) for i in range(3))  # see `_grid`
+  blocks = blocks_of(length, TILES["attention_backward"]["rows"])
   kv_len = plgpu.load(kv_len_ref.at[batch])
-  mine = block * size + jnp.arange(size)
 
   def rows_of(rows):
     """A query block's q, dO, log-sum-exp and rowsum(dO * O)."""
@@ -130,33 +159,44 @@ def _backward_kernel(*refs, length, heads, dim, causal, scale, biased):
     dp = plgpu.dot(do, v, trans_b=True).astype(jnp.float32)
     return p, p * (dp - delta[:, None])
 
-  k = _load_block(k_ref, batch, mine, head, length, dim)
-  v = _load_block(v_ref, batch, mine, head, length, dim)
-  dk = jnp.zeros((size, dim), jnp.float32)
-  dv = jnp.zeros((size, dim), jnp.float32)
-  for start in range(0, length, size):
-    rows = start + jnp.arange(size)
-    q, do, lse, delta = rows_of(rows)
-    p, ds = probabilities_and_dlogits(q, do, lse, delta, k, v, rows, mine)
-    dv += plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
-    dk += plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
-  _store_block(dk_ref, dk * scale, batch, mine, head, length, dim)
-  _store_block(dv_ref, dv, batch, mine, head, length, dim)
+  def own_blocks(first, size):
+    mine = first + jnp.arange(size)
+    k = _load_block(k_ref, batch, mine, head, length, dim)
+    v = _load_block(v_ref, batch, mine, head, length, dim)
+    dk = jnp.zeros((size, dim), jnp.float32)
+    dv = jnp.zeros((size, dim), jnp.float32)
+    for start, n_rows in blocks:
+      rows = start + jnp.arange(n_rows)
+      q, do, lse, delta = rows_of(rows)
+      p, ds = probabilities_and_dlogits(q, do, lse, delta, k, v, rows, mine)
+      dv += plgpu.dot(p.astype(do.dtype), do, trans_a=True).astype(jnp.float32)
+      dk += plgpu.dot(ds.astype(q.dtype), q, trans_a=True).astype(jnp.float32)
+    _store_block(dk_ref, dk * scale, batch, mine, head, length, dim)
+    _store_block(dv_ref, dv, batch, mine, head, length, dim)
 
-  q, do, lse, delta = rows_of(mine)
-  dq = jnp.zeros((size, dim), jnp.float32)
-  for start in range(0, length, size):
-    keys = start + jnp.arange(size)
-    k = _load_block(k_ref, batch, keys, head, length, dim)
-    v = _load_block(v_ref, batch, keys, head, length, dim)
-    _, ds = probabilities_and_dlogits(q, do, lse, delta, k, v, mine, keys)
-    dq += plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
-  dq = dq * scale
-  _store_block(dq_ref, dq, batch, mine, head, length, dim)
-  if biased:  # padded rows' dq is 0: their dS is
-    blocks = pl.num_programs(2)
-    cols = head * dim + jnp.arange(dim)
-    plgpu.store(dbias_ref.at[batch * blocks + block, cols], jnp.sum(dq, axis=0))
+    q, do, lse, delta = rows_of(mine)
+    dq = jnp.zeros((size, dim), jnp.float32)
+    for start, n_keys in blocks:
+      keys = start + jnp.arange(n_keys)
+      k = _load_block(k_ref, batch, keys, head, length, dim)
+      v = _load_block(v_ref, batch, keys, head, length, dim)
+      _, ds = probabilities_and_dlogits(q, do, lse, delta, k, v, mine, keys)
+      dq += plgpu.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+    dq = dq * scale
+    _store_block(dq_ref, dq, batch, mine, head, length, dim)
+    if biased:  # rows past the end have dq 0: their dS is
+      cols = head * dim + jnp.arange(dim)
+      plgpu.store(dbias_ref.at[batch * len(blocks) + block, cols], jnp.sum(dq, axis=0))
+  _each_block(block, blocks, own_blocks)
+
+
+def _grid(batch: int, heads: int, blocks: int) -> tuple[int, int, int]:
+  """Blocks first: the GPU starts programs in the order of the grid's first axis, so one example's
+  and head's blocks run together and their shared keys and values (and backward, queries and
+  gradients) are read from memory once, then from the L2 cache. Batch first, each block's programs
+  would sweep a whole layer's keys and values (158 MB at ViT-B/16, batch 256), more than the L2
+  holds, before the next block's read them again."""
+  return blocks, heads, batch
 
 
 def _flat(x):
@@ -172,7 +212,7 @@ def _forward(q, k, v, kv_len, bias, *, causal, interpret):
                              scale=1. / float(np.sqrt(dim)), biased=biased)
   inputs = [_flat(q)] + ([bias.reshape(heads * dim)] if biased else []) + [_flat(k), _flat(v), kv_len]
   o, lse = pl.pallas_call(
-      kernel, grid=(batch, heads, pl.cdiv(length, TILES["attention_forward"]["rows"])),
+      kernel, grid=_grid(batch, heads, len(blocks_of(length, TILES["attention_forward"]["rows"]))),
       name="bigvis_pallas_attention_forward",
       out_shape=[jax.ShapeDtypeStruct((batch * length, heads * dim), q.dtype),
                  jax.ShapeDtypeStruct((batch * heads * length,), jnp.float32)],
@@ -184,7 +224,7 @@ def _backward(q, k, v, kv_len, bias, o, lse, do, *, causal, interpret):
   """(dq, dk, dv like q, and with a bias its partial sums [batch * blocks, heads * dim]): one device's share."""
   batch, length, heads, dim = q.shape
   biased = bias is not None
-  blocks = pl.cdiv(length, TILES["attention_backward"]["rows"])
+  blocks = len(blocks_of(length, TILES["attention_backward"]["rows"]))
   kernel = functools.partial(_backward_kernel, length=length, heads=heads, dim=dim, causal=causal,
                              scale=1. / float(np.sqrt(dim)), biased=biased)
   like = jax.ShapeDtypeStruct((batch * length, heads * dim), q.dtype)
@@ -192,7 +232,7 @@ def _backward(q, k, v, kv_len, bias, o, lse, do, *, causal, interpret):
   inputs = ([_flat(q)] + ([bias.reshape(heads * dim)] if biased else [])
             + [_flat(k), _flat(v), kv_len, _flat(o), lse.reshape(-1), _flat(do)])
   dq, dk, dv, *dbias = pl.pallas_call(
-      kernel, grid=(batch, heads, blocks), name="bigvis_pallas_attention_backward",
+      kernel, grid=_grid(batch, heads, blocks), name="bigvis_pallas_attention_backward",
       out_shape=[like, like, like] + sums,
       compiler_params=_compiler_params(interpret, "attention_backward"), interpret=interpret)(*inputs)
   return [x.reshape(q.shape) for x in (dq, dk, dv)] + dbias
