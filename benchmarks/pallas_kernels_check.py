@@ -223,7 +223,7 @@ def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool, le
   qkv = [jax.random.normal(key, (batch, length, heads, width // heads)).astype(dtype)
          for key in jax.random.split(keys[5], 4)]
   kv_len, qbias = jnp.full((batch,), length, jnp.int32), vec(keys[3], width).reshape(heads, -1)
-  o, lse = a_._forward(*qkv[:3], kv_len, qbias, causal=False, interpret=interpret)
+  o, lse = a_._forward(tuple(qkv[:3]), kv_len, qbias, causal=False, interpret=interpret)
   return {
       "layernorm_forward": (lambda x, a, b, s, c: k._layernorm_forward(
           x, s, c, a, b, eps=1e-6, out_dtype=dtype, interpret=interpret), (x, a, bias, scale, bias)),
@@ -234,10 +234,10 @@ def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool, le
                             (h, vec(keys[2], mlp).astype(dtype))),
       "bias_gelu_backward": (lambda h, b, g: k._bias_gelu_backward(h, b, g, interpret=interpret),
                              (h, vec(keys[2], mlp).astype(dtype), dg)),
-      "attention_forward": (lambda q, k_, v, n, b: a_._forward(q, k_, v, n, b, causal=False, interpret=interpret),
+      "attention_forward": (lambda q, k_, v, n, b: a_._forward((q, k_, v), n, b, causal=False, interpret=interpret),
                             (*qkv[:3], kv_len, qbias)),
       "attention_backward": (lambda q, k_, v, n, b, o, lse, do: a_._backward(
-          q, k_, v, n, b, o, lse, do, causal=False, interpret=interpret), (*qkv[:3], kv_len, qbias, o, lse, qkv[3])),
+          (q, k_, v), n, b, o, lse, do, causal=False, interpret=interpret), (*qkv[:3], kv_len, qbias, o, lse, qkv[3])),
   }
 
 

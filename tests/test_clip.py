@@ -146,9 +146,13 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   # Attention's kernels, each device its examples and (under tensor parallelism) its heads: the query
   # bias split like the heads.
   assert calls["_forward"] == calls["_backward"] == calls["_bias_gelu_forward"], calls
-  assert {specs[0][2] for name in ("_forward", "_backward") for specs in per_device[name]} == {"tensor"}
-  assert {specs[4] for specs in per_device["_forward"]} == {jax.sharding.PartitionSpec("tensor", None)}
-  assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name])
+  q_specs = {(specs[0] if fused_qkv else specs[0][0]) for name in ("_forward", "_backward")
+             for specs in per_device[name]}  # a fused q/k/v array, or the q of three
+  assert {(spec[0], spec[2]) for spec in q_specs} == {(("data", "fsdp"), "tensor")}, q_specs
+  assert {len(spec) for spec in q_specs} == ({5} if fused_qkv else {4}), q_specs
+  assert {specs[2] for specs in per_device["_forward"]} == {jax.sharding.PartitionSpec("tensor", None)}
+  assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name]
+             if name not in ("_forward", "_backward"))  # attention's first argument is q, k and v: below
   addends = {len(specs) == 5 for specs in per_device["_layernorm_forward"]}  # x, scale, bias (, addend, bias)
   assert addends == ({False, True} if kernels["residual_in_norm"] else {False}), addends
   dy_counts = {len(specs[1]) for specs in per_device["_layernorm_backward"]}  # y's copies per norm

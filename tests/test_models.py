@@ -499,14 +499,15 @@ def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, bi
                          ids=["separate_qkv", "fused_qkv", "padded_and_masked"])
 def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kernel(extra, monkeypatch):
   """`model.attention_impl='pallas'` (interpreted): the same loss and gradients as XLA's attention,
-  with the query bias handed to the kernels rather than added by XLA (one GEMM for q, k and v, or
-  three; with padded tokens the padding masked), and no padding of its own: the 17 tokens as they are."""
+  with the query bias handed to the kernels rather than added by XLA (three GEMMs for q, k and v, or
+  one, whose output the kernels read in place; with padded tokens the padding masked), and no padding
+  of its own: the 17 tokens as they are."""
   from bigvis.models import pallas_attention
   seen = []
   real = pallas_attention.attention
 
   def recording(q, k, v, **kw):
-    seen.append((q.shape[1], kw["query_bias"] is not None, kw["kv_len"] is not None))
+    seen.append((q.shape[1], q.ndim, kw["query_bias"] is not None, kw["kv_len"] is not None))
     return real(q, k, v, **kw)
   monkeypatch.setattr(pallas_attention, "attention", recording)
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
@@ -520,7 +521,8 @@ def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kern
   a, ga = jax.value_and_grad(loss)(p, base)
   b, gb = jax.value_and_grad(loss)(p, dict(base, attention_impl="pallas_interpret"))
   padded = "seq_pad_multiple" in extra
-  assert seen and set(seen) == {(24 if padded else 17, True, padded)}, seen
+  # One fused GEMM's output is read in place ([batch, tokens, heads, 3, head_dim]), never sliced.
+  assert seen and set(seen) == {(24 if padded else 17, 5 if extra.get("fused_qkv") else 4, True, padded)}, seen
   np.testing.assert_allclose(a, b, rtol=1e-5)
   scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)

@@ -213,8 +213,9 @@ def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, i
   `xla` is plain einsum-softmax (fp32 softmax, runs anywhere); `cudnn` is the
   fused flash kernel on NVIDIA GPUs; `pallas` bigvis's kernels for short sequences
   (`pallas_attention`), which add `query_bias` [heads, head_dim] themselves (the others add it
-  here); `auto` picks (see `resolve_attention_impl`). `mask`: [batch, keys], true for the keys
-  to attend to, a prefix of each sequence (padding).
+  here), and which also take a fused q/k/v GEMM's output [batch, length, heads, 3, head_dim] as q,
+  with k and v None; `auto` picks (see `resolve_attention_impl`). `mask`: [batch, keys], true for
+  the keys to attend to, a prefix of each sequence (padding).
   """
   impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
   kv_len = None if mask is None else jnp.sum(mask, axis=-1).astype(jnp.int32)
@@ -364,6 +365,11 @@ class Attention(nn.Module):
       zeros = jnp.zeros_like(query_bias)
       qkv = flat_dense(x, kernel, None if in_kernel else jnp.stack([query_bias, zeros, zeros], axis=1), 1,
                        self.dtype)
+      if in_kernel:  # read in place: no slices of q, k and v, no concatenation of their gradients
+        qkv = constrain(qkv, ("act_batch", "act_length", "act_heads", None, None))
+        out = dot_product_attention(qkv, None, None, mask=mask, causal=self.causal, impl=self.impl,
+                                    query_bias=query_bias)
+        return self._out(out, value_bias, width, add_out_bias)
       q, k, v = (qkv[..., i, :] for i in range(3))
     else:
       q = flat_dense(x, query_kernel, None if in_kernel else query_bias, 1, self.dtype)
@@ -374,6 +380,10 @@ class Attention(nn.Module):
     v = constrain(v, ("act_batch", "act_length", "act_heads", None))
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, impl=self.impl,
                                 query_bias=query_bias if in_kernel else None)
+    return self._out(out, value_bias, width, add_out_bias)
+
+  def _out(self, out, value_bias, width, add_out_bias):
+    """The out projection of the heads' outputs, the value bias folded into its bias (see above)."""
     out_kernel, out_bias = HeadsDense((width,), 2, ("heads", "kv", "embed"), ("embed",), name="out")(out)
     bias = out_bias + jnp.einsum("hd,hde->e", value_bias, out_kernel)  # float32, like the parameters
     y = flat_dense(out, out_kernel, bias if add_out_bias else None, 2, self.dtype)

@@ -42,19 +42,31 @@ def _compiler_params(interpret: bool, kernel: str) -> Any:
   return None if interpret else plgpu.CompilerParams(num_warps=tile["warps"], num_stages=tile["stages"])
 
 
-def _load_block(ref, batch, positions, head, length, dim, dtype=None):
-  """[len(positions), dim] of a [batch * length, heads * dim] array: one head's rows of one example;
-  positions past the sequence read as zeros."""
-  cols = head * dim + jnp.arange(dim)
-  ok = (positions < length)[:, None]
-  block = plgpu.load(ref.at[(batch * length + positions)[:, None], cols[None, :]], mask=ok, other=0.)
+def _sources(refs, fused, dim):
+  """((ref, columns per head, column offset) of q, k and v, or of their gradients; the other refs):
+  three [batch * length, heads * dim] arrays, or (`fused`) one [batch * length, heads * 3 * dim] array,
+  a fused q/k/v GEMM's output (or the gradient it takes), read or written in place at three offsets."""
+  if fused:
+    return tuple((refs[0], 3 * dim, i * dim) for i in range(3)), refs[1:]
+  return tuple((ref, dim, 0) for ref in refs[:3]), refs[3:]
+
+
+def _at(src, batch, positions, head, length, dim):
+  ref, per_head, offset = src if isinstance(src, tuple) else (src, dim, 0)
+  cols = head * per_head + offset + jnp.arange(dim)
+  return ref.at[(batch * length + positions)[:, None], cols[None, :]]
+
+
+def _load_block(src, batch, positions, head, length, dim, dtype=None):
+  """[len(positions), dim]: one head's rows of one example (of a ref, or a `_sources` source); positions
+  past the sequence read as zeros."""
+  block = plgpu.load(_at(src, batch, positions, head, length, dim), mask=(positions < length)[:, None], other=0.)
   return block if dtype is None else block.astype(dtype)
 
 
-def _store_block(ref, block, batch, positions, head, length, dim):
-  cols = head * dim + jnp.arange(dim)
-  plgpu.store(ref.at[(batch * length + positions)[:, None], cols[None, :]], block.astype(ref.dtype),
-              mask=(positions < length)[:, None])
+def _store_block(src, block, batch, positions, head, length, dim):
+  ref = _at(src, batch, positions, head, length, dim)
+  plgpu.store(ref, block.astype(ref.dtype), mask=(positions < length)[:, None])
 
 
 def _queries(q_ref, bias_ref, batch, rows, head, length, dim):
@@ -102,11 +114,10 @@ def _each_block(program, blocks, body):
     body(last_start, last_size)
 
 
-def _forward_kernel(*refs, length, heads, dim, causal, scale, biased):
-  if biased:
-    q_ref, bias_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref), bias_ref = refs, None
+def _forward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
+  """refs: q, k, v (or one fused array), the query bias if `biased`, kv_len; then O and the log-sum-exp."""
+  (q_ref, k_ref, v_ref), refs = _sources(refs, fused, dim)
+  bias_ref, (kv_len_ref, o_ref, lse_ref) = (refs[0], refs[1:]) if biased else (None, refs)
   block, head, batch = (pl.program_id(i) for i in range(3))  # see `_grid`
   tile = TILES["attention_forward"]
   kv_len = plgpu.load(kv_len_ref.at[batch])
@@ -133,13 +144,16 @@ def _forward_kernel(*refs, length, heads, dim, causal, scale, biased):
   _each_block(block, blocks_of(length, tile["rows"]), rows_block)
 
 
-def _backward_kernel(*refs, length, heads, dim, causal, scale, biased):
+def _backward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
   """Program j: dK and dV of key block j (over every query block), then dQ of query block j (over
-  every key block) and its column sum, the query bias's partial gradient."""
-  if biased:
-    q_ref, bias_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref, dbias_ref = refs
-  else:
-    (q_ref, k_ref, v_ref, kv_len_ref, o_ref, lse_ref, do_ref, dq_ref, dk_ref, dv_ref), bias_ref = refs, None
+  every key block) and its column sum, the query bias's partial gradient. refs: as the forward's
+  inputs, then O, the log-sum-exp and dO; dq, dk and dv (one fused array where the inputs are), and
+  the bias's partial sums if `biased`."""
+  (q_ref, k_ref, v_ref), refs = _sources(refs, fused, dim)
+  bias_ref, refs = (refs[0], refs[1:]) if biased else (None, refs)
+  kv_len_ref, o_ref, lse_ref, do_ref, *refs = refs
+  (dq_ref, dk_ref, dv_ref), refs = _sources(refs, fused, dim)
+  dbias_ref = refs[0] if biased else None
   block, head, batch = (pl.program_id(i) for i in range(3))  # see `_grid`
   blocks = blocks_of(length, TILES["attention_backward"]["rows"])
   kv_len = plgpu.load(kv_len_ref.at[batch])
@@ -200,102 +214,125 @@ def _grid(batch: int, heads: int, blocks: int) -> tuple[int, int, int]:
 
 
 def _flat(x):
-  """[batch, length, heads, dim] -> [batch * length, heads * dim], a free reshape."""
-  return x.reshape(x.shape[0] * x.shape[1], x.shape[2] * x.shape[3])
+  """[batch, length, heads, ...] -> [batch * length, heads * ...], a free reshape."""
+  return x.reshape(x.shape[0] * x.shape[1], -1)
 
 
-def _forward(q, k, v, kv_len, bias, *, causal, interpret):
-  """(O like q, log2-sum-exp [batch, heads, length] float32): one device's examples and heads."""
-  batch, length, heads, dim = q.shape
+def _shape(qkv) -> tuple[int, int, int, int, bool]:
+  """(batch, length, heads, head_dim, fused) of (q, k, v) [batch, length, heads, head_dim] each, or of
+  one fused array [batch, length, heads, 3, head_dim]."""
+  fused = not isinstance(qkv, (tuple, list))
+  batch, length, heads, *_, dim = qkv.shape if fused else qkv[0].shape
+  return batch, length, heads, dim, fused
+
+
+def _forward(qkv, kv_len, bias, *, causal, interpret):
+  """(O [batch, length, heads, head_dim] like q, log2-sum-exp [batch, heads, length] float32): one
+  device's examples and heads."""
+  batch, length, heads, dim, fused = _shape(qkv)
+  dtype = (qkv if fused else qkv[0]).dtype
   biased = bias is not None
   kernel = functools.partial(_forward_kernel, length=length, heads=heads, dim=dim, causal=causal,
-                             scale=1. / float(np.sqrt(dim)), biased=biased)
-  inputs = [_flat(q)] + ([bias.reshape(heads * dim)] if biased else []) + [_flat(k), _flat(v), kv_len]
+                             scale=1. / float(np.sqrt(dim)), biased=biased, fused=fused)
+  inputs = ([_flat(qkv)] if fused else [_flat(x) for x in qkv]) + ([bias.reshape(heads * dim)] if biased else [])
   o, lse = pl.pallas_call(
       kernel, grid=_grid(batch, heads, len(blocks_of(length, TILES["attention_forward"]["rows"]))),
       name="bigvis_pallas_attention_forward",
-      out_shape=[jax.ShapeDtypeStruct((batch * length, heads * dim), q.dtype),
+      out_shape=[jax.ShapeDtypeStruct((batch * length, heads * dim), dtype),
                  jax.ShapeDtypeStruct((batch * heads * length,), jnp.float32)],
-      compiler_params=_compiler_params(interpret, "attention_forward"), interpret=interpret)(*inputs)
-  return o.reshape(q.shape), lse.reshape(batch, heads, length)
+      compiler_params=_compiler_params(interpret, "attention_forward"), interpret=interpret)(*inputs, kv_len)
+  return o.reshape(batch, length, heads, dim), lse.reshape(batch, heads, length)
 
 
-def _backward(q, k, v, kv_len, bias, o, lse, do, *, causal, interpret):
-  """(dq, dk, dv like q, and with a bias its partial sums [batch * blocks, heads * dim]): one device's share."""
-  batch, length, heads, dim = q.shape
+def _backward(qkv, kv_len, bias, o, lse, do, *, causal, interpret):
+  """The gradient of qkv, in its structure, and with a bias (as a pair) its partial sums [batch *
+  blocks, heads * dim]: one device's share."""
+  batch, length, heads, dim, fused = _shape(qkv)
   biased = bias is not None
   blocks = len(blocks_of(length, TILES["attention_backward"]["rows"]))
   kernel = functools.partial(_backward_kernel, length=length, heads=heads, dim=dim, causal=causal,
-                             scale=1. / float(np.sqrt(dim)), biased=biased)
-  like = jax.ShapeDtypeStruct((batch * length, heads * dim), q.dtype)
+                             scale=1. / float(np.sqrt(dim)), biased=biased, fused=fused)
+  flat = [_flat(qkv)] if fused else [_flat(x) for x in qkv]
+  grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
   sums = [jax.ShapeDtypeStruct((batch * blocks, heads * dim), jnp.float32)] if biased else []
-  inputs = ([_flat(q)] + ([bias.reshape(heads * dim)] if biased else [])
-            + [_flat(k), _flat(v), kv_len, _flat(o), lse.reshape(-1), _flat(do)])
-  dq, dk, dv, *dbias = pl.pallas_call(
+  inputs = flat + ([bias.reshape(heads * dim)] if biased else []) + [kv_len, _flat(o), lse.reshape(-1), _flat(do)]
+  *grads, = pl.pallas_call(
       kernel, grid=_grid(batch, heads, blocks), name="bigvis_pallas_attention_backward",
-      out_shape=[like, like, like] + sums,
+      out_shape=grads + sums,
       compiler_params=_compiler_params(interpret, "attention_backward"), interpret=interpret)(*inputs)
-  return [x.reshape(q.shape) for x in (dq, dk, dv)] + dbias
+  grads, dbias = grads[:len(flat)], grads[len(flat):]
+  grads = grads[0].reshape(qkv.shape) if fused else tuple(g.reshape(x.shape) for g, x in zip(grads, qkv))
+  return (grads, dbias[0]) if biased else grads
 
 
-def _specs(axes, biased):
-  """shard_map specs (None without a mesh) of q/k/v/O [batch, length, heads, dim] (PartitionSpec
-  `axes`), kv_len [batch], the bias [heads, dim], the log-sum-exp [batch, heads, length] and the bias's
-  partial sums [batch * blocks, heads * dim]."""
+def _specs(axes, qkv, biased):
+  """shard_map specs (None without a mesh) of qkv (q, k and v, each with PartitionSpec `axes`, or the
+  fused array), O [batch, length, heads, dim], kv_len [batch], the bias [heads, dim], the log-sum-exp
+  [batch, heads, length] and the bias's partial sums [batch * blocks, heads * dim]."""
   if axes is None:
     return None
   batch_axes, length_axes, heads_axes, _ = axes
-  return dict(tokens=P(*axes), kv_len=P(batch_axes), bias=P(heads_axes, None) if biased else None,
+  tokens = P(*axes)
+  return dict(qkv=P(batch_axes, length_axes, heads_axes, None, None) if _shape(qkv)[-1] else (tokens,) * 3,
+              tokens=tokens, kv_len=P(batch_axes), bias=P(heads_axes, None) if biased else None,
               lse=P(batch_axes, heads_axes, length_axes),
               sums=P(_flat_mesh_axes((batch_axes,)) or None, heads_axes))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _attention(q, k, v, kv_len, bias, causal, interpret, axes):
-  return _attention_fwd(q, k, v, kv_len, bias, causal, interpret, axes)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _attention(qkv, kv_len, bias, causal, interpret, axes):
+  return _attention_fwd(qkv, kv_len, bias, causal, interpret, axes)[0]
 
 
-def _attention_fwd(q, k, v, kv_len, bias, causal, interpret, axes):
-  spec = _specs(axes, bias is not None)
+def _attention_fwd(qkv, kv_len, bias, causal, interpret, axes):
+  spec = _specs(axes, qkv, bias is not None)
   forward = functools.partial(_forward, causal=causal, interpret=interpret)
-  in_specs = None if spec is None else (spec["tokens"],) * 3 + (spec["kv_len"], spec["bias"])
-  o, lse = _per_device(forward, (q, k, v, kv_len, bias), in_specs,
-                       None if spec is None else (spec["tokens"], spec["lse"]))
-  return o, (q, k, v, kv_len, bias, o, lse)
+  in_specs = None if spec is None else (spec["qkv"], spec["kv_len"], spec["bias"])
+  o, lse = _per_device(forward, (qkv, kv_len, bias), in_specs, None if spec is None else (spec["tokens"], spec["lse"]))
+  return o, (qkv, kv_len, bias, o, lse)
 
 
 def _attention_bwd(causal, interpret, axes, saved, do):
-  q, k, v, kv_len, bias, o, lse = saved
-  spec = _specs(axes, bias is not None)
+  qkv, kv_len, bias, o, lse = saved
+  spec = _specs(axes, qkv, bias is not None)
   backward = functools.partial(_backward, causal=causal, interpret=interpret)
   in_specs = out_specs = None
   if spec is not None:
     t = spec["tokens"]
-    in_specs = (t, t, t, spec["kv_len"], spec["bias"], t, spec["lse"], t)
-    out_specs = [t, t, t] + ([spec["sums"]] if bias is not None else [])
-  dq, dk, dv, *dbias = _per_device(backward, (q, k, v, kv_len, bias, o, lse, do), in_specs, out_specs)
-  dbias = jnp.sum(dbias[0], axis=0).reshape(bias.shape).astype(bias.dtype) if bias is not None else None
-  return dq, dk, dv, None, dbias
+    in_specs = (spec["qkv"], spec["kv_len"], spec["bias"], t, spec["lse"], t)
+    out_specs = (spec["qkv"], spec["sums"]) if bias is not None else spec["qkv"]
+  grads = _per_device(backward, (qkv, kv_len, bias, o, lse, do), in_specs, out_specs)
+  if bias is None:
+    return grads, None, None
+  dqkv, dbias = grads
+  return dqkv, None, jnp.sum(dbias, axis=0).reshape(bias.shape).astype(bias.dtype)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_len: jax.Array | None = None,
-              query_bias: jax.Array | None = None, causal: bool = False, interpret: bool = False,
-              axes: tuple[Any, ...] | None = None) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array | None = None, v: jax.Array | None = None, *,
+              kv_len: jax.Array | None = None, query_bias: jax.Array | None = None, causal: bool = False,
+              interpret: bool = False, axes: tuple[Any, ...] | None = None) -> jax.Array:
   """softmax((q + query_bias) k^T / sqrt(head_dim)) v over [batch, length, heads, head_dim], with keys
-  at or past `kv_len` [batch] (int) hidden, and later keys too where `causal`. `query_bias`
-  [heads, head_dim] is added inside the kernels, its gradient summed there. Under a mesh, `axes` is
-  q's PartitionSpec; each device runs the kernels on its own examples and heads (the length and
+  at or past `kv_len` [batch] (int) hidden, and later keys too where `causal`. With k and v None, q is
+  a fused q/k/v GEMM's output [batch, length, heads, 3, head_dim], which the kernels read (and whose
+  gradient they write) in place, without slicing it. `query_bias` [heads, head_dim] is added inside
+  the kernels, its gradient summed there. Under a mesh, `axes` is the PartitionSpec of q's [batch,
+  length, heads, head_dim]; each device runs the kernels on its own examples and heads (the length and
   head_dim axes must be whole on each device)."""
-  if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
+  fused = k is None and v is None
+  if fused:
+    if q.ndim != 5 or q.shape[3] != 3:
+      raise ValueError(f"a fused q/k/v array is [batch, length, heads, 3, head_dim], got {list(q.shape)}")
+  elif not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k and v must have one shape and dtype, got {q.shape}, {k.shape}, {v.shape}")
-  if query_bias is not None and query_bias.shape != q.shape[2:]:
-    raise ValueError(f"query_bias must be [heads, head_dim] = {list(q.shape[2:])}, got {list(query_bias.shape)}")
+  shape = (q.shape[2], q.shape[-1])
+  if query_bias is not None and query_bias.shape != shape:
+    raise ValueError(f"query_bias must be [heads, head_dim] = {list(shape)}, got {list(query_bias.shape)}")
   if axes is not None and (axes[1] is not None or axes[3] is not None):
     raise ValueError(f"Pallas attention needs whole sequences and head dims on each device; q is split as {axes}")
   if kv_len is None:
     kv_len = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
-  return _attention(q, k, v, kv_len.astype(jnp.int32), query_bias, bool(causal), bool(interpret),
+  return _attention(q if fused else (q, k, v), kv_len.astype(jnp.int32), query_bias, bool(causal), bool(interpret),
                     None if axes is None else tuple(axes))
