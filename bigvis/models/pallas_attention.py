@@ -18,7 +18,8 @@ dtype for their GEMMs, as flash kernels do.
 
 Blocks are powers of two (Triton's), the last one trimmed to what the sequence needs (`blocks_of`);
 rows past the sequence's end are masked, so any length works without padding. `interpret=True` runs the same kernels in Pallas's interpreter (any backend), which
-is how the tests check them against XLA's attention on CPUs.
+is how the tests check them against XLA's attention on CPUs. Made for bfloat16 (or float16) models: on
+a GPU, float32 inputs get Triton's TF32 GEMMs.
 """
 from __future__ import annotations
 
