@@ -106,8 +106,8 @@ attention_check() {
 kernel_sweep() {
   log "Pallas kernels' tilings"
   rm -f "$OUT/tiles.json"  # never an earlier run's
-  fits 120 kernel sweep || return
-  timeout 200 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 --tiles-out "$OUT/tiles.json" \
+  fits 150 kernel sweep || return
+  timeout 260 "$PY" benchmarks/pallas_kernels_check.py --sweep --steps 10 --tiles-out "$OUT/tiles.json" \
     | tee "$OUT/kernel_sweep.jsonl" | grep fastest
 }
 TUNED=(--kernel-tiles "$OUT/tiles.json")

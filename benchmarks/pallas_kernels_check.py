@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 from bigvis.models import pallas_attention, pallas_kernels  # noqa: E402
-from bigvis.models.layers import dot_product_attention, pad_for_attention  # noqa: E402
+from bigvis.models.layers import dot_product_attention, pad_for_attention, resolve_attention_impl  # noqa: E402
 
 
 def _time_ms(fn: Callable, args: tuple, steps: int, calls: int) -> float:
@@ -157,6 +157,7 @@ def attention_case(batch: int, length: int, heads: int, head_dim: int, dtype: An
   bias = 0.5 * jax.random.normal(keys[4], (heads, head_dim))
 
   def model(q, k, v, bias, impl="auto"):
+    impl = resolve_attention_impl(impl, dtype, head_dim)  # as the ViT does: the padding is cuDNN's
     tokens = lambda x: x.reshape(batch, length, heads * head_dim)  # noqa: E731  the padding is per token
     (qp, mask), (kp, _), (vp, _) = (pad_for_attention(tokens(x), impl) for x in (q, k, v))
     split = lambda x: x.reshape(batch, x.shape[1], heads, head_dim)  # noqa: E731
@@ -178,9 +179,13 @@ CASES = {
         lambda a, dt: layernorm_case(a.rows, a.width, dt, a.interpret, biases=True, addend=False),
     "layernorm_three_copies": lambda a, dt: layernorm_case(a.rows, a.width, dt, a.interpret, copies=3),
     "bias_gelu": lambda a, dt: bias_gelu_case(a.rows, a.mlp, dt, a.interpret),
-    "attention": lambda a, dt: attention_case(a.rows // _padded(a.length), a.length, a.heads, a.width // a.heads,
-                                              dt, a.interpret),
+    "attention": lambda a, dt: attention_case(a.rows // _padded(a.length), a.length, a.heads, _head_dim(a), dt,
+                                              a.interpret),
 }
+
+
+def _head_dim(args: argparse.Namespace) -> int:
+  return args.head_dim or args.width // args.heads
 
 
 def _padded(length: int) -> int:
@@ -188,8 +193,14 @@ def _padded(length: int) -> int:
   return -(-length // 8) * 8
 
 
-# Alternatives to pallas_kernels.TILES that --sweep times, per kernel (the current setting first).
+# Alternatives to pallas_kernels.TILES that --sweep times, per kernel (the current setting first); the
+# newest kernels first, so that a sweep cut short has timed them. Attention's loops over blocks are
+# unrolled, which leaves Triton's software pipelining (stages) nothing to do.
 SWEEP = {
+    "attention_forward": [dict(rows=r, keys=k, warps=w, stages=1)
+                          for r, k, w in ((64, 64, 4), (128, 64, 8), (64, 128, 4), (32, 64, 4), (64, 32, 4),
+                                          (128, 128, 8), (64, 64, 8))],
+    "attention_backward": [dict(rows=r, warps=w, stages=1) for r, w in ((64, 4), (32, 4), (64, 8), (128, 8))],
     "layernorm_forward": [dict(rows=r, warps=w, stages=1) for r in (4, 1, 2, 8) for w in (4, 1, 2, 8)],
     "layernorm_backward": [dict(rows=r, step_rows=s, warps=w, stages=st)
                            for r, s in ((64, 4), (64, 2), (64, 8), (128, 4)) for w in (4, 8) for st in (1, 2)],
@@ -197,10 +208,6 @@ SWEEP = {
                           for r, c in ((32, 256), (16, 256), (64, 256), (8, 1024)) for w in (4, 8)],
     "bias_gelu_backward": [dict(rows=r, step_rows=s, cols=256, warps=w, stages=st)
                            for r, s in ((64, 8), (128, 8), (64, 16), (32, 8)) for w in (4, 8) for st in (1, 2)],
-    "attention_forward": [dict(rows=r, keys=k, warps=w, stages=st) for r, k in ((64, 64), (128, 64), (64, 128),
-                                                                              (128, 128), (32, 64))
-                          for w, st in ((4, 1), (8, 1), (4, 2))],
-    "attention_backward": [dict(rows=r, warps=w, stages=st) for r in (64, 32, 128) for w in (4, 8) for st in (1, 2)],
 }
 # Outputs of a kernel from this index on are partial sums with a row per program, which the tiling
 # sets: the sweep compares their totals.
@@ -208,7 +215,7 @@ PARTIAL_SUMS_FROM = {"layernorm_backward": 1, "bias_gelu_backward": 1, "attentio
 
 
 def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool, length: int = 197,
-                heads: int = 12) -> dict[str, tuple[Callable, tuple]]:
+                heads: int = 12, head_dim: int = 64) -> dict[str, tuple[Callable, tuple]]:
   """kernel name -> (a function calling that kernel alone, its arguments), at the block's shapes (the
   attention's: `length` tokens of rows // the padded length examples, unpadded)."""
   keys = jax.random.split(jax.random.key(3), 8)
@@ -220,9 +227,9 @@ def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool, le
   mean, rstd = jnp.mean(x.astype(jnp.float32), -1), jnp.ones((rows,), jnp.float32)
   k, a_ = pallas_kernels, pallas_attention
   batch = rows // _padded(length)
-  qkv = [jax.random.normal(key, (batch, length, heads, width // heads)).astype(dtype)
+  qkv = [jax.random.normal(key, (batch, length, heads, head_dim)).astype(dtype)
          for key in jax.random.split(keys[5], 4)]
-  kv_len, qbias = jnp.full((batch,), length, jnp.int32), vec(keys[3], width).reshape(heads, -1)
+  kv_len, qbias = jnp.full((batch,), length, jnp.int32), vec(keys[3], heads * head_dim).reshape(heads, -1)
   o, lse = a_._forward(tuple(qkv[:3]), kv_len, qbias, causal=False, interpret=interpret)
   return {
       "layernorm_forward": (lambda x, a, b, s, c: k._layernorm_forward(
@@ -247,11 +254,14 @@ def sweep_calls(rows: int, width: int, mlp: int, dtype: Any, interpret: bool, le
 AGREEMENT = 1e-2
 
 
-def sweep(args: argparse.Namespace) -> list[dict]:
+def sweep(args: argparse.Namespace, kernel_done: Callable[[str, list[dict]], None] = lambda name, records: None
+          ) -> list[dict]:
   """One record per (kernel, tiling): ms, GB/s (operands + outputs) and the largest difference from the
-  current tiling's outputs, absolute and relative; TILES is restored after each."""
+  current tiling's outputs, absolute and relative; TILES is restored after each. `kernel_done(name,
+  its records)` after each kernel's tilings, so that a sweep cut short keeps what it found."""
   dtype, records = jnp.dtype(args.dtype), []
-  calls = sweep_calls(args.rows, args.width, args.mlp, dtype, args.interpret, args.length, args.heads)
+  calls = sweep_calls(args.rows, args.width, args.mlp, dtype, args.interpret, args.length, args.heads,
+                      _head_dim(args))
   for name in SWEEP:
     call, call_args = calls[name]
     current = dict(pallas_kernels.TILES[name])
@@ -275,6 +285,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                       "max_abs_diff": max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(reference, out)),
                       "max_rel_diff": max(_rel_errs(reference, out))})
       print(json.dumps(records[-1]), flush=True)
+    kernel_done(name, [r for r in records if r["kernel"] == name])
   return records
 
 
@@ -284,7 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--width", type=int, default=768, help="model width (LayerNorm)")
   p.add_argument("--mlp", type=int, default=3072, help="MLP hidden width (GELU)")
   p.add_argument("--length", type=int, default=197, help="tokens per example (attention: rows // this padded to 8 examples)")
-  p.add_argument("--heads", type=int, default=12, help="attention heads (head size: width // heads)")
+  p.add_argument("--heads", type=int, default=12, help="attention heads")
+  p.add_argument("--head-dim", type=int, default=0, help="attention head size (default: width // heads)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--steps", type=int, default=20, help="timings; the median is printed")
   p.add_argument("--calls", type=int, default=20, help="calls dispatched back to back in each timing")
@@ -306,19 +318,24 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   if args.sweep:
-    records = sweep(args)
     fastest = {}
-    for name in SWEEP:
-      timed = [r for r in records if r["kernel"] == name and "ms" in r and r["max_rel_diff"] <= AGREEMENT]
+    if args.tiles_out and os.path.exists(args.tiles_out):
+      os.remove(args.tiles_out)  # never an earlier sweep's
+
+    def kernel_done(name: str, records: list[dict]) -> None:
+      """The fastest agreeing tiling so far, printed and (with --tiles-out) written at once."""
+      timed = [r for r in records if "ms" in r and r["max_rel_diff"] <= AGREEMENT]
+      if not timed:
+        return
       current = [r["ms"] for r in timed if all(r[k] == v for k, v in pallas_kernels.TILES[name].items())]
-      if timed:
-        best = min(timed, key=lambda r: r["ms"])
-        fastest[name] = {k: best[k] for k in pallas_kernels.TILES[name]}
-        print(json.dumps({"fastest": name, **best, "current_ms": current[0] if current else None,
-                          "device": jax.devices()[0].device_kind}), flush=True)
-    if args.tiles_out:
-      with open(args.tiles_out, "w") as f:
-        json.dump(fastest, f)
+      best = min(timed, key=lambda r: r["ms"])
+      fastest[name] = {k: best[k] for k in pallas_kernels.TILES[name]}
+      print(json.dumps({"fastest": name, **best, "current_ms": current[0] if current else None,
+                        "device": jax.devices()[0].device_kind}), flush=True)
+      if args.tiles_out:
+        with open(args.tiles_out, "w") as f:
+          json.dump(fastest, f)
+    sweep(args, kernel_done)
     return 0
   for name in args.cases:
     xla, pallas, case_args, *f32 = CASES[name](args, dtype)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -354,11 +355,11 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
   block). In bfloat16 XLA's fusions round every step while the kernels compute in float32."""
   check = _benchmark_module("pallas_kernels_check")
   assert check.main(["--rows", "130", "--width", "24", "--mlp", "300", "--dtype", dtype, "--length", "13",
-                     "--heads", "2", "--steps", "1", "--calls", "1", "--interpret"]) == 0
+                     "--heads", "2", "--head-dim", "16", "--steps", "1", "--calls", "1", "--interpret"]) == 0
   lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [r["kernel"] for r in lines] == ["layernorm", "layernorm_biases", "layernorm_biases_added_by_xla",
                                           "layernorm_three_copies", "bias_gelu", "attention"]
-  assert lines[-1]["shape"] == [8, 13, 2, 12]  # 130 rows // 16 (13 padded to 8's multiple) examples
+  assert lines[-1]["shape"] == [8, 13, 2, 16]  # 130 rows // 16 (13 padded to 8's multiple) examples
   for r in lines:
     assert r["max_rel_err"] < tolerance and r["xla_ms"] > 0 and r["pallas_ms"] > 0, r
     # the loss, then each gradient
@@ -368,6 +369,26 @@ def test_pallas_kernels_agree_with_xla_through_the_gpu_sessions_check(capsys, dt
     assert len(gelu["xla_rel_errs_vs_f32"]) == 3 and max(gelu["pallas_rel_errs_vs_f32"]) < 1e-2, gelu
   else:
     assert "pallas_rel_errs_vs_f32" not in gelu
+
+
+def test_attention_check_runs_the_model_s_attention_on_the_tokens_it_pads(monkeypatch):
+  """The attention check's reference is what `attention_impl='auto'` runs: on an NVIDIA GPU cuDNN's,
+  which refuses 197 tokens, so they are padded (to 200) and the padding masked, as the ViT does;
+  the Pallas kernels take them unpadded. (Resolved here as on a GPU; cuDNN's call stood in for by
+  XLA's.)"""
+  check = _benchmark_module("pallas_kernels_check")
+  monkeypatch.setattr(check, "resolve_attention_impl", lambda impl, *a: "cudnn" if impl == "auto" else impl)
+  seen, real = [], check.dot_product_attention
+
+  def recording(q, k, v, *, mask, causal, impl, query_bias=None):
+    seen.append((impl, q.shape[1], None if mask is None else int(mask[0].sum())))
+    return real(q, k, v, mask=mask, causal=causal, impl="xla" if impl == "cudnn" else impl, query_bias=query_bias)
+  monkeypatch.setattr(check, "dot_product_attention", recording)
+  model, pallas, args, f32 = check.attention_case(2, 13, 2, 16, jnp.float32, interpret=True)
+  np.testing.assert_allclose(model(*args), pallas(*args), rtol=1e-4, atol=1e-5)  # a sum of 832 terms
+  assert seen == [("cudnn", 16, 13)], seen  # 13 tokens padded to 16, the 3 masked
+  f32(*args)
+  assert seen[-1] == ("xla", 13, None), seen
 
 
 def test_kernel_timing_dispatches_calls_back_to_back_and_waits_once(monkeypatch):
@@ -414,7 +435,7 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   monkeypatch.setattr(pallas_kernels.pl, "pallas_call", lambda *a, **kw: traced.append(kw["grid"]) or real(*a, **kw))
   tiles_out = tmp_path / "tiles.json"
   assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
-                     "--length", "40", "--heads", "2", "--dtype", "float32", "--calls", "1",
+                     "--length", "40", "--heads", "2", "--head-dim", "16", "--dtype", "float32", "--calls", "1",
                      "--tiles-out", str(tiles_out)]) == 0
   records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   timed = [r for r in records if "fastest" not in r]
@@ -426,6 +447,10 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   assert len(set(traced)) == 11, traced
   fastest = [r for r in records if "fastest" in r]
   assert [r["fastest"] for r in fastest] == list(small)
+  # Each kernel's fastest is printed (and written) as soon as its tilings are timed: a sweep cut short
+  # keeps them.
+  kernels = [r.get("fastest") or r["kernel"] for r in records]
+  assert kernels == [k for k in small for _ in range(3)], kernels
   for r in fastest:  # the current setting's time, found by its tiling
     assert r["current_ms"] == next(t["ms"] for t in timed if t["kernel"] == r["fastest"] and
                                    all(t[k] == v for k, v in before[r["fastest"]].items())), r
@@ -438,6 +463,6 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   small_one = {"bias_gelu_forward": small["bias_gelu_forward"]}
   monkeypatch.setattr(check, "SWEEP", small_one)
   assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
-                     "--length", "40", "--heads", "2", "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
+                     "--length", "40", "--heads", "2", "--head-dim", "16", "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
   assert not [line for line in capsys.readouterr().out.splitlines() if "fastest" in line]
-  assert json.loads(tiles_out.read_text()) == {}
+  assert not tiles_out.exists()  # nothing chosen, and never the earlier sweep's file

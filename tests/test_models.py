@@ -450,8 +450,8 @@ def test_patch_embedding_matmul_equals_the_convolution():
 
 
 @pytest.mark.parametrize("length, causal, masked, biased", [(72, False, True, True), (40, True, False, True),
-                                                         (16, False, False, False)],
-                         ids=["ragged_masked_biased", "causal_biased", "one_block"])
+                                                         (77, True, True, True), (16, False, False, False)],
+                         ids=["ragged_masked_biased", "causal_biased", "text_tower_causal_two_blocks", "one_block"])
 def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, biased):
   """`pallas_attention.attention` (interpreted) against XLA's attention in float32: the output and
   the q, k, v and query-bias gradients, with the bias added to the queries inside the kernels, keys
@@ -487,6 +487,8 @@ def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, bi
     assert float(jnp.abs(dk[1, length - 13:]).max()) == float(jnp.abs(dv[1, length - 13:]).max()) == 0.0
   with pytest.raises(ValueError, match="whole sequences"):
     pallas_attention.attention(q, k, v, axes=(None, "data", None, None))
+  with pytest.raises(ValueError, match="power of two >= 16, got 12"):  # Triton's blocks
+    pallas_attention.attention(q[..., :12], k[..., :12], v[..., :12])
   # The blocks: whole ones, then the rest in the least power of two >= 16 (ViT-B/16's 197 tokens: 208
   # where cuDNN computes 256; CLIP's text, 77: 80).
   assert pallas_attention.blocks_of(197, 64) == [(0, 64), (64, 64), (128, 64), (192, 16)]
@@ -495,14 +497,42 @@ def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, bi
   assert pallas_attention.blocks_of(13, 64) == [(0, 16)] and pallas_attention.blocks_of(128, 64) == [(0, 64), (64, 64)]
 
 
-@pytest.mark.parametrize("extra", [{}, {"fused_qkv": True}, {"seq_pad_multiple": 8}],
-                         ids=["separate_qkv", "fused_qkv", "padded_and_masked"])
+def test_pallas_attention_sees_at_most_the_sequence_and_gives_a_row_that_sees_nothing_zeros():
+  """kv_len past the sequence's end attends to its tokens only (not the blocks' zero fill), and an
+  example with kv_len 0 gets zeros forward and no gradient, where a log-sum-exp of the hidden keys
+  would give the backward other probabilities than the forward's."""
+  from bigvis.models import pallas_attention
+  rng = np.random.default_rng(1)
+  q, k, v, c = (jnp.asarray(rng.normal(size=(2, 40, 2, 16)), jnp.float32) for _ in range(4))
+
+  def run(kv_len):
+    f = lambda q, k, v: pallas_attention.attention(q, k, v, kv_len=kv_len, interpret=True)  # noqa: E731
+    out = f(q, k, v)
+    return out, jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * c), argnums=(0, 1, 2))(q, k, v)
+  whole, whole_grads = run(jnp.array([40, 40]))
+  past, past_grads = run(jnp.array([90, 40]))
+  np.testing.assert_array_equal(past, whole)
+  jax.tree.map(np.testing.assert_array_equal, past_grads, whole_grads)
+  out, grads = run(jnp.array([0, 40]))
+  assert float(jnp.abs(out[0]).max()) == 0.0 and all(float(jnp.abs(g[0]).max()) == 0.0 for g in grads)
+  np.testing.assert_allclose(out[1], whole[1], rtol=1e-6)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+@pytest.mark.parametrize("extra", [{"fused_qkv": False}, {"fused_qkv": True}, {"seq_pad_multiple": 8}, {"blocks": 32}],
+                         ids=["separate_qkv", "fused_qkv", "padded_and_masked", "two_blocks"])
 def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kernel(extra, monkeypatch):
   """`model.attention_impl='pallas'` (interpreted): the same loss and gradients as XLA's attention,
   with the query bias handed to the kernels rather than added by XLA (three GEMMs for q, k and v, or
-  one, whose output the kernels read in place; with padded tokens the padding masked), and no padding
-  of its own: the 17 tokens as they are."""
-  from bigvis.models import pallas_attention
+  one, whose output the kernels read in place, as with XLA's norms by default; with padded tokens the
+  padding masked; 37 tokens in blocks of 32, the second trimmed to 16 and run by code of its own), and
+  no padding of its own: the 17 tokens as they are."""
+  from bigvis.models import pallas_attention, pallas_kernels
+  extra = dict(extra)
+  blocks = extra.pop("blocks", None)
+  if blocks:
+    monkeypatch.setitem(pallas_kernels.TILES, "attention_forward", dict(rows=blocks, keys=blocks, warps=4, stages=1))
+    monkeypatch.setitem(pallas_kernels.TILES, "attention_backward", dict(rows=blocks, warps=4, stages=1))
   seen = []
   real = pallas_attention.attention
 
@@ -510,9 +540,10 @@ def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kern
     seen.append((q.shape[1], q.ndim, kw["query_bias"] is not None, kw["kv_len"] is not None))
     return real(q, k, v, **kw)
   monkeypatch.setattr(pallas_attention, "attention", recording)
-  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  side = 24 if blocks else 16  # 6 x 6 patches and the class token: 37 tokens
+  x = jax.random.normal(jax.random.key(1), (2, side, side, 3))
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, norm_impl="xla", gelu_impl="xla",
-              attention_impl="xla", **extra)
+              attention_impl="xla", image_size=side, **extra)
   p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
   p = jax.tree_util.tree_map_with_path(lambda path, v: v + 0.1 if path[-1].key == "bias" else v, p)
 
@@ -522,11 +553,15 @@ def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kern
   b, gb = jax.value_and_grad(loss)(p, dict(base, attention_impl="pallas_interpret"))
   padded = "seq_pad_multiple" in extra
   # One fused GEMM's output is read in place ([batch, tokens, heads, 3, head_dim]), never sliced.
-  assert seen and set(seen) == {(24 if padded else 17, 5 if extra.get("fused_qkv") else 4, True, padded)}, seen
+  tokens = 37 if blocks else 24 if padded else 17
+  assert seen and set(seen) == {(tokens, 4 if extra.get("fused_qkv") is False else 5, True, padded)}, seen
   np.testing.assert_allclose(a, b, rtol=1e-5)
   scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(ga))
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6 * scale), ga, gb)
   assert float(jnp.abs(gb["encoder"]["block00"]["block"]["attn"]["query"]["bias"]).max()) > 0
+  # ViT-H's heads of 80 are no Triton block: a one-sentence error naming the key, before any tracing.
+  with pytest.raises(UserError, match="model.image.attention_impl 'pallas' needs a head size that is a power of two"):
+    build_model(dict(name="clip", image=dict(variant="H/14", attention_impl="pallas"), text=dict(variant="mu")))
 
 
 @pytest.mark.parametrize("field, extra", [

@@ -12,6 +12,7 @@ import ml_collections
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
+from bigvis.models.pallas_attention import supports_head_dim
 from bigvis.models.layers import ATTENTION_IMPLS, KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl, resolve_kernel_impl
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
@@ -168,6 +169,10 @@ def check_implementation_choices(model_config: ml_collections.ConfigDict | dict,
       value = tower.get(field, "xla")
       if value not in choices:
         raise UserError(f"{prefix}{field} '{value}' is not one of {', '.join(choices)}.")
+      if field == "attention_impl" and value in ("pallas", "pallas_interpret") and not supports_head_dim(
+          _head_dim(cls, tower)):
+        raise UserError(f"{prefix}attention_impl '{value}' needs a head size that is a power of two of at least "
+                        f"16, not {_head_dim(cls, tower)}; use 'auto'.")
       if value == "pallas" and device is not None and not nvidia_sm80_or_newer(device):
         raise UserError(f"{prefix}{field} 'pallas' runs Triton kernels on NVIDIA GPUs (compute capability "
                         f"8.0 or newer), not on this mesh's {device.device_kind}; use 'xla'.")

@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 from bigvis.models.pallas_kernels import TILES, P, _flat_mesh_axes, _per_device
 
 _LOG2E = float(np.log2(np.e))
-_MASKED = -1e30  # a logit no key can have; finite, so that a row with no key left gives no NaN
+_MASKED = -1e30  # a logit no key can have; finite, so that exp2 of masked minus masked is no NaN
 
 
 def _compiler_params(interpret: bool, kernel: str) -> Any:
@@ -71,11 +71,12 @@ def _store_block(src, block, batch, positions, head, length, dim):
 
 
 def _queries(q_ref, bias_ref, batch, rows, head, length, dim):
-  """A query block with its bias, rounded to the queries' dtype as a biased GEMM output would be."""
+  """A query block with its bias (in the queries' dtype, as `layers.flat_dense` adds it), the sum
+  rounded to that dtype as a biased GEMM output would be."""
   q = _load_block(q_ref, batch, rows, head, length, dim)
   if bias_ref is None:
     return q
-  bias = plgpu.load(bias_ref.at[head * dim + jnp.arange(dim)]).astype(jnp.float32)
+  bias = plgpu.load(bias_ref.at[head * dim + jnp.arange(dim)]).astype(q.dtype).astype(jnp.float32)
   return (q.astype(jnp.float32) + bias[None, :]).astype(q.dtype)
 
 
@@ -86,6 +87,12 @@ def _logits(q, k, rows, keys, kv_len, *, scale, causal):
   if causal:
     visible = visible & (keys[None, :] <= rows[:, None])
   return jnp.where(visible, s, _MASKED)
+
+
+def supports_head_dim(head_dim: int) -> bool:
+  """Triton's blocks are powers of two, and its GEMMs' sides at least 16: ViT-B and -L's 64 are, ViT-H's
+  80 is not (XLA's or cuDNN's attention then)."""
+  return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def blocks_of(length: int, size: int) -> list[tuple[int, int]]:
@@ -140,8 +147,12 @@ def _forward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
       l = l * rescale + jnp.sum(p, axis=1)
       acc = acc * rescale[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
       m = m_new
-    _store_block(o_ref, acc / l[:, None], batch, rows, head, length, dim)
-    plgpu.store(lse_ref.at[(batch * heads + head) * length + rows], m + jnp.log2(l), mask=rows < length)
+    # A row that sees no key (an example of no tokens) outputs 0, and with a log-sum-exp of +inf its
+    # probabilities are 0 backward too; else l would count the hidden keys it loaded.
+    sees = m > 0.5 * _MASKED
+    _store_block(o_ref, jnp.where(sees[:, None], acc / l[:, None], 0.), batch, rows, head, length, dim)
+    plgpu.store(lse_ref.at[(batch * heads + head) * length + rows], jnp.where(sees, m + jnp.log2(l), jnp.inf),
+                mask=rows < length)
   _each_block(block, blocks_of(length, tile["rows"]), rows_block)
 
 
@@ -329,11 +340,13 @@ def attention(q: jax.Array, k: jax.Array | None = None, v: jax.Array | None = No
   elif not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k and v must have one shape and dtype, got {q.shape}, {k.shape}, {v.shape}")
   shape = (q.shape[2], q.shape[-1])
+  if not supports_head_dim(shape[1]):
+    raise ValueError(f"Pallas attention needs a head size that is a power of two >= 16, got {shape[1]}")
   if query_bias is not None and query_bias.shape != shape:
     raise ValueError(f"query_bias must be [heads, head_dim] = {list(shape)}, got {list(query_bias.shape)}")
   if axes is not None and (axes[1] is not None or axes[3] is not None):
     raise ValueError(f"Pallas attention needs whole sequences and head dims on each device; q is split as {axes}")
-  if kv_len is None:
-    kv_len = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+  # Keys past the end are not there to see: a longer kv_len would attend to the blocks' zero fill.
+  kv_len = jnp.full((q.shape[0],), q.shape[1], jnp.int32) if kv_len is None else jnp.minimum(kv_len, q.shape[1])
   return _attention(q if fused else (q, k, v), kv_len.astype(jnp.int32), query_bias, bool(causal), bool(interpret),
                     None if axes is None else tuple(axes))
