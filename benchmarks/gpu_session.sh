@@ -18,8 +18,8 @@
 # with bigvis's attention kernels (model.attention_impl=pallas), the CLIP goal and CLIP with them,
 # then the kernels' tiling sweep and B/16 with the sweep's tilings if time is left, in about 9
 # minutes (untimed as a whole; by the twelfth session's times on an H200). PART=tune (about 5
-# minutes) runs the sweep (the fastest tiling per kernel into $OUT/tiles.json) and the steps with
-# those tilings. $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
+# minutes) runs the sweep (the fastest tiling per kernel into $OUT/tiles.json), the steps with
+# those tilings, and a profile of B/16 with the attention kernels. $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
 # peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
@@ -161,16 +161,18 @@ clip_old() {
 # 3. Where the B/16 step's time goes with the defaults, with the card's optimised HLO for reading
 #    offline (which fusion is which kernel; `bigvis aot --topology h100-1` only approximates the
 #    card's choices; benchmarks/hlo_traffic.py sums its bytes per kernel).
-profile() {
-  log "profile"
+profile() {  # extra arguments (bench's overrides) profile that variant instead
+  log "profile $*"
   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
-    room 80 timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 \
+    room 80 timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 "$@" \
     --profile "$OUT/prof" | tail -1
   if [ -d "$OUT/prof" ]; then
     "$PY" benchmarks/kernel_breakdown.py "$OUT/prof" --top 40 > "$OUT/kernels.txt"; rm -rf "$OUT/prof"
     (cd "$OUT" && tar czf hlo.tgz hlo/*with_rules*after_optimizations.txt) && rm -rf "$OUT/hlo"
   fi
 }
+# The same with bigvis's attention kernels (their default tilings): how long each kernel takes inside the step.
+profile_attn() { profile --set model.attention_impl=pallas; }
 # 4. If time is left: fraction of the ceiling across sizes (met in the first session: L/16 0.52 and
 #    H/14 0.51 against B/16's 0.46), then the batch that fills the chip.
 large() {
@@ -184,10 +186,10 @@ case "$PART" in
            vit_gelu_xla profile) ;;
   2) steps=(clip_goal clip_attn clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old vit_saved extras) ;;
   goals) steps=(attention_check vit_goal vit_attn clip_goal clip_attn kernel_sweep vit_attn_tuned) ;;
-  tune) steps=(kernel_sweep vit_attn_tuned clip_attn_tuned vit_tuned) ;;
+  tune) steps=(kernel_sweep vit_attn_tuned clip_attn_tuned vit_tuned profile_attn) ;;
   all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn kernel_sweep vit_tuned vit_attn_tuned vit_resid
               vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
-              clip_gelu_xla clip_old large vit_fused extras) ;;
+              clip_gelu_xla clip_old large vit_fused extras profile_attn) ;;
 esac
 for step in "${steps[@]}"; do "$step"; done
 table
