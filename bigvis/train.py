@@ -163,7 +163,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state["params"], batch, rng)
-    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.tree_utils.tree_l2_norm(grads)
+    grad_norm = optim.global_norm(grads)  # the one gradient clipping uses: computed once
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
