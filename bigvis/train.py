@@ -118,7 +118,8 @@ def plan_train_state(config, model, mesh, rules, example_batch):
   inputs = model_inputs(config.model, example_batch)
   abstract_vars = jax.eval_shape(lambda r: model.init(r, *inputs, train=False), init_rng)
   abstract_params = abstract_vars["params"]
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.meta.unbox(abstract_params))
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, nn.meta.unbox(abstract_params),
+                                      optim.stacks_norms(mesh.devices.flat[0]))
 
   def init_fn():
     params = nn.meta.unbox(model.init(init_rng, *inputs, train=False)["params"])
@@ -154,6 +155,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   # `optim.frozen`: no gradient flows into frozen parameters, so XLA drops their weight-gradient GEMMs
   # (and a frozen tower's whole backward), and grad_norm is the trained parameters' alone.
   frozen = optim.frozen_mask(state_shardings["params"], config.optim.get("frozen", ""))
+  stacked_norm = optim.stacks_norms(mesh.devices.flat[0])
 
   def loss_of_trained(params, batch, rng):
     if frozen is not None:
@@ -163,7 +165,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
   def step_fn(state, batch):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state["params"], batch, rng)
-    grad_norm = optim.global_norm(grads)  # the one gradient clipping uses: computed once
+    grad_norm = optim.global_norm(grads, stacked_norm)  # the one gradient clipping uses: computed once
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

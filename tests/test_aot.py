@@ -109,7 +109,10 @@ def test_tiny_vit_compiles_for_a_tpu_slice_and_fits():
   r = aot.compile_for_topology(config, "v4-8")  # 4 chips, 2x2x1
   assert r["chips"] == 4 and r["device_kind"] == "TPU v4" and r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   assert r["fits"] and 0 < r["total_bytes_per_chip"] < r["hbm_bytes_per_chip"]
-  assert all(v > 0 for k, v in r["memory"].items() if k in ("argument_bytes", "temp_bytes"))
+  # libtpu may report no temporaries (this step since its gradient norm stacks the leaves); its peak
+  # then counts them, and the fit is judged on whichever is more.
+  assert r["memory"]["argument_bytes"] > 0 and r["memory"]["xla_peak_bytes"] > r["memory"]["argument_bytes"]
+  assert r["total_bytes_per_chip"] >= r["memory"]["xla_peak_bytes"]
   # remat recomputes part of the forward pass: more FLOPs executed than the model needs
   assert r["flops_per_chip"] > r["model_flops_per_chip"] > 0
   assert r["step_s"] > 0 and 0 < r["mfu"] < r["assumed_utilization"]

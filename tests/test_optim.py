@@ -1,4 +1,6 @@
 """The optimizer: what weight decay reaches, frozen parameters, the schedule under accumulation."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -186,10 +188,10 @@ def test_every_decaying_schedule_heeds_min_lr_ratio():
 
 
 def test_global_norm_and_clipping_equal_optax_s_with_one_reduction_per_shape():
-  """`optim.global_norm` (leaves of one shape and dtype reduced as one stacked array: XLA's kernels per
-  reduction, 263 of them for ViT-B/16's gradients compiled for an H100, become ≈22) is optax's norm,
-  and `optim.clip_by_global_norm` optax's clipping with the same (empty) state, above and below the
-  threshold."""
+  """`optim.global_norm` (stacked, on GPUs: the leaves of one shape and dtype reduced as one stacked
+  array: XLA's kernels per reduction, 263 of them for ViT-B/16's gradients compiled for an H100, become
+  ≈22) is optax's norm, and `optim.clip_by_global_norm` optax's clipping with the same (empty) state,
+  above and below the threshold, stacked or not."""
   rng = np.random.default_rng(0)
   tree = {"a": {"kernel": rng.normal(size=(8, 4)), "bias": rng.normal(size=(4,))},
           "b": {"kernel": rng.normal(size=(8, 4)), "bias": rng.normal(size=(4,)).astype(np.float16)},
@@ -197,12 +199,17 @@ def test_global_norm_and_clipping_equal_optax_s_with_one_reduction_per_shape():
   tree = jax.tree.map(jnp.asarray, tree)
   as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # optax squares a float16 leaf in float16
   reference = optax.tree.norm(as_f32) if hasattr(optax, "tree") else optax.tree_utils.tree_l2_norm(as_f32)
-  np.testing.assert_allclose(optim.global_norm(tree), reference, rtol=1e-6)
-  assert float(optim.global_norm({})) == 0.0
-  jaxpr = str(jax.make_jaxpr(optim.global_norm)(tree))
+  for stacked in (True, False):
+    np.testing.assert_allclose(optim.global_norm(tree, stacked), reference, rtol=1e-6)
+    assert float(optim.global_norm({}, stacked)) == 0.0
+  jaxpr = str(jax.make_jaxpr(functools.partial(optim.global_norm, stacked=True))(tree))
   assert jaxpr.count("reduce_sum") == 4, jaxpr  # (8, 4) f32 twice, (4,) f32, (4,) f16, (3, 2, 2)
-  for max_norm in (0.5 * float(reference), 2.0 * float(reference)):
-    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+  assert str(jax.make_jaxpr(optim.global_norm)(tree)).count("reduce_sum") == 5  # one per leaf
+  cpu, gpu = jax.devices("cpu")[0], type("Device", (), {"platform": "gpu"})()
+  assert not optim.stacks_norms(cpu) and optim.stacks_norms(gpu)
+  for max_norm, stacked in ((0.5 * float(reference), True), (2.0 * float(reference), True),
+                            (0.5 * float(reference), False)):
+    ours, theirs = optim.clip_by_global_norm(max_norm, stacked), optax.clip_by_global_norm(max_norm)
     assert jax.tree.structure(ours.init(tree)) == jax.tree.structure(theirs.init(tree))  # checkpoints carry over
     got, _ = ours.update(as_f32, ours.init(tree))
     want, _ = theirs.update(as_f32, theirs.init(tree))
