@@ -117,8 +117,8 @@ def test_frozen_parameters_get_no_gradient_computed_nor_counted_in_grad_norm():
     grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, rng)[0]))(state["params"])
     probe_flops = flops(step.lower(state, batch).compile())
     _, metrics = step(state, batch)
-  head_norm = optax.tree.norm(grads["head"]) if hasattr(optax, "tree") else optax.tree_utils.tree_l2_norm(grads["head"])
-  all_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.tree_utils.tree_l2_norm(grads)
+    # Jitted too: optax's norm op by op over the sharded gradients aborted a CI worker (thirteenth session).
+    head_norm, all_norm = jax.jit(lambda g: (optim.global_norm(g["head"]), optim.global_norm(g)))(grads)
   assert float(all_norm) > 1.5 * float(head_norm)  # the frozen gradients would show
   np.testing.assert_allclose(float(metrics["train/grad_norm"]), float(head_norm), rtol=1e-4)
 
