@@ -139,7 +139,9 @@ clip_goal() {
 #    XLA's GELU (+1.6 % for the kernels), the defaults before the ninth session (how much the new ones
 #    win on this card), one q/k/v GEMM, GELU saved by XLA rather than recomputed.
 vit_attn() { room 50 b16 "${ATTN[@]}" --tag _pallas_attention; }
-clip_attn() { room 90 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_ATTN[@]}" --tag _pallas_attention; }
+clip_attn() {
+  room 90 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_ATTN[@]}" --tag _pallas_attention
+}
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gelu_xla() { room 50 b16 "${GELU_XLA[@]}" --tag _gelu_xla; }
 vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }

@@ -294,7 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--rows", type=int, default=256 * 200, help="tokens in the batch (ViT-B/16, batch 256: 51,200)")
   p.add_argument("--width", type=int, default=768, help="model width (LayerNorm)")
   p.add_argument("--mlp", type=int, default=3072, help="MLP hidden width (GELU)")
-  p.add_argument("--length", type=int, default=197, help="tokens per example (attention: rows // this padded to 8 examples)")
+  p.add_argument("--length", type=int, default=197,
+                 help="tokens per example (attention: rows // this padded to 8's multiple examples)")
   p.add_argument("--heads", type=int, default=12, help="attention heads")
   p.add_argument("--head-dim", type=int, default=0, help="attention head size (default: width // heads)")
   p.add_argument("--dtype", default="bfloat16")

@@ -463,6 +463,7 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   small_one = {"bias_gelu_forward": small["bias_gelu_forward"]}
   monkeypatch.setattr(check, "SWEEP", small_one)
   assert check.main(["--sweep", "--interpret", "--rows", "70", "--width", "40", "--mlp", "300", "--steps", "1",
-                     "--length", "40", "--heads", "2", "--head-dim", "16", "--calls", "1", "--tiles-out", str(tiles_out)]) == 0
+                     "--length", "40", "--heads", "2", "--head-dim", "16", "--calls", "1",
+                     "--tiles-out", str(tiles_out)]) == 0
   assert not [line for line in capsys.readouterr().out.splitlines() if "fastest" in line]
   assert not tiles_out.exists()  # nothing chosen, and never the earlier sweep's file

@@ -13,7 +13,8 @@ from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
 from bigvis.models.pallas_attention import supports_head_dim
-from bigvis.models.layers import ATTENTION_IMPLS, KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl, resolve_kernel_impl
+from bigvis.models.layers import (ATTENTION_IMPLS, KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl,
+                                  resolve_kernel_impl)
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
 

@@ -5,9 +5,9 @@ flash kernels and their helpers took 10.35 ms of the 64 ms step, and XLA another
 query bias and summing its gradient. Of those, 1.85 ms are helper passes of a general design: one
 reads dO and O to write rowsum(dO * O), one converts dQ from the float32 it accumulates atomically.
 With as few tokens as a ViT's, these kernels need neither:
-* the forward (grid: batch, heads, query blocks) adds the query bias as it loads the queries, keeps
+* the forward (grid: query blocks, heads, examples; `_grid`) adds the query bias as it loads the queries, keeps
   the softmax's statistics in registers over the key blocks, and writes O and the log-sum-exp;
-* the backward (grid: batch, heads, blocks) lets program j own key block j, for which it sums dK
+* the backward (grid: blocks, heads, examples) lets program j own key block j, for which it sums dK
   and dV over every query block, and query block j, for which it sums dQ over every key block. dQ
   is written once, in the activations' dtype, with no atomics; each program computes
   rowsum(dO * O) for the rows it reads; and the query bias's gradient leaves as per-program
@@ -17,9 +17,11 @@ Logits are computed in float32 in log2 units (`exp2`), probabilities and dS roun
 dtype for their GEMMs, as flash kernels do.
 
 Blocks are powers of two (Triton's), the last one trimmed to what the sequence needs (`blocks_of`);
-rows past the sequence's end are masked, so any length works without padding. `interpret=True` runs the same kernels in Pallas's interpreter (any backend), which
-is how the tests check them against XLA's attention on CPUs. Made for bfloat16 (or float16) models: on
-a GPU, float32 inputs get Triton's TF32 GEMMs.
+rows past the sequence's end are masked, so any length works without padding, and a fused q/k/v
+GEMM's output is read in place. Head sizes must be powers of two of at least 16 (`supports_head_dim`).
+`interpret=True` runs the same kernels in Pallas's interpreter (any backend), which is how the tests
+check them against XLA's attention on CPUs. Made for bfloat16 (or float16) models: on a GPU, float32
+inputs get Triton's TF32 GEMMs.
 """
 from __future__ import annotations
 
