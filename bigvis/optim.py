@@ -120,7 +120,7 @@ def clip_by_global_norm(max_norm: float, stacked: bool = False) -> optax.Gradien
     below = norm < max_norm
     updates = jax.tree.map(lambda t: jax.lax.select(below, t, (t / norm.astype(t.dtype)) * max_norm), updates)
     return updates, state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+  return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any, stacked_norm: bool = False

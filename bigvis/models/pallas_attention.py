@@ -34,15 +34,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bigvis.models.pallas_kernels import TILES, P, _flat_mesh_axes, _per_device
+from bigvis.models.pallas_kernels import TILES, P, _compiler_params, _flat_mesh_axes, _per_device
 
 _LOG2E = float(np.log2(np.e))
 _MASKED = -1e30  # a logit no key can have; finite, so that exp2 of masked minus masked is no NaN
-
-
-def _compiler_params(interpret: bool, kernel: str) -> Any:
-  tile = TILES[kernel]
-  return None if interpret else plgpu.CompilerParams(num_warps=tile["warps"], num_stages=tile["stages"])
 
 
 def _sources(refs, fused, dim):
@@ -240,6 +235,12 @@ def _shape(qkv) -> tuple[int, int, int, int, bool]:
   return batch, length, heads, dim, fused
 
 
+def _inputs(qkv, bias, heads: int, dim: int) -> list:
+  """The kernels' leading inputs: q, k and v (or the fused array) as 2-D arrays, then the bias if any."""
+  flat = [_flat(qkv)] if not isinstance(qkv, (tuple, list)) else [_flat(x) for x in qkv]
+  return flat + ([bias.reshape(heads * dim)] if bias is not None else [])
+
+
 def _forward(qkv, kv_len, bias, *, causal, interpret):
   """(O [batch, length, heads, head_dim] like q, log2-sum-exp [batch, heads, length] float32): one
   device's examples and heads."""
@@ -248,13 +249,13 @@ def _forward(qkv, kv_len, bias, *, causal, interpret):
   biased = bias is not None
   kernel = functools.partial(_forward_kernel, length=length, heads=heads, dim=dim, causal=causal,
                              scale=1. / float(np.sqrt(dim)), biased=biased, fused=fused)
-  inputs = ([_flat(qkv)] if fused else [_flat(x) for x in qkv]) + ([bias.reshape(heads * dim)] if biased else [])
   o, lse = pl.pallas_call(
       kernel, grid=_grid(batch, heads, len(blocks_of(length, TILES["attention_forward"]["rows"]))),
       name="bigvis_pallas_attention_forward",
       out_shape=[jax.ShapeDtypeStruct((batch * length, heads * dim), dtype),
                  jax.ShapeDtypeStruct((batch * heads * length,), jnp.float32)],
-      compiler_params=_compiler_params(interpret, "attention_forward"), interpret=interpret)(*inputs, kv_len)
+      compiler_params=_compiler_params(interpret, "attention_forward"), interpret=interpret)(
+          *_inputs(qkv, bias, heads, dim), kv_len)
   return o.reshape(batch, length, heads, dim), lse.reshape(batch, heads, length)
 
 
@@ -266,15 +267,16 @@ def _backward(qkv, kv_len, bias, o, lse, do, *, causal, interpret):
   blocks = len(blocks_of(length, TILES["attention_backward"]["rows"]))
   kernel = functools.partial(_backward_kernel, length=length, heads=heads, dim=dim, causal=causal,
                              scale=1. / float(np.sqrt(dim)), biased=biased, fused=fused)
-  flat = [_flat(qkv)] if fused else [_flat(x) for x in qkv]
-  grads = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
+  inputs = _inputs(qkv, bias, heads, dim)
+  n_grads = len(inputs) - biased  # the gradients are like the 2-D q, k and v (or the fused array)
+  like = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs[:n_grads]]
   sums = [jax.ShapeDtypeStruct((batch * blocks, heads * dim), jnp.float32)] if biased else []
-  inputs = flat + ([bias.reshape(heads * dim)] if biased else []) + [kv_len, _flat(o), lse.reshape(-1), _flat(do)]
-  *grads, = pl.pallas_call(
+  outs = pl.pallas_call(
       kernel, grid=_grid(batch, heads, blocks), name="bigvis_pallas_attention_backward",
-      out_shape=grads + sums,
-      compiler_params=_compiler_params(interpret, "attention_backward"), interpret=interpret)(*inputs)
-  grads, dbias = grads[:len(flat)], grads[len(flat):]
+      out_shape=like + sums,
+      compiler_params=_compiler_params(interpret, "attention_backward"), interpret=interpret)(
+          *inputs, kv_len, _flat(o), lse.reshape(-1), _flat(do))
+  grads, dbias = outs[:n_grads], outs[n_grads:]
   grads = grads[0].reshape(qkv.shape) if fused else tuple(g.reshape(x.shape) for g, x in zip(grads, qkv))
   return (grads, dbias[0]) if biased else grads
 
