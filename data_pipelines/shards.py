@@ -574,20 +574,21 @@ def validate_example(features: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
   return tf.reshape(ok, shape), tf.reshape(reason, shape)
 
 
-def read_shards(files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
+def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: int = DEFAULT_MAX_PIXELS,
                 require_text: bool = True, cycle_length: int = 1,
                 batch_size: int = 256) -> tf.data.Dataset:
   """Parsed, validated examples of `files`: image, text, label, key and `_skip_reason` (-1 = ok).
 
-  Files are read in the given order (`cycle_length` > 1 interleaves that many,
-  deterministically); damaged files are read up to the damage and records that
-  are not Examples are dropped, each with a logged warning. Records are parsed
-  and checked `batch_size` at a time, then yielded one by one.
+  An entry may be a part of a file, (path, first, stop, modulus): its records whose index i has
+  first <= i % modulus < stop (`sources.reader_parts`). Files are read in the given order
+  (`cycle_length` > 1 interleaves that many, deterministically); damaged files are read up to the
+  damage and records that are not Examples are dropped, each with a logged warning. Records are
+  parsed and checked `batch_size` at a time, then yielded one by one.
   """
-  files = list(files)
-  if not files:
+  parts = [(f, 0, 1, 1) if isinstance(f, str) else tuple(f) for f in files]
+  if not parts:
     raise UserError("no shard files to read.")
-  missing = [f for f in files if "://" not in f and not os.path.exists(f)]
+  missing = [p for p, *_ in parts if "://" not in p and not os.path.exists(p)]
   if missing:
     raise UserError(f"shard file {missing[0]} does not exist.")
 
@@ -595,8 +596,12 @@ def read_shards(files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
   no_autograph = tf.autograph.experimental.do_not_convert
 
   @no_autograph
-  def per_file(path):
-    return tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
+  def per_file(path, first, stop, modulus):
+    records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
+    if all(m == 1 for *_, m in parts):  # whole files: no index to keep
+      return records
+    kept = records.enumerate().filter(lambda i, _: (i % modulus >= first) & (i % modulus < stop))
+    return kept.map(lambda _, record: record)
 
   @no_autograph
   def check(features):
@@ -604,7 +609,7 @@ def read_shards(files: list[str], max_pixels: int = DEFAULT_MAX_PIXELS,
     del features["_has_image"], features["_has_text"]
     return features
 
-  ds = tf.data.Dataset.from_tensor_slices(files)
+  ds = tf.data.Dataset.from_tensor_slices(tuple(np.array(column) for column in zip(*parts)))
   if cycle_length > 1:
     ds = ds.interleave(per_file, cycle_length=cycle_length, num_parallel_calls=cycle_length,
                        deterministic=True)
