@@ -497,6 +497,48 @@ def test_pallas_attention_kernels_equal_xla_attention(length, causal, masked, bi
   assert pallas_attention.blocks_of(13, 64) == [(0, 16)] and pallas_attention.blocks_of(128, 64) == [(0, 64), (64, 64)]
 
 
+@pytest.mark.parametrize("rows, keys, backward_rows", [(32, 16, 32), (16, 16, 16)], ids=["static", "five_blocks"])
+def test_causal_pallas_attention_skips_the_blocks_above_the_diagonal_and_still_equals_xla(
+    monkeypatch, rows, keys, backward_rows):
+  """A causal kernel leaves out the key blocks after a query block's last query: forward with query
+  and key blocks of different sizes (77 tokens: queries 32 + 32 + 16, keys 4 x 16 + 16), and beyond
+  `_STATIC_CAUSAL_BLOCKS` blocks (five of 16) the masked blocks computed instead; the same output and
+  gradients as XLA's attention either way."""
+  from bigvis.models import pallas_attention, pallas_kernels
+  from bigvis.models.layers import dot_product_attention
+  monkeypatch.setitem(pallas_kernels.TILES, "attention_forward", dict(rows=rows, keys=keys, warps=4, stages=1))
+  monkeypatch.setitem(pallas_kernels.TILES, "attention_backward", dict(rows=backward_rows, warps=4, stages=1))
+  rng = np.random.default_rng(2)
+  q, k, v, c = (jnp.asarray(rng.normal(size=(2, 77, 2, 16)), jnp.float32) for _ in range(4))
+  bias = jnp.asarray(rng.normal(size=(2, 16)), jnp.float32)
+
+  def loss(fn):
+    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * c), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  ref = loss(lambda q, k, v, b: dot_product_attention(q, k, v, mask=None, causal=True, impl="xla", query_bias=b))
+  got = loss(lambda q, k, v, b: pallas_attention.attention(q, k, v, query_bias=b, causal=True, interpret=True))
+  for r, g in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    assert float(jnp.max(jnp.abs(r - g))) <= 2e-6 * float(jnp.max(jnp.abs(r)))
+  blocks = pallas_attention.blocks_of(77, backward_rows)
+  assert pallas_attention._static_causal(True, blocks) == (len(blocks) <= pallas_attention._STATIC_CAUSAL_BLOCKS)
+  assert not pallas_attention._static_causal(False, blocks)
+  if rows == 32:  # the kernels' code holds only the block pairs on or below the diagonal
+    def dots(jaxpr):
+      inner = [getattr(x, "jaxpr", x) for e in jaxpr.eqns for v in e.params.values()
+               for x in (v if isinstance(v, (tuple, list)) else [v])]
+      return (sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+              + sum(dots(j) for j in inner if hasattr(j, "eqns")))
+    kv_len, o = jnp.full((2,), 77, jnp.int32), q
+    forward = jax.make_jaxpr(lambda q: pallas_attention._forward(
+        (q, k, v), kv_len, None, causal=True, interpret=False))(q)
+    backward = jax.make_jaxpr(lambda q: pallas_attention._backward(
+        (q, k, v), kv_len, None, o, jnp.zeros((2, 2, 77)), c, causal=True, interpret=False))(q)
+    # Forward: query blocks 0-31, 32-63, 64-79 see 2, 4 and 5 key blocks of 16, two GEMMs each (15 without
+    # skipping). Backward, blocks of 32: key block j's dK, dV from the 3 - j query blocks at or after it (4
+    # GEMMs each), query block j's dQ from the j + 1 key blocks up to it (3 each).
+    assert dots(forward.jaxpr) == 2 * (2 + 4 + 5)
+    assert dots(backward.jaxpr) == 4 * (3 + 2 + 1) + 3 * (1 + 2 + 3)
+
+
 def test_pallas_attention_sees_at_most_the_sequence_and_gives_a_row_that_sees_nothing_zeros():
   """kv_len past the sequence's end attends to its tokens only (not the blocks' zero fill), and an
   example with kv_len 0 gets zeros forward and no gradient, where a log-sum-exp of the hidden keys

@@ -38,6 +38,7 @@ from bigvis.models.pallas_kernels import TILES, P, _compiler_params, _flat_mesh_
 
 _LOG2E = float(np.log2(np.e))
 _MASKED = -1e30  # a logit no key can have; finite, so that exp2 of masked minus masked is no NaN
+_STATIC_CAUSAL_BLOCKS = 4
 
 
 def _sources(refs, fused, dim):
@@ -102,10 +103,16 @@ def blocks_of(length: int, size: int) -> list[tuple[int, int]]:
   return blocks + ([(whole * size, min(size, max(16, 1 << (rest - 1).bit_length())))] if rest else [])
 
 
-def _each_block(program, blocks, body):
+def _each_block(program, blocks, body, *, static=False):
   """body(start, size) for this program's block: the blocks but the last share one size and a start
-  computed from `program`; the last, where it is smaller, gets code of its own."""
+  computed from `program`; the last, where it is smaller, gets code of its own. With `static`, every
+  block gets code of its own and a start known when tracing, so that a causal kernel can leave out
+  the blocks a block of queries cannot see."""
   (last_start, last_size), size = blocks[-1], blocks[0][1]
+  if static:
+    for i, (start, n) in enumerate(blocks):
+      pl.when(program == i)(functools.partial(body, start, n))
+    return
   if last_size == size:
     body(program * size, size)
     return
@@ -117,6 +124,20 @@ def _each_block(program, blocks, body):
   @pl.when(program == len(blocks) - 1)
   def _():
     body(last_start, last_size)
+
+
+def _static_causal(causal: bool, blocks: list) -> bool:
+  """Whether a causal kernel gets code per block and skips the blocks above the diagonal: a text
+  tower's 77 tokens are two blocks, of which queries 0-63 need only the first. Beyond a few blocks the
+  code per block would grow with their square, and the kernels compute masked blocks instead."""
+  return causal and len(blocks) <= _STATIC_CAUSAL_BLOCKS
+
+
+def _sees(first_row, n_rows, first_key) -> bool:
+  """Whether any of rows [first_row, first_row + n_rows) may see key `first_key` or later ones, causally."""
+  if not (isinstance(first_row, int) and isinstance(first_key, int)):  # a start known only when running
+    return True
+  return first_key <= first_row + n_rows - 1
 
 
 def _forward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
@@ -134,6 +155,8 @@ def _forward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
     l = jnp.zeros((size,), jnp.float32)  # running sum of exp2(logit - m)
     acc = jnp.zeros((size, dim), jnp.float32)
     for start, n_keys in blocks_of(length, tile["keys"]):  # static: a ViT's few key blocks, unrolled
+      if causal and not _sees(first, size, start):
+        break  # this and later key blocks are all after the block's last query
       keys = start + jnp.arange(n_keys)
       k = _load_block(k_ref, batch, keys, head, length, dim)
       v = _load_block(v_ref, batch, keys, head, length, dim)
@@ -150,7 +173,8 @@ def _forward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
     _store_block(o_ref, jnp.where(sees[:, None], acc / l[:, None], 0.), batch, rows, head, length, dim)
     plgpu.store(lse_ref.at[(batch * heads + head) * length + rows], jnp.where(sees, m + jnp.log2(l), jnp.inf),
                 mask=rows < length)
-  _each_block(block, blocks_of(length, tile["rows"]), rows_block)
+  rows_blocks = blocks_of(length, tile["rows"])
+  _each_block(block, rows_blocks, rows_block, static=_static_causal(causal, rows_blocks))
 
 
 def _backward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
@@ -189,6 +213,8 @@ def _backward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
     dk = jnp.zeros((size, dim), jnp.float32)
     dv = jnp.zeros((size, dim), jnp.float32)
     for start, n_rows in blocks:
+      if causal and not _sees(start, n_rows, first):
+        continue  # every query of this block comes before the keys
       rows = start + jnp.arange(n_rows)
       q, do, lse, delta = rows_of(rows)
       p, ds = probabilities_and_dlogits(q, do, lse, delta, k, v, rows, mine)
@@ -200,6 +226,8 @@ def _backward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
     q, do, lse, delta = rows_of(mine)
     dq = jnp.zeros((size, dim), jnp.float32)
     for start, n_keys in blocks:
+      if causal and not _sees(first, size, start):
+        break
       keys = start + jnp.arange(n_keys)
       k = _load_block(k_ref, batch, keys, head, length, dim)
       v = _load_block(v_ref, batch, keys, head, length, dim)
@@ -210,7 +238,7 @@ def _backward_kernel(*refs, length, heads, dim, causal, scale, biased, fused):
     if biased:  # rows past the end have dq 0: their dS is
       cols = head * dim + jnp.arange(dim)
       plgpu.store(dbias_ref.at[batch * len(blocks) + block, cols], jnp.sum(dq, axis=0))
-  _each_block(block, blocks, own_blocks)
+  _each_block(block, blocks, own_blocks, static=_static_causal(causal, blocks))
 
 
 def _grid(batch: int, heads: int, blocks: int) -> tuple[int, int, int]:
