@@ -16,7 +16,8 @@
 # so far. A session lent 15 minutes of device time in all has room for one such command and a short
 # one: PART=goals runs the attention kernels' check (Pallas against cuDNN), the ViT-B/16 goal and B/16
 # with bigvis's attention kernels (model.attention_impl=pallas), the CLIP goal and CLIP with them,
-# then the kernels' tiling sweep and B/16 with the sweep's tilings if time is left, in about 9
+# B/16 with a whole last block (model.last_block_pooled=false, what the defaults were before the
+# fourteenth session), then the kernels' tiling sweep and B/16 with the sweep's tilings if time is left, in about 9
 # minutes (untimed as a whole; by the twelfth session's times on an H200). PART=tune (about 5
 # minutes) runs the sweep (the fastest tiling per kernel into $OUT/tiles.json), the steps with
 # those tilings, and a profile of B/16 with the attention kernels. $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
@@ -142,6 +143,7 @@ vit_attn() { room 50 b16 "${ATTN[@]}" --tag _pallas_attention; }
 clip_attn() {
   room 90 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default "${CLIP_ATTN[@]}" --tag _pallas_attention
 }
+vit_whole() { room 50 b16 --bigvis-set model.last_block_pooled=false --tag _whole_last_block; }  # the 14th session's change, undone
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gelu_xla() { room 50 b16 "${GELU_XLA[@]}" --tag _gelu_xla; }
 vit_old() { room 50 b16 "${OLD[@]}" --tag _old_defaults; }
@@ -184,12 +186,12 @@ large() {
 extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 
 case "$PART" in
-  1) steps=(attention_check kernel_check gelu_check vit_goal vit_attn kernel_sweep vit_tuned vit_attn_tuned vit_resid
-           vit_gelu_xla profile) ;;
+  1) steps=(attention_check kernel_check gelu_check vit_goal vit_attn vit_whole kernel_sweep vit_tuned vit_attn_tuned
+           vit_resid vit_gelu_xla profile) ;;
   2) steps=(clip_goal clip_attn clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old vit_saved extras) ;;
-  goals) steps=(attention_check vit_goal vit_attn clip_goal clip_attn kernel_sweep vit_attn_tuned) ;;
+  goals) steps=(attention_check vit_goal vit_attn clip_goal clip_attn vit_whole kernel_sweep vit_attn_tuned) ;;
   tune) steps=(kernel_sweep vit_attn_tuned clip_attn_tuned vit_tuned profile_attn) ;;
-  all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn kernel_sweep vit_tuned vit_attn_tuned vit_resid
+  all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn vit_whole kernel_sweep vit_tuned vit_attn_tuned vit_resid
               vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
               clip_gelu_xla clip_old large vit_fused extras profile_attn) ;;
 esac

@@ -59,9 +59,10 @@ def compiled_flops(compiled: Any) -> Optional[float]:
 
 def reference_model_config(model_cfg: ml_collections.ConfigDict) -> dict:
   """The model config computed the plain way: unrolled, unpadded, no remat, XLA attention (fields
-  that change how a model is computed but not what)."""
-  from bigvis.models import XLA_KERNELS, with_tower_fields
-  return with_tower_fields(model_cfg, scan=False, remat_policy="none", attention_impl="xla",
+  that change how a model is computed but not what). A last block that computes only the pooled
+  token (`last_block_pooled`) stays so: its FLOPs are the ones the model needs."""
+  from bigvis.models import XLA_KERNELS, unrolled, with_tower_fields
+  return with_tower_fields(unrolled(model_cfg), remat_policy="none", attention_impl="xla",
                            seq_pad_multiple=0, **XLA_KERNELS).to_dict()
 
 

@@ -54,11 +54,12 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> str:
   """Identifies what a checkpoint computes: `fingerprint` with the fields that change how a model is
-  computed but not what (kernels, padding, remat, scan, q/k/v GEMMs) set one way. Evaluation compares
-  it with config.json, which may name other kernels than training did (a GPU run read on a CPU)."""
+  computed but not what (kernels, padding, remat, scan, q/k/v GEMMs, a last block computing the
+  pooled token alone) set one way. Evaluation compares it with config.json, which may name other
+  kernels than training did (a GPU run read on a CPU)."""
   from bigvis.models import with_tower_fields
   model = with_tower_fields(metrics_lib.reference_model_config(config.model), fused_qkv=True,
-                            recompute_gelu=True, residual_in_norm=True)
+                            recompute_gelu=True, residual_in_norm=True, last_block_pooled=True)
   return _digest(model.to_dict(), config.objective.to_dict())
 
 

@@ -236,17 +236,27 @@ def test_peers_table_of_the_kept_gpu_runs():
 
 
 def test_model_flops_ignore_how_the_model_is_computed():
-  """Scan, remat, padding and the attention kernel change no model FLOPs (ViT and both CLIP towers)."""
+  """Scan, remat, padding and the attention kernel change no model FLOPs (ViT and both CLIP towers;
+  whole last blocks, as scanned towers compute them)."""
   from bigvis import metrics
   from data_pipelines.synthetic import synthetic_batch
   how = {"scan": True, "remat_policy": "full", "seq_pad_multiple": 8, "attention_impl": "cudnn"}
   for name in ("vit_ti_digits", "clip_ti_digits"):
-    plain = config_lib.load(name)
-    batch = synthetic_batch(plain.model, 2, 0)
     towers = ("model.image.", "model.text.") if name.startswith("clip") else ("model.",)
-    other = config_lib.load(name, [f"{t}{k}={v}" for t in towers for k, v in how.items()])
+    whole = [f"{t}last_block_pooled=false" for t in towers]
+    plain = config_lib.load(name, whole)
+    batch = synthetic_batch(plain.model, 2, 0)
+    other = config_lib.load(name, whole + [f"{t}{k}={v}" for t in towers for k, v in how.items()])
     want = metrics.model_flops_per_example(plain, batch)
     assert want and metrics.model_flops_per_example(other, batch) == want, name
+  # They count what the model computes: a last block that computes only the class token (unrolled, the
+  # default) needs fewer than a whole one, which a scanned tower runs.
+  tok = config_lib.load("vit_ti_digits", ["model.pool_type=tok"])
+  batch = synthetic_batch(tok.model, 2, 0)
+  pooled, whole, scanned = (metrics.model_flops_per_example(config_lib.load("vit_ti_digits", ["model.pool_type=tok", *o]),
+                                                            batch)
+                            for o in ([], ["model.last_block_pooled=false"], ["model.scan=true"]))
+  assert pooled < whole == scanned
 
 
 def test_kernel_categories_and_busy_union():

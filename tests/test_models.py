@@ -585,7 +585,7 @@ def test_pallas_attention_vit_equals_the_xla_vit_with_the_query_bias_in_the_kern
   side = 24 if blocks else 16  # 6 x 6 patches and the class token: 37 tokens
   x = jax.random.normal(jax.random.key(1), (2, side, side, 3))
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, norm_impl="xla", gelu_impl="xla",
-              attention_impl="xla", image_size=side, **extra)
+              attention_impl="xla", image_size=side, last_block_pooled=False, **extra)  # the kernels in every block
   p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
   p = jax.tree_util.tree_map_with_path(lambda path, v: v + 0.1 if path[-1].key == "bias" else v, p)
 
@@ -642,7 +642,7 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
   x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   # XLA's fusions spelled out: 'auto' would pick the kernels on a GPU host.
   base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, norm_impl="xla", gelu_impl="xla",
-              **extra)
+              last_block_pooled=False, **extra)  # the kernels in every block (pooled: the test after this)
   pallas = dict(base, **{field: "pallas_interpret"})
   p = nn.unbox(build_model(base).init(jax.random.key(0), x)["params"])
   p_pallas = nn.unbox(build_model(pallas).init(jax.random.key(0), x)["params"])
@@ -696,6 +696,45 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
     build_model(dict(name="clip", image=dict(variant="mu/4"), text=dict(variant="mu", residual_in_norm="yes")))
   with pytest.raises(UserError, match="model.residual_in_norm 1 is not true or false"):  # 1 == True, not a bool
     build_model(dict(base, residual_in_norm=1))
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("vit", {}), ("vit", {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret"}),
+    ("vit", {"attention_impl": "pallas_interpret", "seq_pad_multiple": 8}), ("vit", {"remat_policy": "full"}),
+    ("text", {}), ("text", {"causal": False, "seq_pad_multiple": 8}),
+    ("text", {"attention_impl": "pallas_interpret", "norm_impl": "pallas_interpret"})],
+    ids=["vit", "vit_pallas_norms_deferred_residual", "vit_pallas_attention_padded", "vit_remat", "text_causal",
+         "text_bidirectional_padded", "text_pallas"])
+def test_last_block_pooled_gives_the_whole_models_outputs_and_gradients_for_less_work(name, extra):
+  """`last_block_pooled` (the default): the last block computes only the token the pooling reads (the
+  class token; the end-of-text token, at another place in each caption), its keys and values from
+  all tokens. The same parameters, loss and gradients as the whole last block, with the kernels, a
+  deferred residual add, padding, remat; fewer FLOPs."""
+  if name == "vit":
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    base = dict(name="vit", variant="mu/4", num_classes=3, head_zero_init=False, norm_impl="xla", gelu_impl="xla")
+  else:  # captions of 13, 9 and 4 tokens: end-of-text at 12, 8 and 3
+    x = jax.random.randint(jax.random.key(1), (3, 13), 1, 50).at[1, 9:].set(0).at[2, 4:].set(0)
+    base = dict(name="text", variant="mu", vocab_size=50, context_length=13, num_classes=8, norm_impl="xla",
+                gelu_impl="xla")
+  pooled, whole = dict(base, **extra), dict(base, **extra, last_block_pooled=False)
+  p = nn.unbox(build_model(pooled).init(jax.random.key(0), x)["params"])
+  jax.tree.map(np.testing.assert_array_equal, p, nn.unbox(build_model(whole).init(jax.random.key(0), x)["params"]))
+  p = jax.tree_util.tree_map_with_path(lambda path, v: v + 0.1 if path[-1].key == "bias" else v, p)
+
+  def loss(params, cfg):
+    return jnp.sum(build_model(cfg).apply({"params": params}, x)[0] ** 2)
+  a, ga = jax.value_and_grad(loss)(p, pooled)
+  b, gb = jax.value_and_grad(loss)(p, whole)
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  scale = max(float(jnp.abs(v).max()) for v in jax.tree.leaves(gb))
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=2e-6 * scale), ga, gb)
+  last = ga["encoder"][max(ga["encoder"])]["block"]
+  assert float(jnp.abs(last["mlp"]["Dense_1"]["kernel"]).max()) > 0  # the pooled token's MLP is trained
+  flops = [jax.jit(lambda q, cfg=cfg: loss(q, cfg)).lower(p).cost_analysis()["flops"] for cfg in (pooled, whole)]
+  assert flops[0] < 0.95 * flops[1], flops
+  if name == "vit":
+    assert build_model(pooled).apply({"params": p}, x)[1]["encoded"].shape == (2, 1, 128)
 
 
 @pytest.mark.parametrize("causal, masked", [(False, False), (False, True), (True, False)])

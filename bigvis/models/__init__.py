@@ -106,6 +106,16 @@ def with_tower_fields(model_config: ml_collections.ConfigDict | dict, **fields) 
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
+def unrolled(model_config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+  """A copy with `scan` off in every tower, computing what the scanned towers do: their last blocks
+  compute every token (`last_block_pooled` needs the blocks unrolled), so the copy's do too."""
+  cfg = _copied_dict(model_config)
+  for _, section in _towers(cfg):
+    if section.get("scan"):
+      section.update(scan=False, last_block_pooled=False)
+  return ml_collections.ConfigDict(cfg, type_safe=False)
+
+
 def _head_dim(cls: type, tower: dict) -> int:
   if cls is ViT:
     v = parse_variant(tower["variant"])

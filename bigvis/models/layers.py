@@ -481,6 +481,10 @@ class EncoderBlock(nn.Module):
   residual adds (`residual_in_norm`), the block returns (x, MLP(LN(x)) without its last bias, that
   bias) unsummed, and the next block's norm kernel adds them as it reads them. A block takes such a
   triple or the residual stream.
+
+  `select` [batch] (int): the one token per example whose output is wanted (the last block before a
+  class-token or end-of-text pooling); the block returns [batch, 1, width], its keys and values from
+  every token and the rest computed for that token alone (`_selected_token`).
   """
   num_heads: int
   mlp_dim: int
@@ -501,7 +505,7 @@ class EncoderBlock(nn.Module):
   defer_output: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic: bool = True):
+  def __call__(self, x, mask=None, deterministic: bool = True, select: Optional[jax.Array] = None):
     # With the Pallas norms, more passes fold into their kernels (see
     # `pallas_kernels.residual_layernorm`): separate query, key and value projections send their
     # input gradients apart, in three copies of the norm's output; the biases added to the residual
@@ -534,6 +538,8 @@ class EncoderBlock(nn.Module):
     addend = addend if addend is None else constrain(addend, stream)
     x, y, *y_kv = LayerNorm(dtype=self.dtype, impl=norm_impl, name="norm_attn")(
         x, keep_input=True, copies=copies, addend=addend, input_bias=input_bias)
+    if select is not None:
+      return self._selected_token(x, y, y_kv, mask, select, deterministic)
     attention = Attention(self.num_heads, dtype=self.dtype, causal=self.causal, impl=self.attention_impl,
                           fused_qkv=fused_qkv, name="attn")
     mlp = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, recompute_gelu=self.recompute_gelu,
@@ -560,14 +566,32 @@ class EncoderBlock(nn.Module):
       return x, y.astype(x.dtype), mlp_bias
     return x + (y + stop(mlp_bias, y))  # without a next norm to take the bias, norm_mlp sums its gradient
 
+  def _selected_token(self, x, y, y_kv, mask, select, deterministic):
+    """The block's output at token `select` of each example, from the stream x and its norm y (and
+    y's copies): keys and values from every token, the query, the out projection, the MLP and its
+    norm for the one token, as XLA ops (a few hundred rows; the parameters are the block's own). For
+    ViT-B/16's class token that is 10/12 of the last block's GEMMs and its attention, MLP norm and
+    GELU left out: the same outputs and gradients."""
+    take = lambda a: jnp.take_along_axis(a, select[:, None, None], axis=1)  # noqa: E731  [batch, 1, width]
+    keys = jnp.arange(y.shape[1])[None, :]
+    visible = keys <= select[:, None] if self.causal else jnp.ones_like(keys, bool)
+    visible = visible if mask is None else visible & mask
+    inputs_kv, inputs_v = y_kv if y_kv else (y, None)
+    attention = Attention(self.num_heads, dtype=self.dtype, impl="xla", fused_qkv=False, name="attn")
+    x = take(x) + nn.Dropout(self.dropout)(attention(take(y), visible, inputs_kv=inputs_kv, inputs_v=inputs_v),
+                                           deterministic)
+    x, y = LayerNorm(dtype=self.dtype, name="norm_mlp")(x, keep_input=True)
+    y = Mlp(self.mlp_dim, dtype=self.dtype, dropout=self.dropout, name="mlp")(y, deterministic)
+    return x + nn.Dropout(self.dropout)(y, deterministic)
+
 
 class ScannableBlock(nn.Module):
   """EncoderBlock with the (carry, _) -> (carry, None) signature nn.scan needs."""
   block_kwargs: dict
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
-    return EncoderBlock(**self.block_kwargs, name="block")(x, mask, deterministic), None
+  def __call__(self, x, mask, deterministic, select=None):
+    return EncoderBlock(**self.block_kwargs, name="block")(x, mask, deterministic, select), None
 
 
 class Encoder(nn.Module):
@@ -592,7 +616,12 @@ class Encoder(nn.Module):
   residual_in_norm: bool = True
 
   @nn.compact
-  def __call__(self, x, mask=None, deterministic: bool = True):
+  def __call__(self, x, mask=None, deterministic: bool = True, select: Optional[jax.Array] = None):
+    """x [batch, tokens, width] -> the same; with `select` [batch] (int), the last block computes only
+    that token of each example ([batch, 1, width], `EncoderBlock`), for a pooling that reads no other.
+    Not with `scan`, where every layer runs the same code."""
+    if select is not None and self.scan:
+      raise ValueError("Encoder(scan=True) runs every block on all tokens; select needs scan=False.")
     if self.attention_impl in ("cudnn", "pallas"):  # an NVIDIA GPU: keep the stream [batch, tokens, width]
       x = row_major(x)
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
@@ -612,5 +641,6 @@ class Encoder(nn.Module):
         # Each block but the last hands its residual add to the next one's norm kernel (where the
         # block has them). Not under remat, whose saved block inputs would double.
         defer = i < self.depth - 1 and self.remat_policy == "none"
-        x, _ = block(dict(kwargs, defer_output=defer), name=f"block{i:02d}")(x, mask, deterministic)
+        last = select if i == self.depth - 1 else None
+        x, _ = block(dict(kwargs, defer_output=defer), name=f"block{i:02d}")(x, mask, deterministic, last)
     return x

@@ -42,6 +42,7 @@ class TextTransformer(nn.Module):
   norm_impl: str = "auto"        # "pallas": the blocks' LayerNorms as one-pass Triton kernels (GPU)
   gelu_impl: str = "auto"        # "pallas": GELU forward and backward as Triton kernels, saving only h (GPU)
   residual_in_norm: bool = True  # the Pallas norms take the residual adds (layers.EncoderBlock)
+  last_block_pooled: bool = True  # the last block computes the end-of-text token alone (without scan; vit.py)
 
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
@@ -60,14 +61,15 @@ class TextTransformer(nn.Module):
     impl = resolve_attention_impl(self.attention_impl, self.dtype, width // heads)
     # Under the causal mask no real token sees the padding, so only a bidirectional tower masks it.
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
+    eot = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0).astype(jnp.int32)
+    pooled = self.last_block_pooled and not self.scan
     x = Encoder(depth=depth, num_heads=heads, mlp_dim=mlp_dim, dtype=self.dtype, causal=self.causal,
                 attention_impl=impl, remat_policy=self.remat_policy, scan=self.scan, fused_qkv=self.fused_qkv,
                 recompute_gelu=self.recompute_gelu, norm_impl=self.norm_impl, gelu_impl=self.gelu_impl,
-                residual_in_norm=self.residual_in_norm, name="encoder")(x, mask, not train)
-    x = x[:, :length]
-    x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
-    eot = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0)
-    x = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+                residual_in_norm=self.residual_in_norm,
+                name="encoder")(x, mask, not train, select=eot if pooled else None)
+    x = LayerNorm(dtype=self.dtype, name="encoder_norm")(x if pooled else x[:, :length])
+    x = x[:, 0] if pooled else jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
     x = constrain(x, ("act_batch", "act_embed"))
     aux = {"pre_logits": x}
     if self.num_classes:
