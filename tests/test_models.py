@@ -702,7 +702,7 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
     ("vit", {}), ("vit", {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret"}),
     ("vit", {"attention_impl": "pallas_interpret", "seq_pad_multiple": 8}), ("vit", {"remat_policy": "full"}),
     ("text", {}), ("text", {"causal": False, "seq_pad_multiple": 8}),
-    ("text", {"attention_impl": "pallas_interpret", "norm_impl": "pallas_interpret"})],
+    ("text", {"attention_impl": "pallas_interpret"})],
     ids=["vit", "vit_pallas_norms_deferred_residual", "vit_pallas_attention_padded", "vit_remat", "text_causal",
          "text_bidirectional_padded", "text_pallas"])
 def test_last_block_pooled_gives_the_whole_models_outputs_and_gradients_for_less_work(name, extra):
