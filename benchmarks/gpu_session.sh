@@ -195,5 +195,6 @@ case "$PART" in
               vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
               clip_gelu_xla clip_old large vit_fused extras profile_attn) ;;
 esac
+if [ -n "${STEPS:-}" ]; then read -r -a steps <<< "$STEPS"; fi  # or the steps named, in order
 for step in "${steps[@]}"; do "$step"; done
 table

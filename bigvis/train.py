@@ -42,7 +42,16 @@ class NonFiniteLoss(UserError):
   """The loss became NaN/inf; the run stopped without checkpointing the bad state."""
 
 
+# Model fields that never change what a checkpoint holds or computes, left out of both fingerprints
+# (so runs written before a field existed still resume and evaluate).
+_UNHASHED_MODEL_FIELDS = ("last_block_pooled",)
+
+
 def _digest(model: dict, objective: dict) -> str:
+  model = {k: v for k, v in model.items() if k not in _UNHASHED_MODEL_FIELDS}
+  for tower in ("image", "text"):
+    if isinstance(model.get(tower), dict):
+      model[tower] = {k: v for k, v in model[tower].items() if k not in _UNHASHED_MODEL_FIELDS}
   blob = json.dumps({"model": model, "objective": objective}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -54,12 +63,12 @@ def fingerprint(config: ml_collections.ConfigDict) -> str:
 
 def model_fingerprint(config: ml_collections.ConfigDict) -> str:
   """Identifies what a checkpoint computes: `fingerprint` with the fields that change how a model is
-  computed but not what (kernels, padding, remat, scan, q/k/v GEMMs, a last block computing the
-  pooled token alone) set one way. Evaluation compares it with config.json, which may name other
+  computed but not what (kernels, padding, remat, scan, q/k/v GEMMs) set one way, and without
+  `last_block_pooled`. Evaluation compares it with config.json, which may name other
   kernels than training did (a GPU run read on a CPU)."""
   from bigvis.models import with_tower_fields
   model = with_tower_fields(metrics_lib.reference_model_config(config.model), fused_qkv=True,
-                            recompute_gelu=True, residual_in_norm=True, last_block_pooled=True)
+                            recompute_gelu=True, residual_in_norm=True)
   return _digest(model.to_dict(), config.objective.to_dict())
 
 

@@ -580,10 +580,10 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
   """Parsed, validated examples of `files`: image, text, label, key and `_skip_reason` (-1 = ok).
 
   An entry may be a part of a file, (path, first, stop, modulus): its records whose index i has
-  first <= i % modulus < stop (`sources.reader_parts`). Files are read in the given order
-  (`cycle_length` > 1 interleaves that many, deterministically); damaged files are read up to the
-  damage and records that are not Examples are dropped, each with a logged warning. Records are
-  parsed and checked `batch_size` at a time, then yielded one by one.
+  first <= i % modulus < stop (`sources.reader_parts`), read after the whole files. Files are read
+  in the given order (`cycle_length` > 1 interleaves that many whole files, deterministically);
+  damaged files are read up to the damage and records that are not Examples are dropped, each with
+  a logged warning. Records are parsed and checked `batch_size` at a time, then yielded one by one.
   """
   parts = [(f, 0, 1, 1) if isinstance(f, str) else tuple(f) for f in files]
   if not parts:
@@ -596,11 +596,12 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
   no_autograph = tf.autograph.experimental.do_not_convert
 
   @no_autograph
-  def per_file(path, first, stop, modulus):
-    records = tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
-    if all(m == 1 for *_, m in parts):  # whole files: no index to keep
-      return records
-    kept = records.enumerate().filter(lambda i, _: (i % modulus >= first) & (i % modulus < stop))
+  def per_file(path):
+    return tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
+
+  @no_autograph
+  def part_of_file(path, first, stop, modulus):
+    kept = per_file(path).enumerate().filter(lambda i, _: (i % modulus >= first) & (i % modulus < stop))
     return kept.map(lambda _, record: record)
 
   @no_autograph
@@ -609,12 +610,20 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
     del features["_has_image"], features["_has_text"]
     return features
 
-  ds = tf.data.Dataset.from_tensor_slices(tuple(np.array(column) for column in zip(*parts)))
-  if cycle_length > 1:
-    ds = ds.interleave(per_file, cycle_length=cycle_length, num_parallel_calls=cycle_length,
-                       deterministic=True)
-  else:
-    ds = ds.flat_map(per_file)
+  whole = [p for p, *_, m in parts if m == 1]
+  cut = [p for p in parts if p[-1] > 1]
+  ds = None
+  if whole:  # read as they are: no per-record index to keep
+    ds = tf.data.Dataset.from_tensor_slices(whole)
+    if cycle_length > 1:
+      ds = ds.interleave(per_file, cycle_length=cycle_length, num_parallel_calls=cycle_length,
+                         deterministic=True)
+    else:
+      ds = ds.flat_map(per_file)
+  if cut:
+    columns = tuple(np.array(column) for column in zip(*cut))
+    cut_ds = tf.data.Dataset.from_tensor_slices(columns).flat_map(part_of_file)
+    ds = cut_ds if ds is None else ds.concatenate(cut_ds)
   # Parsed one by one, so a record that is not an Example costs only itself.
   ds = ds.map(no_autograph(parse_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True).batch(batch_size)

@@ -57,20 +57,29 @@ def shard_files(pattern: str, key: str) -> list[str]:
 
 def reader_parts(files: list[str], reader: int, readers: int) -> list[tuple[str, int, int, int]]:
   """This reader's share of `files` as (path, first, stop, modulus): the records of `path` whose index
-  i has first <= i % modulus < stop.
+  i has first <= i % modulus < stop (whole files: (path, 0, 1, 1)).
 
-  Every reader gets the same share of files of equal size, so no reader's examples come round more
-  often than another's. Files are dealt round-robin while each reader can take a whole one; the rest
-  (fewer files than readers) are cut into `readers` slices by record index, and each reader takes
-  that many consecutive slices: a part of at most two files. 10 files over 8 readers were once 1 or
-  2 files a reader, the examples of half the readers seen twice as often; now 1.25 each.
+  Readers fill equal parts of each global batch, so a reader with less data would show its examples
+  more often: 10 files over 8 readers, dealt round-robin, were 1 or 2 files a reader. Files are dealt
+  round-robin while each reader can take a whole one; the rest (fewer than `readers`) are shared:
+  * where they are few (reading them all costs every reader at most 4 times the data in all, or
+    there are fewer files than readers), each reader reads every one of them and keeps record r of
+    every `readers`: equal shares to a record per file, whatever the files' sizes (write-shards'
+    last shard is short);
+  * else each file is cut into `readers` slices by record index and each reader takes that many
+    consecutive slices, parts of at most two files; those files are the first ones, so a short last
+    shard is some reader's whole file, at most one file short of the others' share.
   """
   whole, rest = divmod(len(files), readers)
-  parts = [(path, 0, 1, 1) for path in files[reader:whole * readers:readers]]
-  leftovers = files[whole * readers:]
-  # Slice s is slice s % readers of leftover file s // readers; this reader's are consecutive.
+  if whole == 0 or rest * readers <= 4 * len(files):
+    shared, dealt = files[whole * readers:], files[:whole * readers]
+    return ([(path, 0, 1, 1) for path in dealt[reader::readers]]
+            + [(path, reader, reader + 1, readers) for path in shared])
+  shared, dealt = files[:rest], files[rest:]
+  parts = [(path, 0, 1, 1) for path in dealt[reader::readers]]
+  # Slice s is slice s % readers of shared file s // readers; this reader's are consecutive.
   first, stop = reader * rest, (reader + 1) * rest
-  for index, path in enumerate(leftovers):
+  for index, path in enumerate(shared):
     lo, hi = max(first, index * readers), min(stop, (index + 1) * readers)
     if lo < hi:
       parts.append((path, lo - index * readers, hi - index * readers, readers))

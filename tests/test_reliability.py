@@ -45,6 +45,24 @@ def test_nonfinite_skip_mode_counts_and_finishes(tmp_path):
   assert [r["train/lr"] for r in rows] == pytest.approx([1e30] * 4, rel=1e-6)
 
 
+def test_fingerprints_leave_out_how_the_last_block_is_computed():
+  """`last_block_pooled` computes the same function: runs written before the field existed (their
+  config.json lacks it) resume and evaluate, and setting it either way changes neither fingerprint;
+  another variant changes both."""
+  from bigvis import config as config_lib
+  from bigvis import train
+  for name, towers in (("vit_ti_digits", ("model.",)), ("clip_ti_digits", ("model.image.", "model.text."))):
+    config = config_lib.load(name)
+    older = config_lib.load(name)
+    for tower in towers:
+      section = older.model if tower == "model." else older.model[tower.split(".")[1]]
+      del section["last_block_pooled"]
+    whole = config_lib.load(name, [f"{t}last_block_pooled=false" for t in towers])
+    for fingerprint in (train.fingerprint, train.model_fingerprint):
+      assert fingerprint(older) == fingerprint(config) == fingerprint(whole), (name, fingerprint)
+      assert fingerprint(config_lib.load(name, [f"{towers[0]}variant='Ti/4'"])) != fingerprint(config)
+
+
 def test_workdir_of_another_experiment_is_refused(tmp_path, capsys):
   assert _train(tmp_path, "total_steps=2") == 0
   before = (tmp_path / "w" / "config.json").read_text()

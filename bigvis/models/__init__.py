@@ -126,6 +126,14 @@ def _head_dim(cls: type, tower: dict) -> int:
   return width // heads
 
 
+def _tokens(cls: type, tower: dict) -> int:
+  """The sequence a tower's attention sees: the patches (and class token), or the context length."""
+  if cls is ViT:
+    side = int(tower["image_size"]) // parse_variant(tower["variant"])["patch_size"]
+    return side * side + (tower["pool_type"] == "tok")
+  return int(tower["context_length"])
+
+
 def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: Any) -> ml_collections.ConfigDict:
   """A copy of the `model` section with `attention_impl`, `norm_impl` and `gelu_impl` 'auto' (spelled
   out or the defaults) replaced by what `device` runs.
@@ -138,7 +146,7 @@ def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: A
     tower = {**_defaults(cls), **section}
     if tower["attention_impl"] == "auto":
       section["attention_impl"] = resolve_attention_impl(
-          "auto", DTYPES.get(tower["dtype"], tower["dtype"]), _head_dim(cls, tower), device)
+          "auto", DTYPES.get(tower["dtype"], tower["dtype"]), _head_dim(cls, tower), device, _tokens(cls, tower))
     for field in ("norm_impl", "gelu_impl"):
       if tower[field] == "auto":
         section[field] = resolve_kernel_impl("auto", device)

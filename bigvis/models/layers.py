@@ -143,23 +143,38 @@ def _nvidia_sm80_device(device: Any = None) -> bool:
   return nvidia_sm80_or_newer(device)
 
 
-def resolve_attention_impl(impl: str, dtype: Any = jnp.bfloat16, head_dim: int = 64, device: Any = None) -> str:
-  """`auto` -> `cudnn` where cuDNN's fused attention takes the job, else `xla`; others unchanged.
+# Sequences up to this long get bigvis's attention kernels from `auto` (NVIDIA GPUs): cuDNN computes
+# tiles of 128 rows, so at 77 tokens (80 padded) it does 128^2 / 80^2 = 2.6 times the work, where the
+# kernels' blocks of 64 + 16 fit. Measured on an H200 (2026-11-27, JAX 0.11.2, batch 256): CLIP B/16
+# 77.1 ms a step with cuDNN in both towers, 73.0 with the kernels in the text tower (77 tokens) and
+# cuDNN in the image tower; the kernels in the image tower too (197 tokens) 74.6, and ViT-B/16 61.4
+# against cuDNN's 59.5: past one tile cuDNN's better-tuned kernels win.
+PALLAS_AUTO_MAX_TOKENS = 128
 
-  cuDNN takes it on NVIDIA GPUs of compute capability >= 8.0, for bf16/fp16
-  compute and head sizes that are multiples of 8 up to 128. Everything else
-  (CPU, TPU, other GPUs, float32 models) gets XLA's attention. Measured on an
-  H100 (JAX 0.11.2, ViT-B/16 batch 256): cuDNN took the train step from 2,443
-  to 3,381 img/s with the class token kept. `device` is the one that will run
-  the model (a mesh's); by default the process's first.
+
+def resolve_attention_impl(impl: str, dtype: Any = jnp.bfloat16, head_dim: int = 64, device: Any = None,
+                           length: Optional[int] = None) -> str:
+  """`auto` -> `pallas` for sequences of up to PALLAS_AUTO_MAX_TOKENS `length` tokens where bigvis's
+  kernels take the job, `cudnn` where cuDNN's fused attention does, else `xla`; others unchanged.
+
+  Both need NVIDIA GPUs of compute capability >= 8.0 and bf16/fp16 compute; cuDNN head sizes that
+  are multiples of 8 up to 128, the kernels powers of two from 16 (`pallas_attention.supports_head_dim`).
+  Everything else (CPU, TPU, other GPUs, float32 models) gets XLA's attention. Measured on an H100
+  (JAX 0.11.2, ViT-B/16 batch 256): cuDNN took the train step from 2,443 to 3,381 img/s with the
+  class token kept; the kernels for short sequences: above. `device` is the one that will run the
+  model (a mesh's); by default the process's first. Without `length`, `auto` never picks the kernels.
   """
   if impl != "auto":
     return impl
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return "xla"
+  if not _nvidia_sm80_device(device):
+    return "xla"
+  if length is not None and length <= PALLAS_AUTO_MAX_TOKENS and pallas_attention.supports_head_dim(head_dim):
+    return "pallas"
   if head_dim % 8 or head_dim > 128:
     return "xla"
-  return "cudnn" if _nvidia_sm80_device(device) else "xla"
+  return "cudnn"
 
 
 def resolve_kernel_impl(impl: str, device: Any = None) -> str:
@@ -217,7 +232,7 @@ def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, i
   with k and v None; `auto` picks (see `resolve_attention_impl`). `mask`: [batch, keys], true for
   the keys to attend to, a prefix of each sequence (padding).
   """
-  impl = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+  impl = resolve_attention_impl(impl, q.dtype, q.shape[-1], length=q.shape[1])
   kv_len = None if mask is None else jnp.sum(mask, axis=-1).astype(jnp.int32)
   if impl in ("pallas", "pallas_interpret"):
     return pallas_attention.attention(q, k, v, kv_len=kv_len, query_bias=query_bias, causal=causal,
@@ -354,7 +369,8 @@ class Attention(nn.Module):
     # bigvis's attention kernels add the query bias as they load the queries (and sum its gradient),
     # where XLA would add it in a pass of its own (0.58 ms of the H200's ViT-B/16 step, 0.29 more for
     # its gradient).
-    in_kernel = resolve_attention_impl(self.impl, self.dtype, head_dim) in ("pallas", "pallas_interpret")
+    in_kernel = resolve_attention_impl(self.impl, self.dtype, head_dim, length=x.shape[-2]) in (
+        "pallas", "pallas_interpret")
     if self.fused_qkv and inputs_kv is None and inputs_v is None:
       # Heads outermost ([embed, heads, 3, kv]): flattened for the GEMM, the output dim then keeps
       # the heads' tensor-parallel sharding; with [embed, 3, heads, kv] it could not (compiled for

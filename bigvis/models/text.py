@@ -31,7 +31,7 @@ class TextTransformer(nn.Module):
   context_length: int = 77
   num_classes: int = 0           # >0 adds a bias-free linear projection (CLIP's text_projection)
   dtype: Any = jnp.float32
-  attention_impl: str = "auto"   # cuDNN's fused attention on NVIDIA GPUs, XLA elsewhere
+  attention_impl: str = "auto"   # NVIDIA GPUs: bigvis's kernels up to 128 tokens, else cuDNN; XLA elsewhere
   remat_policy: str = "none"
   scan: bool = False
   causal: bool = True
@@ -58,7 +58,7 @@ class TextTransformer(nn.Module):
                      (1, self.context_length, width))
     length = tokens.shape[1]
     x = x + pos[:, :length].astype(self.dtype)
-    impl = resolve_attention_impl(self.attention_impl, self.dtype, width // heads)
+    impl = resolve_attention_impl(self.attention_impl, self.dtype, width // heads, length=length)
     # Under the causal mask no real token sees the padding, so only a bidirectional tower masks it.
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple, masked=not self.causal)
     eot = jnp.maximum(jnp.sum(tokens != 0, axis=1) - 1, 0).astype(jnp.int32)

@@ -149,7 +149,7 @@ class ViT(nn.Module):
   head_bias: bool = True
   conv_bias: bool = True
   dtype: Any = jnp.float32
-  attention_impl: str = "auto"   # cuDNN's fused attention on NVIDIA GPUs, XLA elsewhere
+  attention_impl: str = "auto"   # NVIDIA GPUs: bigvis's kernels up to 128 tokens, else cuDNN; XLA elsewhere
   remat_policy: str = "none"
   scan: bool = False
   seq_pad_multiple: int = 0      # 0: pad only where the attention kernel needs it
@@ -190,7 +190,7 @@ class ViT(nn.Module):
       cls = self.param("cls", param_with_axes(nn.initializers.zeros, (None, None, "embed")), (1, 1, width))
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]).astype(self.dtype), x], axis=1)
     length = x.shape[1]
-    impl = resolve_attention_impl(self.attention_impl, self.dtype, width // v["num_heads"])
+    impl = resolve_attention_impl(self.attention_impl, self.dtype, width // v["num_heads"], length=length)
     x, mask = pad_for_attention(x, impl, self.seq_pad_multiple)
 
     if self.pre_norm:
