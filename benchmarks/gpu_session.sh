@@ -14,13 +14,14 @@
 # minutes, hence the two parts (up to 9 minutes each, see BUDGET_S; same $OUT, the second started
 # right after the first, while the machine is warm); each ends by writing the table of every run
 # so far. A session lent 15 minutes of device time in all has room for one such command and a short
-# one: PART=goals runs the attention kernels' check (Pallas against cuDNN), the ViT-B/16 goal and B/16
-# with bigvis's attention kernels (model.attention_impl=pallas), the CLIP goal and CLIP with them,
-# B/16 with a whole last block (model.last_block_pooled=false, what the defaults were before the
-# fourteenth session), then the kernels' tiling sweep and B/16 with the sweep's tilings if time is left, in about 9
-# minutes (untimed as a whole; by the twelfth session's times on an H200). PART=tune (about 5
-# minutes) runs the sweep (the fastest tiling per kernel into $OUT/tiles.json), the steps with
-# those tilings, and a profile of B/16 with the attention kernels. $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
+# one: PART=goals runs the ViT-B/16 goal, the CLIP goal (the defaults: since the fourteenth session
+# a pooled last block, and bigvis's attention kernels in CLIP's text tower), the kernels' tiling
+# sweep (the fastest tiling per kernel into $OUT/tiles.json), then B/16, B/16 with bigvis's attention
+# kernels and CLIP with the sweep's tilings, in about 9 minutes (by the fourteenth session's times on
+# an H200). ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings are the next step.
+# PART=tune (about 6 minutes) runs the sweep and those steps, the attention kernels' check (Pallas
+# against cuDNN) and a profile of B/16. `STEPS="a b ..."` runs the named steps instead, in order.
+# $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
 # peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
 PART=${PART:-all}
@@ -188,9 +189,10 @@ extras() { log "extras"; room 60 b16 --batch 512 --tag _b512; }
 case "$PART" in
   1) steps=(attention_check kernel_check gelu_check vit_goal vit_attn vit_whole kernel_sweep vit_tuned vit_attn_tuned
            vit_resid vit_gelu_xla profile) ;;
-  2) steps=(clip_goal clip_attn clip_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old vit_saved extras) ;;
-  goals) steps=(attention_check vit_goal vit_attn clip_goal clip_attn vit_whole kernel_sweep vit_attn_tuned) ;;
-  tune) steps=(kernel_sweep vit_attn_tuned clip_attn_tuned vit_tuned profile_attn) ;;
+  2) steps=(clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old
+           vit_saved extras profile_attn) ;;
+  goals) steps=(vit_goal clip_goal kernel_sweep vit_tuned vit_attn_tuned clip_tuned) ;;
+  tune) steps=(kernel_sweep vit_tuned vit_attn_tuned clip_tuned attention_check profile) ;;
   all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn vit_whole kernel_sweep vit_tuned vit_attn_tuned vit_resid
               vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
               clip_gelu_xla clip_old large vit_fused extras profile_attn) ;;
