@@ -209,9 +209,8 @@ def test_cudnn_padding_rule_and_auto_padded_vit_equals_plain(monkeypatch):
   x, mask = layers.pad_for_attention(jnp.ones((2, 197, 4)), "cudnn")
   assert x.shape == (2, 200, 4) and mask.shape == (2, 200) and int(mask[0].sum()) == 197
 
-  # 12 x 12 patches and the class token: 145, past the 128 tokens `auto` gives bigvis's kernels.
-  images = jax.random.normal(jax.random.key(1), (2, 48, 48, 3))
-  cfg = dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok", head_zero_init=False, image_size=48,
+  images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  cfg = dict(name="vit", variant="mu/4", num_classes=3, pool_type="tok", head_zero_init=False,
              attention_impl="xla", dtype="bfloat16", norm_impl="xla",
              gelu_impl="xla")  # 'auto' would pick Triton's kernels
   params = build_model(cfg).init(jax.random.key(0), images)["params"]
@@ -224,10 +223,11 @@ def test_cudnn_padding_rule_and_auto_padded_vit_equals_plain(monkeypatch):
     lengths.append(q.shape[1])
     return real_attention(q, k, v, implementation="xla", **kw)
   monkeypatch.setattr(layers, "nvidia_sm80_or_newer", lambda device: True)  # the model's own `auto` decides
+  monkeypatch.setattr(layers, "PALLAS_AUTO_MAX_TOKENS", 8)  # 17 tokens: past it, as ViT-B/16's 197 are
   monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_standin)
   padded, _ = build_model(dict(cfg, attention_impl="auto")).apply({"params": params}, images)
-  assert lengths and set(lengths) == {152}  # 144 patches + class token = 145 -> 152
-  np.testing.assert_allclose(plain, padded, rtol=2e-2, atol=2e-2)  # bf16 sums over 145 vs 152 slots
+  assert lengths and set(lengths) == {24}  # 16 patches + class token = 17 -> 24
+  np.testing.assert_allclose(plain, padded, rtol=2e-2, atol=2e-2)  # bf16 sums over 17 vs 24 slots
 
 
 def test_abstract_params_have_the_trained_tree_for_scanned_and_cudnn_models():
@@ -721,10 +721,9 @@ def test_pallas_kernels_vit_equals_the_xla_vit_and_is_refused_off_nvidia_gpus(fi
 @pytest.mark.parametrize("name, extra", [
     ("vit", {}), ("vit", {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret"}),
     ("vit", {"attention_impl": "pallas_interpret", "seq_pad_multiple": 8}), ("vit", {"remat_policy": "full"}),
-    ("text", {}), ("text", {"causal": False, "seq_pad_multiple": 8}),
-    ("text", {"attention_impl": "pallas_interpret"})],
+    ("text", {}), ("text", {"causal": False, "seq_pad_multiple": 8})],
     ids=["vit", "vit_pallas_norms_deferred_residual", "vit_pallas_attention_padded", "vit_remat", "text_causal",
-         "text_bidirectional_padded", "text_pallas"])
+         "text_bidirectional_padded"])  # the pooled text tower with the kernels: test_clip's 8-device meshes
 def test_last_block_pooled_gives_the_whole_models_outputs_and_gradients_for_less_work(name, extra):
   """`last_block_pooled` (the default): the last block computes only the token the pooling reads (the
   class token; the end-of-text token, at another place in each caption), its keys and values from
@@ -751,8 +750,9 @@ def test_last_block_pooled_gives_the_whole_models_outputs_and_gradients_for_less
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=2e-6 * scale), ga, gb)
   last = ga["encoder"][max(ga["encoder"])]["block"]
   assert float(jnp.abs(last["mlp"]["Dense_1"]["kernel"]).max()) > 0  # the pooled token's MLP is trained
-  flops = [jax.jit(lambda q, cfg=cfg: loss(q, cfg)).lower(p).cost_analysis()["flops"] for cfg in (pooled, whole)]
-  assert flops[0] < 0.95 * flops[1], flops
+  if not extra:  # XLA's fusions: the FLOPs as XLA counts them
+    flops = [jax.jit(lambda q, cfg=cfg: loss(q, cfg)).lower(p).cost_analysis()["flops"] for cfg in (pooled, whole)]
+    assert flops[0] < 0.95 * flops[1], flops
   if name == "vit":
     assert build_model(pooled).apply({"params": p}, x)[1]["encoded"].shape == (2, 1, 128)
 
