@@ -233,6 +233,11 @@ def test_peers_table_of_the_kept_gpu_runs():
   assert rows["bigvis_vit_b16_default_conv_patch"][-1] == "1.06"
   assert rows["bigvis_vit_b16_default_conv_patch_separate_qkv"][-1] == "1.04"
   assert rows["bigvis_vit_b16_default_matmul_patch"][-1] == "0.95"
+  rows = rows_of("h200_2026-11-27_s14.jsonl")  # the best figures: README "Speed", benchmarks/README.md
+  assert rows["bigvis_vit_b16_default"][1:3] == ["4305.1", "59.5"] and rows["bigvis_vit_b16_default"][-1] == "1.24"
+  assert rows["bigvis_clip_b16_default_text_pallas_attention"][1:3] == ["3506.7", "73.0"]
+  assert rows["bigvis_clip_b16_default_text_pallas_attention"][-1] == "1.26"
+  assert rows["bigvis_vit_b16_default_whole_last_block"][2] == "62.7"
 
 
 def test_model_flops_ignore_how_the_model_is_computed():
