@@ -48,10 +48,8 @@ _UNHASHED_MODEL_FIELDS = ("last_block_pooled",)
 
 
 def _digest(model: dict, objective: dict) -> str:
-  model = {k: v for k, v in model.items() if k not in _UNHASHED_MODEL_FIELDS}
-  for tower in ("image", "text"):
-    if isinstance(model.get(tower), dict):
-      model[tower] = {k: v for k, v in model[tower].items() if k not in _UNHASHED_MODEL_FIELDS}
+  from bigvis.models import without_tower_fields
+  model = without_tower_fields(model, *_UNHASHED_MODEL_FIELDS)
   blob = json.dumps({"model": model, "objective": objective}, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

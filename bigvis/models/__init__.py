@@ -106,6 +106,15 @@ def with_tower_fields(model_config: ml_collections.ConfigDict | dict, **fields) 
   return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
+def without_tower_fields(model_config: ml_collections.ConfigDict | dict, *names: str) -> dict:
+  """A plain-dict copy of a model config with `names` left out of every tower."""
+  cfg = _copied_dict(model_config)
+  for _, section in _towers(cfg):
+    for name in names:
+      section.pop(name, None)
+  return cfg
+
+
 def unrolled(model_config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
   """A copy with `scan` off in every tower, computing what the scanned towers do: their last blocks
   compute every token (`last_block_pooled` needs the blocks unrolled), so the copy's do too."""

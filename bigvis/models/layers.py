@@ -589,9 +589,10 @@ class EncoderBlock(nn.Module):
     ViT-B/16's class token that is 10/12 of the last block's GEMMs and its attention, MLP norm and
     GELU left out: the same outputs and gradients."""
     take = lambda a: jnp.take_along_axis(a, select[:, None, None], axis=1)  # noqa: E731  [batch, 1, width]
-    keys = jnp.arange(y.shape[1])[None, :]
-    visible = keys <= select[:, None] if self.causal else jnp.ones_like(keys, bool)
-    visible = visible if mask is None else visible & mask
+    visible = mask  # [batch, keys]: the padding's mask, and causally the keys up to the token
+    if self.causal:
+      upto = jnp.arange(y.shape[1])[None, :] <= select[:, None]
+      visible = upto if mask is None else upto & mask
     inputs_kv, inputs_v = y_kv if y_kv else (y, None)
     attention = Attention(self.num_heads, dtype=self.dtype, impl="xla", fused_qkv=False, name="attn")
     x = take(x) + nn.Dropout(self.dropout)(attention(take(y), visible, inputs_kv=inputs_kv, inputs_v=inputs_v),
