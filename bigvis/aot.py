@@ -22,9 +22,11 @@ utilisation, with the MFU that step time means.
 
 FLOPs are counted on the step's jaxpr (matmuls and convolutions; a scanned
 layer loop counts `length` times), because XLA's cost analysis counts the body
-of a scanned loop once. `flops_per_chip` includes remat recomputation (what the
-chip executes, the basis of the step time); `model_flops_per_chip` is the same
-step traced without remat (the usual basis of MFU).
+of a scanned loop once; attention and the Pallas kernels are traced as XLA's
+ops, whose matmuls a jaxpr shows. `flops_per_chip` includes remat recomputation
+and token padding (what the chip executes, the basis of the step time);
+`model_flops_per_chip` is the same step traced without either (the usual basis
+of MFU).
 """
 from __future__ import annotations
 
@@ -221,7 +223,8 @@ def jaxpr_flops(jaxpr: Any) -> float:
   """FLOPs of the matmuls and convolutions in a jaxpr (global shapes), a scan body counted `length` times.
 
   XLA's cost analysis counts a scanned layer loop once, so this is what step
-  times and MFU of scanned models are based on.
+  times and MFU of scanned models are based on. Opaque kernels (cuDNN's attention,
+  Pallas calls) count nothing: `models.counted_as_xla` spells them as XLA's ops.
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
   total = 0.0
@@ -236,6 +239,8 @@ def jaxpr_flops(jaxpr: Any) -> float:
       rhs, out = eqn.invars[1].aval.shape, eqn.outvars[0].aval.shape
       out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
       total += 2.0 * math.prod(out) * math.prod(rhs) / out_features
+    if name == "pallas_call":  # its jaxpr is one block's, run over a grid: trace XLA's ops instead
+      continue
     subs = [jaxpr_flops(j) for j in _subjaxprs(eqn.params)]
     if not subs:
       continue
@@ -279,7 +284,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   import ml_collections
   from bigvis import config as config_lib
   from bigvis import sharding, train
-  from bigvis.models import with_tower_fields
+  from bigvis.models import counted_as_xla, with_tower_fields
   from data_pipelines.synthetic import synthetic_batch
 
   topo = parse_topology(topology)
@@ -303,11 +308,15 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   n_params = int(sum(x.size for x in jax.tree.leaves(abstract_state["params"])))
   step = train.make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
 
-  # The same step without remat: what the model needs, not what the chip recomputes.
-  plain = ml_collections.ConfigDict({**config.to_dict(),
-                                     "model": with_tower_fields(config.model, remat_policy="none").to_dict()})
-  plain_step = train.make_train_step(plain, train.model_and_objective(plain, mesh)[1], tx, state_shardings,
-                                     mesh, rules)
+  # FLOPs are read off the traces of two steps with the same parameters, their kernels as XLA's ops
+  # (`counted_as_xla`): the step as the chips run it (remat, padding), and the model's own (neither),
+  # the basis of MFU as `bigvis bench` and training count it.
+  def counting_step(model_cfg):
+    cfg = ml_collections.ConfigDict({**config.to_dict(), "model": model_cfg.to_dict()})
+    return train.make_train_step(cfg, train.model_and_objective(cfg, mesh)[1], tx, state_shardings, mesh, rules)
+  executed = counted_as_xla(config.model, mesh.devices.flat[0])
+  executed_step = counting_step(executed)
+  plain_step = counting_step(with_tower_fields(executed, remat_policy="none", seq_pad_multiple=0))
 
   t0 = time.time()
   memory: dict[str, int] | None = None
@@ -315,7 +324,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   xla_error: str | None = None
   with sharding.use_mesh(mesh):
     traced = step.trace(state, batch)
-    hw_flops = jaxpr_flops(traced.jaxpr)
+    hw_flops = jaxpr_flops(executed_step.trace(state, batch).jaxpr)
     model_flops = jaxpr_flops(plain_step.trace(state, batch).jaxpr)
     try:
       compiled = traced.lower().compile()

@@ -8,6 +8,7 @@ import pytest
 
 from bigvis import aot, cli, config as config_lib
 from bigvis.errors import UserError
+from bigvis.models.vit import parse_variant
 
 needs_libtpu = pytest.mark.skipif(aot._libtpu_version() is None,
                                   reason="libtpu is not installed (pip install -e '.[aot]')")
@@ -101,6 +102,34 @@ def test_flops_count_a_scanned_loop_length_times():
   # its carry's gradient in every iteration: 6 + 6 + 6.
   assert aot.jaxpr_flops(jax.make_jaxpr(jax.grad(unrolled))(w, x)) == 17 * one_layer
   assert aot.jaxpr_flops(jax.make_jaxpr(jax.grad(scanned))(w, x)) == 18 * one_layer
+
+
+class _H100:
+  platform, device_kind, compute_capability = "gpu", "NVIDIA H100 80GB HBM3", "9.0"
+
+
+def test_flops_count_attention_and_the_kernels_as_xla_ops():
+  """A cuDNN or Pallas call is one opaque primitive in a jaxpr: `bigvis aot` counts the model with
+  them as XLA's ops over the same tokens (cuDNN's padded to a multiple of 8), so attention's matmuls
+  are counted; a Pallas kernel's body (one block's) never is."""
+  from bigvis import models
+  base = dict(name="vit", variant="mu/4", image_size=16, num_classes=3, dtype="bfloat16",
+              last_block_pooled=False)  # 16 patches and the class token: 17 tokens
+  cudnn = models.counted_as_xla(dict(base, attention_impl="cudnn"), _H100())
+  assert (cudnn.attention_impl, cudnn.seq_pad_multiple, cudnn.norm_impl, cudnn.gelu_impl) == ("xla", 8, "xla", "xla")
+  kernels = models.counted_as_xla(base, _H100())  # auto: bigvis's attention, norm and GELU kernels
+  assert (kernels.attention_impl, kernels.seq_pad_multiple, kernels.norm_impl) == ("xla", 0, "xla")
+  x = jnp.zeros((2, 16, 16, 3))
+
+  def forward_flops(cfg):
+    model = models.build_model(cfg)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    return aot.jaxpr_flops(jax.make_jaxpr(lambda v: model.apply(v, x))(variables))
+  opaque = forward_flops(dict(base, attention_impl="pallas_interpret", **models.XLA_KERNELS))
+  v = parse_variant("mu/4")
+  # q k^T and the weights times v: 2 x 2 * batch * tokens^2 * width per layer
+  assert forward_flops(kernels) - opaque == v["depth"] * 2 * 2 * 2 * 17 * 17 * v["width"]
+  assert forward_flops(cudnn) > forward_flops(kernels)  # 24 tokens' GEMMs and attention
 
 
 @needs_libtpu

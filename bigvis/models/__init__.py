@@ -13,8 +13,8 @@ from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.models.clip import CLIP
 from bigvis.models.pallas_attention import supports_head_dim
-from bigvis.models.layers import (ATTENTION_IMPLS, KERNEL_IMPLS, nvidia_sm80_or_newer, resolve_attention_impl,
-                                  resolve_kernel_impl)
+from bigvis.models.layers import (ATTENTION_IMPLS, KERNEL_IMPLS, attention_pad_multiple, nvidia_sm80_or_newer,
+                                  resolve_attention_impl, resolve_kernel_impl)
 from bigvis.models.text import TEXT_VARIANTS, TextTransformer
 from bigvis.models.vit import ViT, parse_variant
 
@@ -165,6 +165,19 @@ def resolve_for_device(model_config: ml_collections.ConfigDict | dict, device: A
 # The fields that pick XLA's fusions over bigvis's Pallas kernels: the same parameters and results on
 # any device, for the places that build a model off the GPU it trained on (shapes, FLOPs, inference).
 XLA_KERNELS = {"norm_impl": "xla", "gelu_impl": "xla"}
+
+
+def counted_as_xla(model_config: ml_collections.ConfigDict | dict, device: Any) -> ml_collections.ConfigDict:
+  """The model `device` runs, with its attention, LayerNorm and GELU kernels spelled as XLA's ops over
+  the same (padded) tokens: the same matmuls, for FLOP counts read off a jaxpr, where a cuDNN or Pallas
+  call is one opaque primitive (ViT-B/16's attention matmuls, 4 % of its FLOPs, went uncounted)."""
+  cfg = _copied_dict(resolve_for_device(model_config, device))
+  for cls, section in _towers(cfg):
+    tower = {**_defaults(cls), **section}
+    section["seq_pad_multiple"] = attention_pad_multiple(tower["attention_impl"], _tokens(cls, tower),
+                                                         tower["seq_pad_multiple"])
+    section.update(attention_impl="xla", **XLA_KERNELS)
+  return ml_collections.ConfigDict(cfg, type_safe=False)
 
 
 def kernels_for_reading(model_config: ml_collections.ConfigDict | dict, device: Any = None) -> ml_collections.ConfigDict:
