@@ -27,9 +27,15 @@ def _save_replicated_shards_whole_on_cpu() -> None:
   parallel (its default but where JAX_PLATFORMS names a GPU). CPU devices share the host's memory, so
   there it only costs a compiled slice per array shape at a process's first save (88 compiles, about
   3 s, for ViT-Ti on the 8-device test mesh): the whole shard is written by one replica instead."""
-  if jax.default_backend() == "cpu":
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                            override=True)
+  if jax.default_backend() != "cpu":
+    return
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, "_use_replica_parallel", None) is False:  # done already (once: orbax warns of it)
+    return
+  # Orbax's default handler keeps array metadata (typed PRNG keys restore as keys): so does this one.
+  whole = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
+                                         array_metadata_store=getattr(current, "_array_metadata_store", None))
+  ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
 
 
 class Checkpointer:

@@ -112,3 +112,7 @@ def test_replicated_arrays_on_cpu_devices_save_without_compiling_slices(tmp_path
   jax.tree.map(np.testing.assert_array_equal, restored, state)
   assert restored["v"].sharding == split
   ck.close()
+  import orbax.checkpoint as ocp
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  Checkpointer(str(tmp_path / "again")).close()  # registered once: no second override (orbax warns of each)
+  assert ocp.type_handlers.get_type_handler(jax.Array) is handler

@@ -122,13 +122,12 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   scale, bias and residual-stream bias gradients summed over the devices' rows; attention's kernels
   (`attention_impl='pallas'`) on each device's examples and heads, causal in the text tower, the
   query bias's gradient summed over the devices' examples; with separate
-  query, key and value GEMMs too (three copies of the norm's output, but one where tensor parallelism
-  splits the heads: apart, the partial input gradients would each need an all-reduce); with the
-  residual adds in the norms' kernels, each device adds its own rows."""
+  query, key and value GEMMs too (three copies of the norm's output); with the residual adds in the
+  norms' kernels, each device adds its own rows."""
   model, boxed, batch, (ref_loss, ref_grads, _) = tiny
-  # The norms' kernels take the residual adds (the default) in the second case, XLA in the first.
+  # The norms' kernels take the residual adds (the default; XLA's adds: test_models, one device).
   kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv,
-             "residual_in_norm": not fused_qkv, "attention_impl": "pallas_interpret"}
+             "residual_in_norm": True, "attention_impl": "pallas_interpret"}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
   from bigvis.models import pallas_kernels
   per_device = collections.defaultdict(list)  # kernel wrapper -> the in_specs of each call
@@ -156,9 +155,9 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   assert all(specs[0][0] == ("data", "fsdp") for name in per_device for specs in per_device[name]
              if name not in ("_forward", "_backward"))  # attention's first argument is q, k and v: below
   addends = {len(specs) == 5 for specs in per_device["_layernorm_forward"]}  # x, scale, bias (, addend, bias)
-  assert addends == ({False, True} if kernels["residual_in_norm"] else {False}), addends
+  assert addends == {False, True}, addends  # the first block's norm has no addend
   dy_counts = {len(specs[1]) for specs in per_device["_layernorm_backward"]}  # y's copies per norm
-  assert dy_counts == ({1} if fused_qkv or mesh_cfg["tensor"] > 1 else {1, 3}), dy_counts
+  assert dy_counts == ({1} if fused_qkv else {1, 3}), dy_counts
   gelu_hidden_axes = {specs[0][-1] for name in ("_bias_gelu_forward", "_bias_gelu_backward")
                       for specs in per_device[name]}
   assert gelu_hidden_axes == {"tensor"}, gelu_hidden_axes  # the rules' axis for act_mlp

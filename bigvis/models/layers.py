@@ -438,15 +438,19 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x, epilogue: Callable = jnp.add, *, add_bias: bool = True,
-               in_features: Optional[int] = None):
+               in_features: Optional[int] = None, epilogue_rounds_bias: bool = False):
     """x [..., in] -> [..., features]; with x None, only the bias (the parameters created for
-    `in_features` inputs), for a caller that needs it before the layer runs."""
+    `in_features` inputs), for a caller that needs it before the layer runs. `epilogue_rounds_bias`:
+    the epilogue gets the float32 parameter and rounds it to y's dtype itself (a kernel that reads it:
+    no pass of XLA's to convert it first)."""
     kernel = self.param("kernel", self.kernel_init, (in_features or x.shape[-1], self.features))
     bias = self.param("bias", self.bias_init, (self.features,))
     if x is None:
       return bias
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-    return epilogue(y, bias.astype(self.dtype)) if add_bias else y
+    if not add_bias:
+      return y
+    return epilogue(y, bias if epilogue_rounds_bias else bias.astype(self.dtype))
 
 
 class Mlp(nn.Module):
@@ -484,7 +488,8 @@ class Mlp(nn.Module):
       epilogue = bias_gelu_recomputed if self.recompute_gelu else _bias_gelu
     x = Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0",
               kernel_init=param_with_axes(nn.initializers.xavier_uniform(), ("embed", "mlp")),
-              bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(x, epilogue)
+              bias_init=param_with_axes(nn.initializers.normal(1e-6), ("mlp",)))(
+                  x, epilogue, epilogue_rounds_bias=gelu_impl != "xla")
     x = constrain(x, ("act_batch", "act_length", "act_mlp"))
     x = nn.Dropout(self.dropout)(x, deterministic)
     return dense_1(x, add_bias=add_output_bias)

@@ -352,6 +352,11 @@ def _gelu_tanh_grad(z):
   return s + z * s * (e * s) * (2. * _GELU_C) * (1. + 3. * 0.044715 * z * z)
 
 
+def _rounded_bias(bias_ref, cols, col_ok, dtype):
+  """The bias's columns in float32, rounded to `dtype` first (h's: as XLA adds a bias it converted)."""
+  return plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(dtype).astype(jnp.float32)
+
+
 def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols):
   tile = TILES["bias_gelu_forward"]
   rows = pl.program_id(0) * tile["rows"] + jnp.arange(tile["rows"])
@@ -359,7 +364,7 @@ def _bias_gelu_forward_kernel(h_ref, bias_ref, g_ref, *, n_rows, n_cols):
   col_ok = cols < n_cols
   ok = (rows < n_rows)[:, None] & col_ok[None, :]
   at = (rows[:, None], cols[None, :])
-  bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
+  bias = _rounded_bias(bias_ref, cols, col_ok, g_ref.dtype)
   z = plgpu.load(h_ref.at[at], mask=ok, other=0.).astype(jnp.float32) + bias[None, :]
   plgpu.store(g_ref.at[at], _gelu_tanh(z).astype(g_ref.dtype), mask=ok)
 
@@ -383,7 +388,7 @@ def _bias_gelu_backward_kernel(h_ref, bias_ref, dg_ref, dh_ref, dbias_ref, *, n_
   tile = TILES["bias_gelu_backward"]
   cols = col_block * tile["cols"] + jnp.arange(tile["cols"])
   col_ok = cols < n_cols
-  bias = plgpu.load(bias_ref.at[cols], mask=col_ok, other=0.).astype(jnp.float32)
+  bias = _rounded_bias(bias_ref, cols, col_ok, dh_ref.dtype)
 
   def step(i, dbias):
     rows = row_block * tile["rows"] + i * tile["step_rows"] + jnp.arange(tile["step_rows"])
@@ -452,6 +457,7 @@ def bias_gelu(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
   """GELU(h + bias) (flax's tanh approximation), saving only h: the forward one Pallas kernel (read h,
   write GELU), the backward another (the derivative of GELU recomputed, times the incoming gradient,
   and per-program partial sums of the bias gradient), both with GELU's tanh written as a sigmoid
-  (`_gelu_sigmoid`). Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
+  (`_gelu_sigmoid`). The bias may be float32 (the parameter): the kernels round it to h's dtype as
+  they read it, where XLA would convert it in a tiny kernel of its own. Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
   `tensor`): each device runs the kernels on its own shard."""
   return _bias_gelu_kernels(h, bias, interpret, None if axes is None else tuple(axes))
