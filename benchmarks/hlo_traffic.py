@@ -84,6 +84,9 @@ def traffic(hlo_text: str) -> list[dict]:
   return records
 
 
+TINY_OUTPUT_BYTES = 800_000  # 200,000 float32 elements
+
+
 def report(records: list[dict], top: int = 0) -> str:
   """A table by kernel kind (count, GB, share), the total outside GEMMs and attention, and the `top`
   heaviest (op name, output shape) groups."""
@@ -97,6 +100,9 @@ def report(records: list[dict], top: int = 0) -> str:
   rest = memory_bound_bytes(records)
   lines.append(f"outside GEMMs and attention: {rest / 1e9:.2f} GB (operands + outputs, an upper bound); "
                f"all kernels {total / 1e9:.2f} GB")
+  # Tiny kernels cost their launch and the gap after them whatever their bytes (fifteenth session).
+  tiny = sum(r["bytes_out"] < TINY_OUTPUT_BYTES for r in records)
+  lines.append(f"{len(records)} kernels, {tiny} of them writing under {TINY_OUTPUT_BYTES // 1000} kB")
   if top:
     groups, n = collections.Counter(), collections.Counter()
     for r in records:

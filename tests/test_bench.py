@@ -348,6 +348,7 @@ def test_hlo_traffic_sums_operands_and_outputs_per_kernel_kind():
   assert traffic.memory_bound_bytes(list(records.values())) == (128 + 64 + 128) + (256 + 128)
   summary = traffic.report(list(records.values()), top=2)
   assert "outside GEMMs and attention" in summary and "heaviest 2" in summary
+  assert "3 kernels, 3 of them writing under 800 kB" in summary  # the count the tiny kernels' cost follows
   # A real module: a CPU compile of a fused elementwise step reads both inputs and writes the result.
   import jax.numpy as jnp
   text = jax.jit(lambda x, y: jnp.tanh(x * 2.0 + y)).lower(jnp.ones((64, 32)), jnp.ones((64, 32))).compile().as_text()
