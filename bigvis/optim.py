@@ -109,30 +109,43 @@ def global_norm(tree: Any, stacked: bool = False) -> jax.Array:
   return jnp.sqrt(sum(squares)) if squares else jnp.zeros((), jnp.float32)
 
 
-def _same_shape_groups(leaves: list, max_size: int | None = None) -> list[list[int]]:
-  """Indices of `leaves` grouped by shape and dtype (only leaves of at most `max_size` elements)."""
+def _same_shape_groups(leaves: list, max_size: int | None = None, specs: list | None = None) -> list[list[int]]:
+  """Indices of `leaves` grouped by shape and dtype (and PartitionSpec, with `specs`), only leaves of
+  at most `max_size` elements."""
   groups: dict[tuple, list[int]] = {}
   for i, leaf in enumerate(leaves):
     if max_size is None or leaf.size <= max_size:
-      groups.setdefault((leaf.shape, jnp.dtype(leaf.dtype)), []).append(i)
+      key = (leaf.shape, jnp.dtype(leaf.dtype), None if specs is None else specs[i])
+      groups.setdefault(key, []).append(i)
   return list(groups.values())
 
 
 SMALL_LEAF_SIZE = 1 << 16  # biases and norm gains; ViT-B/16's smallest matrix has 589,824 elements
 
 
-def stack_small_leaves(tree: Any) -> Any:
-  """The same values, each group of small leaves of one shape handed out as slices of one stacked
-  array behind an optimisation barrier.
+def stack_small_leaves(tree: Any, shardings: Any = None) -> Any:
+  """The same values, each group of small leaves of one shape and dtype handed out as slices of one
+  stacked array behind an optimisation barrier. With `shardings` (a NamedSharding per leaf, as the
+  train state's), only leaves sharded alike are stacked, the stack sharded as they are.
 
   Why: XLA updates each parameter in a kernel of its own, and most of ViT-B/16's are vectors: 123
   kernels of a few microseconds each, compiled for an H100. Reading slices of one array, the updates
   of a group become siblings XLA merges into a few multi-output kernels (123 -> 12 in isolation;
-  the barrier keeps XLA from undoing the stack). Applied to the gradients on GPUs (`stacks_norms`)."""
+  the barrier keeps XLA from undoing the stack). Applied to the gradients on GPUs (`stacks_norms`).
+  Why by sharding: a stack of vectors sharded differently (LayerNorm gains replicated, a projection's
+  bias over `fsdp`) takes one layout, and every other row is resharded back (on an 8-device CPU mesh
+  with data, fsdp and tensor axes: 44 all-gathers in the step became 98)."""
   leaves, treedef = jax.tree.flatten(tree)
-  for group in _same_shape_groups(leaves, SMALL_LEAF_SIZE):
+  shards = None if shardings is None else treedef.flatten_up_to(shardings)
+  specs = None if shards is None else [tuple(s.spec) for s in shards]
+  for group in _same_shape_groups(leaves, SMALL_LEAF_SIZE, specs):
     if len(group) > 1:
-      stacked = jax.lax.optimization_barrier(jnp.stack([leaves[i] for i in group]))
+      stacked = jnp.stack([leaves[i] for i in group])
+      if shards is not None:
+        first = shards[group[0]]
+        stacked = jax.lax.with_sharding_constraint(
+            stacked, jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec(None, *first.spec)))
+      stacked = jax.lax.optimization_barrier(stacked)
       for row, i in enumerate(group):
         leaves[i] = stacked[row]
   return jax.tree.unflatten(treedef, leaves)

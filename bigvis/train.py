@@ -174,7 +174,7 @@ def make_train_step(config, loss_fn, tx, state_shardings, mesh, rules):
     rng = jax.random.fold_in(base_rng, state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state["params"], batch, rng)
     if stacked_norm:  # GPUs: the vectors' optimizer updates merged into a few kernels
-      grads = optim.stack_small_leaves(grads)
+      grads = optim.stack_small_leaves(grads, state_shardings["params"])
     grad_norm = optim.global_norm(grads, stacked_norm)  # the one gradient clipping uses: computed once
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)

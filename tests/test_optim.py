@@ -238,7 +238,7 @@ def test_small_gradients_are_stacked_for_the_update_and_the_train_step_is_unchan
 
   traced = []
   real = optim.stack_small_leaves
-  monkeypatch.setattr(optim, "stack_small_leaves", lambda t: traced.append(1) or real(t))
+  monkeypatch.setattr(optim, "stack_small_leaves", lambda *a: traced.append(1) or real(*a))
 
   def run(stacked, workdir):
     monkeypatch.setattr(optim, "stacks_norms", lambda device: stacked)
@@ -250,3 +250,27 @@ def test_small_gradients_are_stacked_for_the_update_and_the_train_step_is_unchan
   stacked = run(True, tmp_path / "stacked")
   assert traced  # the train step took the gradients through it
   assert stacked == run(False, tmp_path / "plain")
+
+
+def test_small_gradients_are_stacked_only_with_leaves_sharded_alike():
+  """On a mesh, vectors of one shape may be sharded differently (LayerNorm gains replicated, a
+  projection's bias over `fsdp`): stacked together, every row of the other layout would be resharded
+  back. With the leaves' shardings, only those sharded alike are stacked, and no collective is added."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "fsdp"))
+  specs = {"gain_a": P(), "gain_b": P(), "bias_a": P("fsdp"), "bias_b": P("fsdp"), "lone": P("data")}
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  tree = {k: jax.device_put(jnp.arange(16.0) + i, shardings[k]) for i, k in enumerate(specs)}
+
+  def collectives(shard_aware):
+    f = jax.jit(lambda t: optim.stack_small_leaves(t, shardings if shard_aware else None),
+                in_shardings=(shardings,), out_shardings=shardings)
+    text = f.lower(tree).compile().as_text()
+    out = f(tree)
+    jax.tree.map(np.testing.assert_array_equal, out, tree)
+    return sum(text.count(op) for op in ("all-gather(", "all-to-all(", "collective-permute(", "all-reduce("))
+  jaxpr = jax.make_jaxpr(lambda t: optim.stack_small_leaves(t, shardings))(tree).jaxpr
+  barriers = [e.invars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+  assert barriers == [(2, 16), (2, 16)], barriers  # the two gains, the two biases; `lone` alone
+  assert collectives(True) == 0
+  assert collectives(False) > 0  # one stack of all five: the other layouts resharded back
