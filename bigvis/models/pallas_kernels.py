@@ -458,6 +458,7 @@ def bias_gelu(h: jax.Array, bias: jax.Array, *, interpret: bool = False,
   write GELU), the backward another (the derivative of GELU recomputed, times the incoming gradient,
   and per-program partial sums of the bias gradient), both with GELU's tanh written as a sigmoid
   (`_gelu_sigmoid`). The bias may be float32 (the parameter): the kernels round it to h's dtype as
-  they read it, where XLA would convert it in a tiny kernel of its own. Under a mesh, `axes` is h's PartitionSpec (its last axis may be split, e.g. over
-  `tensor`): each device runs the kernels on its own shard."""
+  they read it, where XLA would convert it in a tiny kernel of its own. Under a mesh, `axes` is h's
+  PartitionSpec (its last axis may be split, e.g. over `tensor`): each device runs the kernels on
+  its own shard."""
   return _bias_gelu_kernels(h, bias, interpret, None if axes is None else tuple(axes))
