@@ -13,7 +13,8 @@ allocated: the state and the global batch are `jax.ShapeDtypeStruct`s.
 Besides memory and FLOPs it counts the transposes in the compiled step: a tower
 whose activations XLA laid out as [tokens, width, batch] shows up as a
 transpose per block (CLIP B/16's text tower had 156 for an H100 before
-`layers.row_major`; ViT-B/16 and CLIP B/16 have 1).
+`layers.row_major`; ViT-B/16 now has 8: one in the patch embedding, seven in the pooled last
+block's one-token attention).
 
 Reported per chip: memory (XLA's buffer assignment: arguments, outputs that
 are not donated back into them, temporaries, program) against the chip's HBM;
