@@ -114,10 +114,27 @@ def mesh_axes_size(mesh: Any, axes: str | tuple[str, ...] | None) -> int:
   return int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
 
 
-def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Any) -> P:
   """Drops mesh axes from dimensions they do not divide evenly."""
   return P(*(axes if dim % mesh_axes_size(mesh, axes) == 0 else None
              for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
+
+
+def per_device(call: Any, args: tuple, in_specs: tuple | None, out_specs: Any) -> Any:
+  """`call(*args)` on each device's own shard under the abstract mesh of the activation rules, for an
+  operation XLA's partitioner has no rule for (a Pallas call, a layout constraint), around which it
+  would otherwise gather the activations onto every device; directly without a mesh of more than
+  one device, or without specs (`in_specs` None: no sharding to follow).
+
+  Used inside custom VJPs, around each such call, not around the custom VJP: then no shard_map is
+  transposed by autodiff, which (without replication checking) would sum a gradient over the axes
+  its input is replicated on, an activation-sized all-reduce under tensor parallelism.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if in_specs is None or mesh.empty or mesh.size == 1:
+    return call(*args)
+  # check_vma=False: a Pallas call's outputs carry no record of which mesh axes they vary over.
+  return jax.shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
@@ -125,7 +142,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   specs = nn.get_partition_spec(abstract_tree)
   mesh_specs = nn.logical_to_mesh(specs, rules)
   shapes = jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract_tree))
-  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit_spec(spec, shape, mesh)),
+  return jax.tree.map(lambda spec, shape: NamedSharding(mesh, fit_spec(spec, shape, mesh)),
                       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 

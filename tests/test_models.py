@@ -448,8 +448,7 @@ def test_gpu_encoder_pins_its_residual_stream_row_major(monkeypatch):
 def test_row_major_pin_moves_nothing_between_devices():
   """Under a mesh the layout pin runs on each device's shard. XLA's partitioner has no rule for the
   layout constraint, and had gathered the whole batch onto every device around it, forward and
-  backward (compiled for 8 H100s, ViT-B/16 at batch 1,024: two all-gathers of a [1024, 200, 768]
-  activation a step, on every mesh). Values and gradients are the identity's."""
+  backward (benchmarks/README.md, sixteenth session). Values and gradients are the identity's."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from bigvis import sharding
   from bigvis.models import layers
@@ -468,6 +467,8 @@ def test_row_major_pin_moves_nothing_between_devices():
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
   np.testing.assert_allclose(grad, want_grad, rtol=1e-6)
   assert grad.sharding.spec == x.sharding.spec
+  local = np.asarray(x)  # without a mesh: the plain constraint, which forward-mode autodiff goes through too
+  np.testing.assert_array_equal(jax.jit(lambda a: jax.jvp(layers.row_major, (a,), (a,))[1])(local), local)
 
 
 def test_patch_embedding_matmul_equals_the_convolution():

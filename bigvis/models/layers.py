@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigvis.errors import UserError
-from bigvis.sharding import mesh_axes_size
+from bigvis.sharding import fit_spec, mesh_axes_size, per_device
 from bigvis.models.pallas_kernels import bias_gelu as pallas_bias_gelu
 from bigvis.models.pallas_kernels import residual_layernorm
 from bigvis.models import pallas_attention
@@ -259,39 +259,37 @@ def dot_product_attention(q, k, v, *, mask: Optional[jax.Array], causal: bool, i
 
 
 def row_major(x: jax.Array, names: tuple[str, ...] = ("act_batch", "act_length", "act_embed")) -> jax.Array:
-  """Pins `x` (and its gradient) to the plain row-major layout; `names`: x's logical axes.
+  """Pins `x` (and its gradient) to the plain row-major layout. `names`: x's trailing logical axes,
+  which give each device's shard under a mesh.
 
   Why: on GPU, XLA's layout assignment may give a tower's token activations a [tokens, width, batch]
   layout and keep it through the encoder, adding transposes to every block. Compiled for an H100,
   CLIP B/16's text tower had 156 transposes (≈3.9 ms per step in the H100 profile); pinned at the
   encoder input, 9. A no-op where XLA already chose row-major, or where JAX lacks layout constraints.
 
-  Why per device under a mesh: XLA's partitioner has no rule for the layout constraint, and gathered
-  the whole batch onto every device around it, then kept its own rows (compiled for 8 H100s, ViT-B/16
-  at batch 1,024: two all-gathers of a [1024, 200, 768] activation a step, forward and backward, on
-  every mesh). Applied to each device's shard, as the Pallas kernels are, it moves nothing.
+  Under a mesh of several devices the pin is applied to each device's shard (`sharding.per_device`):
+  XLA's partitioner has no rule for it, and gathered the whole batch onto every device around it
+  (benchmarks/README.md, sixteenth session).
   """
   try:
     from jax.experimental.layout import Layout, with_layout_constraint
-  except ImportError:
+    layout = Layout(tuple(range(x.ndim)))
+    jax.eval_shape(functools.partial(with_layout_constraint, layouts=layout), x)
+  except (ImportError, TypeError, ValueError, AttributeError, NotImplementedError) as e:  # a JAX whose API moved
+    logging.warning("row-major layout constraint unavailable (%s); XLA chooses the layout", e)
     return x
 
   def pin(a):
-    return with_layout_constraint(a, Layout(tuple(range(a.ndim))))
+    return with_layout_constraint(a, layout)
   mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.size > 1:
-    spec = jax.sharding.PartitionSpec(*_activation_mesh_axes(names, x.ndim))
-    # Each direction in a shard_map of its own (a custom VJP): autodiff then transposes no shard_map,
-    # which without replication checking would sum the gradient over the axes x is replicated on.
-    local = pin
-    pin = lambda a: jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(a)  # noqa: E731
-  pinned = jax.custom_vjp(pin)
-  pinned.defvjp(lambda a: (pin(a), None), lambda _, ct: (pin(ct),))
-  try:
-    return pinned(x)
-  except (TypeError, ValueError, AttributeError, NotImplementedError) as e:  # a JAX whose API moved
-    logging.warning("row-major layout constraint unavailable (%s); XLA chooses the layout", e)
-    return x
+  if mesh.empty or mesh.size == 1:
+    return pin(x)  # its own transpose pins the gradient
+  # Mesh axes that do not divide x's dims are left out (x then replicated over them, correctly).
+  spec = fit_spec(jax.sharding.PartitionSpec(*_activation_mesh_axes(names, x.ndim)), x.shape, mesh)
+  per_shard = jax.custom_vjp(lambda a: per_device(pin, (a,), (spec,), spec))
+  per_shard.defvjp(lambda a: (per_device(pin, (a,), (spec,), spec), None),
+                   lambda _, ct: (per_device(pin, (ct,), (spec,), spec),))
+  return per_shard(x)
 
 
 class HeadsDense(nn.Module):

@@ -34,7 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bigvis.models.pallas_kernels import TILES, P, _compiler_params, _flat_mesh_axes, _per_device
+from bigvis.models.pallas_kernels import TILES, P, _compiler_params, _flat_mesh_axes
+from bigvis.sharding import per_device
 
 _LOG2E = float(np.log2(np.e))
 _MASKED = -1e30  # a logit no key can have; finite, so that exp2 of masked minus masked is no NaN
@@ -332,7 +333,7 @@ def _attention_fwd(qkv, kv_len, bias, causal, interpret, axes):
   spec = _specs(axes, qkv, bias is not None)
   forward = functools.partial(_forward, causal=causal, interpret=interpret)
   in_specs = None if spec is None else (spec["qkv"], spec["kv_len"], spec["bias"])
-  o, lse = _per_device(forward, (qkv, kv_len, bias), in_specs, None if spec is None else (spec["tokens"], spec["lse"]))
+  o, lse = per_device(forward, (qkv, kv_len, bias), in_specs, None if spec is None else (spec["tokens"], spec["lse"]))
   return o, (qkv, kv_len, bias, o, lse)
 
 
@@ -345,7 +346,7 @@ def _attention_bwd(causal, interpret, axes, saved, do):
     t = spec["tokens"]
     in_specs = (spec["qkv"], spec["kv_len"], spec["bias"], t, spec["lse"], t)
     out_specs = (spec["qkv"], spec["sums"]) if bias is not None else spec["qkv"]
-  grads = _per_device(backward, (qkv, kv_len, bias, o, lse, do), in_specs, out_specs)
+  grads = per_device(backward, (qkv, kv_len, bias, o, lse, do), in_specs, out_specs)
   if bias is None:
     return grads, None, None
   dqkv, dbias = grads

@@ -34,11 +34,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import shard_map
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bigvis.errors import UserError
+from bigvis.sharding import per_device
 
 # Each kernel's tiling and Triton parameters: rows per program, rows per step of a backward's loop,
 # columns per program (GELU's; a LayerNorm program takes whole rows), warps and software-pipeline
@@ -209,22 +209,6 @@ def _flat_mesh_axes(entries: tuple[Any, ...]) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _per_device(call, args: tuple, in_specs: tuple | None, out_specs: Any) -> Any:
-  """`call(*args)` on each device's own shard under a mesh (a Pallas call has no partitioning rule of
-  its own, so XLA would otherwise gather the activations onto every device); directly without one
-  (`in_specs` None: no sharding to follow).
-
-  Inside the custom VJPs, around each Pallas call, not around the custom VJP: then no shard_map is
-  transposed by autodiff, which (without replication checking) would sum x's gradient over the
-  axes x is replicated on, an activation-sized all-reduce under tensor parallelism.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if in_specs is None or mesh.empty or mesh.size == 1:
-    return call(*args)
-  # check_vma=False: a Pallas call's outputs carry no record of which mesh axes they vary over.
-  return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def _residual_layernorm(x, scale, bias, addend, input_bias, residual_bias, eps, out_dtype, interpret, batch_axes,
                         copies, summed):
@@ -243,7 +227,7 @@ def _residual_layernorm_fwd(x, scale, bias, addend, input_bias, residual_bias, e
     rows, stats = P(*batch_axes, None), P(*batch_axes)
     in_specs = (rows, P(), P()) + ((rows, P()) if summed else ())
     out_specs = (rows, stats, stats) + ((rows,) if summed else ())
-  y, mean, rstd, *s = _per_device(forward, args, in_specs, out_specs)
+  y, mean, rstd, *s = per_device(forward, args, in_specs, out_specs)
   s = s[0] if summed else x  # without an addend, x itself (no copy)
   # The biases' values are not needed backward, only their gradients, and the addend's gradient is
   # s's: nothing of them is kept but the (small) biases, for their gradients' shape and dtype.
@@ -261,7 +245,7 @@ def _residual_layernorm_bwd(eps, out_dtype, interpret, batch_axes, copies, summe
     rows, stats, partials = P(*batch_axes, None), P(*batch_axes), P(_flat_mesh_axes(batch_axes), None)
     in_specs = (rows, [rows] * len(dys), rows, stats, stats, P())
     out_specs = [rows] + [partials] * (2 + sum_ds + sum_dres)
-  ds, *sums = _per_device(backward, (s, dys, dres, mean, rstd, scale), in_specs, out_specs)
+  ds, *sums = per_device(backward, (s, dys, dres, mean, rstd, scale), in_specs, out_specs)
   # The partials summed stacked, one reduction for the 2 to 4 (XLA reduces each array in a kernel of
   # its own; the stacking fuses into the reduction, the rows taken apart in the gradients' readers).
   totals = iter(jnp.sum(jnp.stack(sums), axis=1))
@@ -436,7 +420,7 @@ def _bias_gelu_kernels(h, bias, interpret, axes):
 def _bias_gelu_fwd(h, bias, interpret, axes):
   h_spec, bias_spec, _ = _gelu_specs(axes)
   forward = functools.partial(_bias_gelu_forward, interpret=interpret)
-  g = _per_device(forward, (h, bias), None if axes is None else (h_spec, bias_spec), h_spec)
+  g = per_device(forward, (h, bias), None if axes is None else (h_spec, bias_spec), h_spec)
   return g, (h, bias)
 
 
@@ -444,7 +428,7 @@ def _bias_gelu_bwd(interpret, axes, saved, dg):
   h, bias = saved
   h_spec, bias_spec, sums_spec = _gelu_specs(axes)
   backward = functools.partial(_bias_gelu_backward, interpret=interpret)
-  dh, dbias = _per_device(backward, (h, bias, dg), None if axes is None else (h_spec, bias_spec, h_spec),
+  dh, dbias = per_device(backward, (h, bias, dg), None if axes is None else (h_spec, bias_spec, h_spec),
                           (h_spec, sums_spec))
   return dh, jnp.sum(dbias, axis=0).astype(bias.dtype)
 
