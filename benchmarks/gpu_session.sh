@@ -16,12 +16,13 @@
 # so far. A session lent 15 minutes of device time in all has room for one such command and a short
 # one: PART=goals runs the ViT-B/16 goal, the CLIP goal (the defaults: since the fourteenth session
 # a pooled last block, and bigvis's attention kernels in CLIP's text tower), the kernels' tiling
-# sweep (the fastest tiling per kernel into $OUT/tiles.json), then B/16, B/16 with bigvis's attention
-# kernels and CLIP with the sweep's tilings, in about 9 minutes (by the fourteenth session's times on
-# an H200). ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings are the next step.
-# PART=tune (about 7 minutes) runs the sweep and those steps, the attention kernels' check (Pallas
+# sweep (the fastest tiling per kernel into $OUT/tiles.json), then B/16 with the sweep's tilings, B/16
+# with every GEMM through cuBLAS (`vit_cublas`), B/16 with bigvis's attention kernels and CLIP with
+# the sweep's tilings: about 10 minutes by the fourteenth session's times on an H200, so BUDGET_S
+# skips the last. ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings are the next step.
+# PART=tune (about 8 minutes) runs the sweep and those steps, the attention kernels' check (Pallas
 # against cuDNN), CLIP with XLA's attention in the text tower (whose loss tells what CLIP's differing
-# losses are) and a profile of B/16. `STEPS="a b ..."` runs the named steps instead, in order.
+# losses are), `vit_cublas` and a profile of B/16. `STEPS="a b ..."` runs the named steps instead, in order.
 # $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
 # peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
@@ -155,6 +156,12 @@ clip_xla_attn() {
   room 90 peers --timeout 180 --skip-torch --only bigvis_clip_b16_default --bigvis-set model.text.attention_impl=xla \
     --tag _text_xla_attention
 }
+# Every GEMM through cuBLAS(Lt) as XLA's GEMM rewriter plans it (sixteenth session, compiled for an
+# H100 on the CPU host): the query bias then rides the GEMM's BIAS epilogue, where the card's own
+# compile (Triton GEMM fusions, most then autotuned to cuBLAS with no epilogue) added it in a pass of
+# its own and summed its gradient in another (0.87 ms of the H200's B/16 step, twelfth session):
+# 720 -> 663 kernels, 101.6 -> 99.9 GB. Timed last with older defaults: -2.7 % (H200), +0.6 % (H100).
+vit_cublas() { XLA_FLAGS=--xla_gpu_enable_triton_gemm=false room 50 b16 --tag _cublas_gemms; }
 vit_whole() { room 50 b16 --bigvis-set model.last_block_pooled=false --tag _whole_last_block; }  # the 14th session's change, undone
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gelu_xla() { room 50 b16 "${GELU_XLA[@]}" --tag _gelu_xla; }
@@ -202,11 +209,11 @@ case "$PART" in
            vit_resid vit_gelu_xla profile) ;;
   2) steps=(clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old
            vit_saved extras profile_attn) ;;
-  goals) steps=(vit_goal clip_goal kernel_sweep vit_tuned vit_attn_tuned clip_tuned) ;;
-  tune) steps=(kernel_sweep vit_tuned vit_attn_tuned clip_tuned attention_check clip_xla_attn profile) ;;
+  goals) steps=(vit_goal clip_goal kernel_sweep vit_tuned vit_cublas vit_attn_tuned clip_tuned) ;;
+  tune) steps=(kernel_sweep vit_tuned vit_attn_tuned clip_tuned attention_check clip_xla_attn vit_cublas profile) ;;
   all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn vit_whole kernel_sweep vit_tuned vit_attn_tuned vit_resid
               vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
-              clip_gelu_xla clip_old clip_xla_attn large vit_fused extras profile_attn) ;;
+              clip_gelu_xla clip_old clip_xla_attn vit_cublas large vit_fused extras profile_attn) ;;
 esac
 if [ -n "${STEPS:-}" ]; then read -r -a steps <<< "$STEPS"; fi  # or the steps named, in order
 for step in "${steps[@]}"; do "$step"; done
