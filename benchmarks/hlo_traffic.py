@@ -21,21 +21,9 @@ import collections
 import re
 import sys
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
-               "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-_ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
+from bigvis.hlo_text import shape_bytes
+
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?(%[\w.\-]+) = (.+?) ([\w\-]+)\((.*?)\)(.*)$")
-
-
-def shape_bytes(shape: str) -> int:
-  """Bytes of every array in an HLO shape string, e.g. `(bf16[2,3]{1,0}, f32[4]{0})` -> 28."""
-  total = 0
-  for dtype, dims in _ARRAY.findall(shape):
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * DTYPE_BYTES[dtype]
-  return total
 
 
 def kernel_kind(name: str, opcode: str, rest: str) -> str:

@@ -14,7 +14,11 @@ Besides memory and FLOPs it counts the transposes in the compiled step: a tower
 whose activations XLA laid out as [tokens, width, batch] shows up as a
 transpose per block (CLIP B/16's text tower had 156 for an H100 before
 `layers.row_major`; ViT-B/16 now has 8: one in the patch embedding, seven in the pooled last
-block's one-token attention).
+block's one-token attention). And it counts the collectives a step runs
+(`hlo_text.collectives`: ops and bytes per kind), where a sharding mistake
+shows before it costs a run: a data-parallel step should exchange little more
+than its gradients (compiled for 8 H100s, ViT-B/16 had also gathered the whole
+batch's activations twice a step, until the sixteenth session).
 
 Reported per chip: memory (XLA's buffer assignment: arguments, outputs that
 are not donated back into them, temporaries, program) against the chip's HBM;
@@ -42,6 +46,7 @@ import time
 from typing import TYPE_CHECKING, Any, Iterator
 
 from bigvis.errors import UserError
+from bigvis.hlo_text import collectives, count_transposes
 
 if TYPE_CHECKING:  # jax loads lazily, so `bigvis --help` stays fast
   import jax
@@ -336,7 +341,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       compiled, xla_error = None, str(e).strip().splitlines()[0]
   compile_s = time.time() - t0
 
-  xla_flops = transposes = None
+  xla_flops = transposes = moved = None
   if compiled is not None:
     m = compiled.memory_analysis()
     memory = {"argument_bytes": int(m.argument_size_in_bytes),
@@ -348,7 +353,8 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
     needed = metrics_lib.compiled_memory_bytes(compiled)
     memory["xla_peak_bytes"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0) or None
     xla_flops = metrics_lib.compiled_flops(compiled)
-    transposes = count_transposes(compiled.as_text())
+    hlo = compiled.as_text()
+    transposes, moved = count_transposes(hlo), collectives(hlo)
 
   chips = topo.chips
   flops_chip, model_chip = hw_flops / chips, model_flops / chips
@@ -380,15 +386,11 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "examples_per_sec": config.batch_size / step_s if step_s else None,
       "mfu": model_chip / (step_s * gen.peak_flops) if step_s else None,
       "transposes": transposes,
+      "collectives": moved,
       "compile_s": compile_s,
       "jax": jax.__version__,
       "libtpu": _libtpu_version() if gen.platform == "tpu" else None,
   }
-
-
-def count_transposes(hlo_text: str) -> int:
-  """Transpose instructions (fused or not) in an optimised HLO module's text."""
-  return len(re.findall(r"= \S+ transpose\(", hlo_text))
 
 
 def _libtpu_version() -> str | None:
@@ -444,6 +446,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"    est. throughput             {r['examples_per_sec']:,.0f} examples/s",
         f"    MFU at that step time       {100 * r['mfu']:8.1f}%",
     ]
+  if r.get("collectives") is not None:  # what the step sends between chips: a sharding mistake shows here
+    moved = ", ".join(f"{k} {v['ops']} ({v['bytes'] / 1e6:,.1f} MB)" for k, v in sorted(r["collectives"].items()))
+    lines.append(f"  collectives per chip and step (ops, bytes of their results): {moved or 'none'}")
   return "\n".join(lines)
 
 
