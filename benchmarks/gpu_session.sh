@@ -16,10 +16,10 @@
 # so far. A session lent 15 minutes of device time in all has room for one such command and a short
 # one: PART=goals runs the ViT-B/16 goal, the CLIP goal (the defaults: since the fourteenth session
 # a pooled last block, and bigvis's attention kernels in CLIP's text tower), the kernels' tiling
-# sweep (the fastest tiling per kernel into $OUT/tiles.json), then B/16 with the sweep's tilings, B/16
-# with every GEMM through cuBLAS (`vit_cublas`), B/16 with bigvis's attention kernels and CLIP with
-# the sweep's tilings: about 10 minutes by the fourteenth session's times on an H200, so BUDGET_S
-# skips the last. ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings are the next step.
+# sweep (the fastest tiling per kernel into $OUT/tiles.json), then B/16 and B/16 with bigvis's
+# attention kernels with the sweep's tilings, B/16 with every GEMM through cuBLAS (`vit_cublas`) and
+# CLIP with the sweep's tilings: about 10 minutes by the fourteenth session's times on an H200, so
+# BUDGET_S skips the last. ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings are the next step.
 # PART=tune (about 8 minutes) runs the sweep and those steps, the attention kernels' check (Pallas
 # against cuDNN), CLIP with XLA's attention in the text tower (whose loss tells what CLIP's differing
 # losses are), `vit_cublas` and a profile of B/16. `STEPS="a b ..."` runs the named steps instead, in order.
@@ -161,7 +161,7 @@ clip_xla_attn() {
 # compile (Triton GEMM fusions, most then autotuned to cuBLAS with no epilogue) added it in a pass of
 # its own and summed its gradient in another (0.87 ms of the H200's B/16 step, twelfth session):
 # 720 -> 663 kernels, 101.6 -> 99.9 GB. Timed last with older defaults: -2.7 % (H200), +0.6 % (H100).
-vit_cublas() { XLA_FLAGS=--xla_gpu_enable_triton_gemm=false room 50 b16 --tag _cublas_gemms; }
+vit_cublas() { XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" room 50 b16 --tag _cublas_gemms; }
 vit_whole() { room 50 b16 --bigvis-set model.last_block_pooled=false --tag _whole_last_block; }  # the 14th session's change, undone
 vit_resid() { room 50 b16 "${RESID[@]}" --tag _residual_by_xla; }
 vit_gelu_xla() { room 50 b16 "${GELU_XLA[@]}" --tag _gelu_xla; }
@@ -186,7 +186,7 @@ clip_old() {
 #    card's choices; benchmarks/hlo_traffic.py sums its bytes per kernel).
 profile() {  # extra arguments (bench's overrides) profile that variant instead
   log "profile $*"
-  XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*with_rules.*" \
     room 80 timeout 120 "$PY" -m bigvis.cli bench --config experiments/vit_b16_i1k.py --set batch_size=256 "$@" \
     --profile "$OUT/prof" | tail -1
   if [ -d "$OUT/prof" ]; then
@@ -209,8 +209,8 @@ case "$PART" in
            vit_resid vit_gelu_xla profile) ;;
   2) steps=(clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep clip_gelu_xla clip_old large vit_fused vit_old
            vit_saved extras profile_attn) ;;
-  goals) steps=(vit_goal clip_goal kernel_sweep vit_tuned vit_cublas vit_attn_tuned clip_tuned) ;;
-  tune) steps=(kernel_sweep vit_tuned vit_attn_tuned clip_tuned attention_check clip_xla_attn vit_cublas profile) ;;
+  goals) steps=(vit_goal clip_goal kernel_sweep vit_tuned vit_attn_tuned vit_cublas clip_tuned) ;;
+  tune) steps=(kernel_sweep vit_tuned vit_attn_tuned clip_tuned attention_check clip_xla_attn profile vit_cublas) ;;
   all) steps=(attention_check kernel_check gelu_check vit_goal vit_attn vit_whole kernel_sweep vit_tuned vit_attn_tuned vit_resid
               vit_gelu_xla vit_old profile vit_saved clip_goal clip_attn clip_tuned clip_attn_tuned clip_text_sep
               clip_gelu_xla clip_old clip_xla_attn vit_cublas large vit_fused extras profile_attn) ;;

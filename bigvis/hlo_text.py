@@ -13,9 +13,15 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 
 _ARRAY = re.compile(r"\b(" + "|".join(DTYPE_BYTES) + r")\[([0-9,]*)\]")
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",
                "collective-broadcast")
-# A collective's result (`-done` for an asynchronous one: its `-start` holds the operand too).
-_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.+?) (" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?(%[\w.\-]+) .*\{\s*$")
+# A collective's result (`-done` for an asynchronous one: its `-start` holds the operand too); the
+# shape is one token or one parenthesised tuple, so text further along the line is never read as one.
+_SHAPE = r"(\((?:[^()]|\([^()]*\))*\)|\S+)"
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = " + _SHAPE + " (" + "|".join(COLLECTIVES) + r")(-start|-done)?\(")
+_COMPUTATION = re.compile(r"^(ENTRY )?(%[\w.\-]+) .*\{\s*$")
+# Computations an instruction runs: called ones (fusions, async wrappers, reductions, branches) once
+# per run of the instruction, a loop's body (and condition) once per iteration.
+_CALLS = re.compile(r"\b(?:calls|to_apply|condition)=(%[\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 _LOOP = re.compile(r"\bwhile\(.*?\bcondition=(%[\w.\-]+), body=(%[\w.\-]+)")
 _TRIP_COUNT = re.compile(r"known_trip_count\":\{\"n\":\"(\d+)\"")
 _SCALAR_CONSTANT = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
@@ -40,49 +46,61 @@ def count_transposes(hlo_text: str) -> int:
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """Per kind of collective that one run of the program executes: {"ops": count, "bytes": bytes of
   their results on one device} (an all-gather's whole gathered array, a reduce-scatter's shard).
-  A loop's body counts its trip count times (a scanned layer stack's per-layer gathers): XLA's
-  known trip count (GPUs), else the one constant its condition compares the counter with (TPUs);
-  once where neither is there.
+
+  Each computation counts as often as the entry computation runs it, through fusions, async
+  wrappers and branches; a loop's body its trip count times (a scanned layer stack's per-layer
+  gathers): XLA's known trip count (GPUs), else the one constant its condition, or what the
+  condition calls, compares the counter with (TPUs); once where neither is there (a lower bound).
 
   Why: a sharding mistake shows up here before it costs a run; a data-parallel step should move
   little more than its gradients (compiled for 8 H100s, ViT-B/16 had gathered the whole batch's
   activations twice a step: benchmarks/README.md, sixteenth session).
   """
-  counts: dict[str, dict[str, int]] = {}
-  loops: dict[str, list[tuple[str, str, int | None]]] = {}  # computation -> [(condition, body, trips)]
+  order: list[str] = []  # computations as printed: callees before their callers
+  entry = None
+  calls: dict[str, list[tuple[str, int | None, str | None]]] = {}  # caller -> [(callee, trips, condition)]
   found: dict[str, list[tuple[str, int]]] = {}  # computation -> [(kind, result bytes)]
   constants: dict[str, list[int]] = {}  # computation -> its s32 scalar constants
   current = None
   for line in hlo_text.splitlines():
     header = _COMPUTATION.match(line)
     if header:
-      current = header.group(1)
+      current = header.group(2)
+      order.append(current)
+      entry = current if header.group(1) else entry
       continue
     if current is None:
       continue
     constants.setdefault(current, []).extend(int(c) for c in _SCALAR_CONSTANT.findall(line))
+    edges = calls.setdefault(current, [])
     loop = _LOOP.search(line)
     if loop:
       trips = _TRIP_COUNT.search(line)
-      loops.setdefault(current, []).append((loop.group(1), loop.group(2), int(trips.group(1)) if trips else None))
+      edges.append((loop.group(2), int(trips.group(1)) if trips else None, loop.group(1)))
+    edges += [(callee, 1, None) for callee in _CALLS.findall(line)]
+    for branches in _BRANCHES.findall(line):
+      edges += [(callee.strip(), 1, None) for callee in branches.split(",") if callee.strip()]
     op = _COLLECTIVE.match(line)
     if op and op.group(3) != "-start":
       found.setdefault(current, []).append((op.group(2), shape_bytes(op.group(1))))
 
-  def trip_count(condition: str, known: int | None) -> int:
-    bound = constants.get(condition, [])
-    return known if known is not None else bound[0] if len(bound) == 1 else 1
-  loops_by_body = {name: [(body, trip_count(cond, n)) for cond, body, n in inner] for name, inner in loops.items()}
-  times: dict[str, int] = {}  # loop bodies; any other computation runs once
-  bodies = {body for inner in loops_by_body.values() for body, _ in inner}
-  pending = [(body, n) for name, inner in loops_by_body.items() if name not in bodies for body, n in inner]
-  while pending:  # from the outermost loops inwards
-    body, n = pending.pop()
-    times[body] = n
-    pending += [(inner, n * m) for inner, m in loops_by_body.get(body, [])]
+  def trip_count(condition: str) -> int:
+    bound = constants.get(condition, []) + [c for callee, _, _ in calls.get(condition, [])
+                                            for c in constants.get(callee, [])]
+    return bound[0] if len(bound) == 1 else 1
+
+  times = {name: 0 for name in order}
+  times[entry if entry is not None else ""] = 1
+  for caller in reversed(order):  # callers before their callees
+    for callee, trips, condition in calls.get(caller, []):
+      if callee in times:
+        n = trips if trips is not None else trip_count(condition) if condition else 1
+        times[callee] += times[caller] * n
+  counts: dict[str, dict[str, int]] = {}
   for name, ops in found.items():
+    n = times.get(name) or 1  # a computation the parse found no path to still counts once
     for kind, nbytes in ops:
-      entry = counts.setdefault(kind, {"ops": 0, "bytes": 0})
-      entry["ops"] += times.get(name, 1)
-      entry["bytes"] += times.get(name, 1) * nbytes
+      totals = counts.setdefault(kind, {"ops": 0, "bytes": 0})
+      totals["ops"] += n
+      totals["bytes"] += n * nbytes
   return counts

@@ -150,7 +150,7 @@ def test_tiny_vit_compiles_for_a_tpu_slice_and_fits():
   # Data parallel: the chips exchange the float32 gradients (a few scalars besides), nothing else; the
   # scanned blocks' all-reduces, in the loop's body, count once per layer.
   assert set(r["collectives"]) == {"all-reduce"}, r["collectives"]
-  assert 4 * r["params"] <= r["collectives"]["all-reduce"]["bytes"] <= 4 * r["params"] + 64
+  assert 4 * r["params"] <= r["collectives"]["all-reduce"]["bytes"] <= 1.01 * 4 * r["params"]
   assert "collectives per chip and step (ops, bytes of their results): all-reduce" in aot.format_report(r)
 
 

@@ -3,11 +3,16 @@ from bigvis import hlo_text
 
 PROGRAM = """HloModule m
 
+%compare_fusion (i: s32[]) -> pred[] {
+  %i = s32[] parameter(0)
+  %bound = s32[] constant(2)
+  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+}
+
 %inner_cond (p: (s32[], f32[8])) -> pred[] {
   %p = (s32[], f32[8]{0}) parameter(0)
   %i = s32[] get-tuple-element(%p), index=0
-  %bound = s32[] constant(2)
-  ROOT %lt = pred[] compare(%i, %bound), direction=LT
+  ROOT %lt = pred[] fusion(%i), kind=kLoop, calls=%compare_fusion
 }
 
 %inner_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
@@ -17,10 +22,17 @@ PROGRAM = """HloModule m
   ROOT %t = (s32[], f32[8]{0}) tuple(%i, %a2a)
 }
 
+%wrapped_gather (p: f32[8]) -> f32[32] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %ag = f32[32]{0} all-gather(%p), dimensions={0}
+}
+
 %outer_body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
   %p = (s32[], f32[8]{0}) parameter(0)
   %x = f32[8]{0} get-tuple-element(%p), index=1
   %ar = bf16[16]{0} all-reduce(%x), to_apply=%add
+  %as = ((f32[8]{0}), f32[32]{0}) async-start(%x), calls=%wrapped_gather
+  %ad = f32[32]{0} async-done(%as), metadata={op_name="not an all-reduce(%x) but a name"}
   %w = (s32[], f32[8]{0}) while(%p), condition=%inner_cond, body=%inner_body
   ROOT %t = (s32[], f32[8]{0}) tuple(%i, %x)
 }
@@ -38,10 +50,11 @@ ENTRY %main (x: bf16[4,6]) -> bf16[16,6] {
 
 def test_collectives_count_results_once_and_loop_bodies_by_their_trip_counts():
   """An asynchronous collective counts once, by its result (the `-done`; the `-start` also holds the
-  operand); a loop's body counts XLA's known trip count times (3), a loop inside it the constant its
-  condition compares with (2) times that."""
+  operand), one in a computation an async wrapper calls as often as its caller runs; a loop's body
+  counts XLA's known trip count times (3), a loop inside it the constant its condition's fused
+  compare holds (2) times that; an op name that reads like a collective is not one."""
   assert hlo_text.collectives(PROGRAM) == {
-      "all-gather": {"ops": 1, "bytes": 16 * 6 * 2},
+      "all-gather": {"ops": 1 + 3, "bytes": 16 * 6 * 2 + 3 * 32 * 4},
       "reduce-scatter": {"ops": 1, "bytes": 2 * 4},
       "all-reduce": {"ops": 3, "bytes": 3 * 16 * 2},
       "all-to-all": {"ops": 6, "bytes": 6 * 8 * 4},
