@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigvis.errors import UserError
@@ -134,7 +135,7 @@ def per_device(call: Any, args: tuple, in_specs: tuple | None, out_specs: Any) -
   if in_specs is None or mesh.empty or mesh.size == 1:
     return call(*args)
   # check_vma=False: a Pallas call's outputs carry no record of which mesh axes they vary over.
-  return jax.shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+  return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:

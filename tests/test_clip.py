@@ -129,13 +129,13 @@ def test_pallas_kernels_clip_on_8_device_meshes_equal_the_one_device_xla_model(t
   kernels = {"norm_impl": "pallas_interpret", "gelu_impl": "pallas_interpret", "fused_qkv": fused_qkv,
              "residual_in_norm": True, "attention_impl": "pallas_interpret"}
   pallas = {**TINY, "image": {**TINY["image"], **kernels}, "text": {**TINY["text"], **kernels}}
-  from bigvis.models import pallas_kernels
+  from bigvis import sharding
   per_device = collections.defaultdict(list)  # kernel wrapper -> the in_specs of each call
 
   def recording_shard_map(f, **kw):
     per_device[f.func.__name__].append(kw["in_specs"])
     return jax.shard_map(f, **kw)
-  monkeypatch.setattr(pallas_kernels, "shard_map", recording_shard_map)
+  monkeypatch.setattr(sharding, "shard_map", recording_shard_map)
   loss, grads, all_reduces = _loss_and_grads(build_model(pallas), boxed, batch, mesh_cfg, collectives=True)
   calls = {name: len(specs) for name, specs in per_device.items()}
   # 2 LayerNorms (forward and backward) per GELU (forward and backward), in every block of both towers
