@@ -19,10 +19,11 @@
 # sweep (the fastest tiling per kernel into $OUT/tiles.json), then B/16 and B/16 with bigvis's
 # attention kernels with the sweep's tilings, B/16 with every GEMM through cuBLAS (`vit_cublas`) and
 # CLIP with the sweep's tilings: about 10 minutes by the fourteenth session's times on an H200, so
-# BUDGET_S skips the last. ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings are the next step.
-# PART=tune (about 8 minutes) runs the sweep and those steps, the attention kernels' check (Pallas
-# against cuDNN), CLIP with XLA's attention in the text tower (whose loss tells what CLIP's differing
-# losses are), `vit_cublas` and a profile of B/16. `STEPS="a b ..."` runs the named steps instead, in order.
+# BUDGET_S skips the last. ViT-B/16 was 0.6 ms a step short of 1.25x timm there: the tilings and
+# `vit_cublas` are the next steps. PART=tune (about 8 minutes) runs the sweep and those steps, the
+# attention kernels' check (Pallas against cuDNN), CLIP with XLA's attention in the text tower (whose
+# loss tells what CLIP's differing losses are), a profile of B/16 and `vit_cublas`. `STEPS="a b ..."`
+# runs the named steps instead, in order.
 # $OUT ends with up to 7 files (pallas_check.jsonl, kernel_sweep.jsonl, tiles.json,
 # peers.jsonl, kernels.txt, hlo.tgz, table.txt; a lent machine returns at most 8).
 set -u
