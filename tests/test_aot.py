@@ -170,3 +170,16 @@ def test_compiles_a_cudnn_vit_for_an_h100_without_a_gpu():
   assert r["fits"] and r["device_kind"].startswith("NVIDIA H100") and r["chips"] == 1
   assert r["platform"] == "cuda" and r["libtpu"] is None
   assert 0 < r["total_bytes_per_chip"] < 2 * 2**30 and r["transposes"] < 20
+  assert r["collectives"] == {}
+
+
+@pytest.mark.skipif(not _cuda_plugin(), reason="JAX's CUDA plugin is not installed (make install EXTRAS=gpu)")
+def test_data_parallel_gpus_exchange_only_gradients():
+  """On 8 H100s with cuDNN attention (where the encoder pins its input's layout) the data-parallel
+  step all-reduces its gradients and gathers nothing: the pin had gathered the whole batch's
+  activations onto every GPU, forward and backward (benchmarks/README.md, sixteenth session)."""
+  config = config_lib.load("vit_ti_digits", ["model.dtype=bfloat16", "model.pool_type=tok", "batch_size=64"])
+  r = aot.compile_for_topology(config, "h100-8")
+  assert r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert "all-gather" not in r["collectives"], r["collectives"]
+  assert r["collectives"]["all-reduce"]["bytes"] <= 1.01 * 4 * r["params"], r["collectives"]
