@@ -89,8 +89,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
                                             for c in constants.get(callee, [])]
     return bound[0] if len(bound) == 1 else 1
 
-  times = {name: 0 for name in order}
-  times[entry if entry is not None else ""] = 1
+  times = {name: int(name == entry) for name in order}
   for caller in reversed(order):  # callers before their callees
     for callee, trips, condition in calls.get(caller, []):
       if callee in times:

@@ -134,7 +134,8 @@ def per_device(call: Any, args: tuple, in_specs: tuple | None, out_specs: Any) -
   mesh = jax.sharding.get_abstract_mesh()
   if in_specs is None or mesh.empty or mesh.size == 1:
     return call(*args)
-  # check_vma=False: a Pallas call's outputs carry no record of which mesh axes they vary over.
+  # check_vma=False: such an op's outputs (a Pallas call's, a layout constraint's) carry no record of
+  # which mesh axes they vary over.
   return shard_map(call, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 

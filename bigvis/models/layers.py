@@ -286,9 +286,9 @@ def row_major(x: jax.Array, names: tuple[str, ...] = ("act_batch", "act_length",
     return pin(x)  # its own transpose pins the gradient
   # Mesh axes that do not divide x's dims are left out (x then replicated over them, correctly).
   spec = fit_spec(jax.sharding.PartitionSpec(*_activation_mesh_axes(names, x.ndim)), x.shape, mesh)
-  per_shard = jax.custom_vjp(lambda a: per_device(pin, (a,), (spec,), spec))
-  per_shard.defvjp(lambda a: (per_device(pin, (a,), (spec,), spec), None),
-                   lambda _, ct: (per_device(pin, (ct,), (spec,), spec),))
+  local = lambda a: per_device(pin, (a,), (spec,), spec)  # noqa: E731
+  per_shard = jax.custom_vjp(local)
+  per_shard.defvjp(lambda a: (local(a), None), lambda _, ct: (local(ct),))
   return per_shard(x)
 
 
