@@ -27,7 +27,11 @@ BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axes. Parameters: `embed` over fsdp (ZeRO-3 style), heads
 # and MLP units over tensor (Megatron style). Activations (`act_*`): the batch
-# over data and fsdp, hidden units over tensor.
+# over data and fsdp, hidden units over tensor. `representation` is the input of
+# a classifier behind a pre-logits layer: its other side, the classes, rarely
+# divides the mesh (21,843), so it takes both axes, tensor first to line up with
+# the pre-logits output it multiplies, fsdp so FSDP splits the 22M-parameter
+# i21k head rather than keeping it and its Adam state whole on every device.
 # `use_mesh` keeps the classic context on purpose; say so once, not on every call.
 warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
 
@@ -39,6 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
+    ("representation", ("tensor", "fsdp")),
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),

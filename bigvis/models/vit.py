@@ -227,7 +227,7 @@ class ViT(nn.Module):
     aux["pre_logits"] = x
     if self.num_classes:
       init = nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal()
-      in_axis = "mlp" if self.representation_size else "embed"
+      in_axis = "representation" if self.representation_size else "embed"
       x = nn.Dense(self.num_classes, name="head", dtype=self.dtype, use_bias=self.head_bias,
                    kernel_init=param_with_axes(init, (in_axis, "classes")),
                    bias_init=param_with_axes(nn.initializers.zeros, ("classes",)))(x)

@@ -1,0 +1,71 @@
+"""The sharding plan: what each mesh axis splits, for the paper experiments and under training."""
+import glob
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from bigvis import config as config_lib
+from bigvis import params as params_lib
+from bigvis import sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER_EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "experiments", "*.py"))
+                           if "digits" not in p)
+
+
+def _replicated_fraction(config) -> tuple[float, list[str]]:
+  """The fraction of parameters every device of the config's mesh holds whole, and the largest such."""
+  mesh, rules = sharding.mesh_and_rules(config, jax.devices())
+  boxed = params_lib.abstract_params(config.model, boxed=True)
+  specs = traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, rules), sep="/")
+  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: x.size, nn.meta.unbox(boxed)), sep="/")
+  whole = {k: sizes[k] for k, s in specs.items()
+           if np.prod([sharding.mesh_axes_size(mesh, a) for a in s.spec]) == 1}  # e.g. P("tensor") at tensor=1
+  return sum(whole.values()) / sum(sizes.values()), sorted(whole, key=whole.get, reverse=True)[:3]
+
+
+@pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
+@pytest.mark.parametrize("mesh", [("mesh.fsdp=8",), ("mesh.fsdp=4", "mesh.tensor=2")])
+def test_paper_experiments_keep_no_large_parameter_whole_on_every_device(name, mesh):
+  """FSDP and tensor parallelism exist to split a model too big for one device; a 22M-parameter
+  classifier head left whole on every device (with its Adam state, 270 MB) defeats that. Only norms,
+  biases and the like (0.12% of B/16's parameters; < 0.5%) may stay replicated."""
+  assert PAPER_EXPERIMENTS, "no experiments found"
+  config = config_lib.load(name, ["mesh.data=1", *mesh])
+  fraction, largest = _replicated_fraction(config)
+  assert fraction < 5e-3, (name, mesh, f"{fraction:.2%} replicated", largest)
+
+
+def _trained(overrides, devices=None, steps=3):
+  """Parameters after `steps` of the trainer's own step on vit_ti_digits with a pre-logits layer."""
+  from bigvis import train
+  from data_pipelines.synthetic import synthetic_batch
+  config = config_lib.load("vit_ti_digits", ["batch_size=16", "model.representation_size=64",
+                                             "model.num_classes=7", "optim.warmup_steps=0", *overrides])
+  mesh, rules = sharding.mesh_and_rules(config, devices or jax.devices())
+  model, loss_fn = train.model_and_objective(config, mesh)
+  local, _ = sharding.split_host_features(synthetic_batch(config.model, config.batch_size, config.seed))
+  state, shardings, tx, _ = train.create_train_state(config, model, mesh, rules, local)
+  step = train.make_train_step(config, loss_fn, tx, shardings, mesh, rules)
+  batch = sharding.global_batch(local, mesh)
+  with sharding.use_mesh(mesh):
+    for _ in range(steps):
+      state, _ = step(state, batch)
+  return state["params"]
+
+
+def test_a_head_behind_pre_logits_is_split_and_trains_as_on_one_device():
+  """The head's input (`representation`) is split over tensor, then fsdp, though its 7 classes divide
+  nothing; training on a 2x2x2 mesh equals one device's: the split lines up with the pre-logits
+  output, which tensor parallelism splits too."""
+  want = jax.tree.map(np.asarray, _trained(["mesh.data=1"], jax.devices()[:1]))
+  got = _trained(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+  head = got["head"]["kernel"]
+  assert head.sharding.spec[0] == ("tensor", "fsdp") and head.sharding.shard_shape(head.shape) == (64 // 4, 7)
+  assert np.abs(want["head"]["kernel"]).max() > 0  # the zero-initialised head has moved
+  # atol: 1% of a step's size (Adam's steps are ~lr = 1e-3 however small a gradient's rounding noise)
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-5), got, want)
