@@ -153,6 +153,16 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
                       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def whole_on_every_device(abstract_tree: Any, shardings: Any) -> dict[str, int]:
+  """Sizes, by '/'-joined path, of the leaves every device holds whole: their sharding splits no
+  dimension (data parallelism, a rule's mesh axis of size 1, a dimension no axis divides)."""
+  whole = {}
+  for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(abstract_tree)[0], jax.tree.leaves(shardings)):
+    if s.shard_shape(x.shape) == tuple(x.shape):
+      whole["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = int(np.prod(x.shape))
+  return whole
+
+
 def use_mesh(mesh: Mesh):
   """Context that makes `mesh` current for flax's logical sharding constraints.
 

@@ -152,6 +152,12 @@ def test_tiny_vit_compiles_for_a_tpu_slice_and_fits():
   assert set(r["collectives"]) == {"all-reduce"}, r["collectives"]
   assert 4 * r["params"] <= r["collectives"]["all-reduce"]["bytes"] <= 1.01 * 4 * r["params"]
   assert "collectives per chip and step (ops, bytes of their results): all-reduce" in aot.format_report(r)
+  # Data parallel keeps every parameter whole on every chip by design: said only under fsdp or tensor.
+  assert r["params_whole_on_every_chip"] == r["params"] and "whole on every chip" not in aot.format_report(r)
+  split = dict(r, mesh={"data": 1, "fsdp": 4, "tensor": 1}, params_whole_on_every_chip=r["params"] // 100,
+               largest_whole_params=[("head/kernel", 7)])
+  assert (f"parameters whole on every chip: {100 * (r['params'] // 100) / r['params']:.2f}% of them; the largest: "
+          "head/kernel (7)") in aot.format_report(split)
 
 
 @needs_libtpu

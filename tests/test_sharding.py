@@ -6,7 +6,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
 from bigvis import config as config_lib
 from bigvis import params as params_lib
@@ -21,11 +20,10 @@ def _replicated_fraction(config) -> tuple[float, list[str]]:
   """The fraction of parameters every device of the config's mesh holds whole, and the largest such."""
   mesh, rules = sharding.mesh_and_rules(config, jax.devices())
   boxed = params_lib.abstract_params(config.model, boxed=True)
-  specs = traverse_util.flatten_dict(sharding.logical_shardings(boxed, mesh, rules), sep="/")
-  sizes = traverse_util.flatten_dict(jax.tree.map(lambda x: x.size, nn.meta.unbox(boxed)), sep="/")
-  whole = {k: sizes[k] for k, s in specs.items()
-           if np.prod([sharding.mesh_axes_size(mesh, a) for a in s.spec]) == 1}  # e.g. P("tensor") at tensor=1
-  return sum(whole.values()) / sum(sizes.values()), sorted(whole, key=whole.get, reverse=True)[:3]
+  shapes = nn.meta.unbox(boxed)
+  whole = sharding.whole_on_every_device(shapes, sharding.logical_shardings(boxed, mesh, rules))
+  total = sum(params_lib.count_by_module(shapes).values())
+  return sum(whole.values()) / total, sorted(whole, key=whole.get, reverse=True)[:3]
 
 
 @pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
