@@ -148,9 +148,26 @@ def plan_train_state(config, model, mesh, rules, example_batch):
   return init_fn, abstract_state, state_shardings, tx, schedule
 
 
+def warn_whole_parameters(mesh, abstract_params, param_shardings, *, threshold: float = 0.01) -> None:
+  """Warns when a mesh meant to split the parameters (fsdp, tensor) leaves over 1% of them whole on
+  every device: heads that `tensor` does not divide, a rule that misses a layer; the memory the user
+  sized the mesh for is then not saved."""
+  if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
+    return  # data parallelism keeps every parameter whole by design
+  whole = sharding.whole_on_every_device(abstract_params, param_shardings)
+  total = sum(x.size for x in jax.tree.leaves(abstract_params))
+  if sum(whole.values()) > threshold * total:
+    largest = ", ".join(f"{k} ({v:,})" for k, v in sorted(whole.items(), key=lambda kv: -kv[1])[:3])
+    logging.warning("mesh fsdp=%d tensor=%d leaves %.1f%% of the parameters whole on every device (the largest: "
+                    "%s): no sharding rule splits them, or their dimensions do not divide the mesh axes; "
+                    "`bigvis aot` shows the plan, `sharding_rules` changes it.", mesh.shape["fsdp"],
+                    mesh.shape["tensor"], 100 * sum(whole.values()) / total, largest)
+
+
 def create_train_state(config, model, mesh, rules, example_batch):
   """Initialises params and optimizer state already sharded: no full copy on any one device."""
-  init_fn, _, state_shardings, tx, schedule = plan_train_state(config, model, mesh, rules, example_batch)
+  init_fn, abstract_state, state_shardings, tx, schedule = plan_train_state(config, model, mesh, rules, example_batch)
+  warn_whole_parameters(mesh, abstract_state["params"], state_shardings["params"])
   with sharding.use_mesh(mesh):
     state = jax.jit(init_fn, out_shardings=state_shardings)()
   return state, state_shardings, tx, schedule

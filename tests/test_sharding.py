@@ -67,3 +67,27 @@ def test_a_head_behind_pre_logits_is_split_and_trains_as_on_one_device():
   assert np.abs(want["head"]["kernel"]).max() > 0  # the zero-initialised head has moved
   # atol: 1% of a step's size (Adam's steps are ~lr = 1e-3 however small a gradient's rounding noise)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(np.asarray(g), w, rtol=2e-5, atol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("mesh, warned", [(["mesh.data=1", "mesh.tensor=8"], True),
+                                          (["mesh.data=1", "mesh.fsdp=8"], False),
+                                          (["mesh.data=8"], False)])
+def test_a_mesh_that_leaves_large_parameters_whole_is_said_at_start(mesh, warned, caplog):
+  """`tensor=8` cannot split the test ViT's 4 attention heads: its attention weights (a third of the
+  model) stay whole on every device, which the user who sized the mesh for memory must hear about.
+  FSDP splits them; data parallelism keeps everything whole by design and is not warned about."""
+  from bigvis import train
+  from data_pipelines.synthetic import synthetic_batch
+  config = config_lib.load("vit_ti_digits", ["batch_size=8", *mesh])
+  mesh_, rules = sharding.mesh_and_rules(config, jax.devices())
+  model, _ = train.model_and_objective(config, mesh_)
+  local, _ = sharding.split_host_features(synthetic_batch(config.model, config.batch_size, config.seed))
+  if warned:  # as training starts: the state is created
+    train.create_train_state(config, model, mesh_, rules, local)
+  else:  # the plan alone, nothing compiled
+    _, abstract, shardings, _, _ = train.plan_train_state(config, model, mesh_, rules, local)
+    train.warn_whole_parameters(mesh_, abstract["params"], shardings["params"])
+  said = [r.getMessage() for r in caplog.records if "whole on every device" in r.getMessage()]
+  assert bool(said) == warned, said
+  if warned:
+    assert "mesh fsdp=1 tensor=8 leaves 3" in said[0] and "attn/query/kernel" in said[0], said[0]
