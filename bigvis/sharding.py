@@ -154,13 +154,14 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
 
 
 def whole_on_every_device(abstract_tree: Any, shardings: Any) -> dict[str, int]:
-  """Sizes, by '/'-joined path, of the leaves every device holds whole: their sharding splits no
-  dimension (data parallelism, a rule's mesh axis of size 1, a dimension no axis divides)."""
+  """Sizes, by '/'-joined path and largest first, of the leaves every device holds whole: their
+  sharding splits no dimension (data parallelism, a rule's mesh axis of size 1, a dimension no axis
+  divides)."""
   whole = {}
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(abstract_tree)[0], jax.tree.leaves(shardings)):
     if s.shard_shape(x.shape) == tuple(x.shape):
       whole["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = int(np.prod(x.shape))
-  return whole
+  return dict(sorted(whole.items(), key=lambda kv: -kv[1]))
 
 
 def use_mesh(mesh: Mesh):

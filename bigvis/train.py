@@ -157,7 +157,7 @@ def warn_whole_parameters(mesh, abstract_params, param_shardings, *, threshold: 
   whole = sharding.whole_on_every_device(abstract_params, param_shardings)
   total = sum(x.size for x in jax.tree.leaves(abstract_params))
   if sum(whole.values()) > threshold * total:
-    largest = ", ".join(f"{k} ({v:,})" for k, v in sorted(whole.items(), key=lambda kv: -kv[1])[:3])
+    largest = ", ".join(f"{k} ({v:,})" for k, v in list(whole.items())[:3])
     logging.warning("mesh fsdp=%d tensor=%d leaves %.1f%% of the parameters whole on every device (the largest: "
                     "%s): no sharding rule splits them, or their dimensions do not divide the mesh axes; "
                     "`bigvis aot` shows the plan, `sharding_rules` changes it.", mesh.shape["fsdp"],
