@@ -312,9 +312,10 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                        abstract_state, state_shardings)
   n_params = int(sum(x.size for x in jax.tree.leaves(abstract_state["params"])))
-  # What FSDP and tensor parallelism leave whole on every chip: a rule that misses a large matrix
-  # shows here (the i21k heads did, until the seventeenth session).
-  whole = sharding.whole_on_every_device(abstract_state["params"], state_shardings["params"])
+  # What FSDP and tensor parallelism leave copied on the chips: a rule that misses a large matrix
+  # shows here.
+  copied = sharding.copied_parameters(abstract_state["params"], state_shardings["params"], mesh)
+  even_split = n_params / (mesh.shape["fsdp"] * mesh.shape["tensor"])
   step = train.make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
 
   # FLOPs are read off the traces of two steps with the same parameters, their kernels as XLA's ops
@@ -375,8 +376,9 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "batch_size": int(config.batch_size),
       "batch_per_chip": config.batch_size / sharding.data_parallel_size(mesh),
       "params": n_params,
-      "params_whole_on_every_chip": sum(whole.values()),
-      "largest_whole_params": list(whole.items())[:3],
+      "params_per_chip": round(even_split + sum(copied.values())),
+      "params_even_split": round(even_split),
+      "most_copied_params": list(copied.items())[:3],
       "memory": memory,
       "total_bytes_per_chip": needed,
       "hbm_bytes_per_chip": gen.hbm_bytes,
@@ -451,10 +453,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"    est. throughput             {r['examples_per_sec']:,.0f} examples/s",
         f"    MFU at that step time       {100 * r['mfu']:8.1f}%",
     ]
-  if r["mesh"].get("fsdp", 1) * r["mesh"].get("tensor", 1) > 1 and r.get("largest_whole_params") is not None:
-    largest = ", ".join(f"{name} ({size:,})" for name, size in r["largest_whole_params"])
-    lines.append(f"  parameters whole on every chip: {100 * r['params_whole_on_every_chip'] / r['params']:.2f}% "
-                 f"of them; the largest: {largest or 'none'}")
+  if r["mesh"].get("fsdp", 1) * r["mesh"].get("tensor", 1) > 1 and r.get("most_copied_params") is not None:
+    most = ", ".join(f"{name} (+{extra:,})" for name, extra in r["most_copied_params"])
+    lines.append(f"  parameters per chip: {r['params_per_chip'] / 1e6:,.1f}M, {r['params_per_chip'] / r['params_even_split']:.3f}x "
+                 f"an even split over fsdp x tensor; the most copied: {most or 'none'}")
   if r.get("collectives") is not None:  # what the step sends between chips: a sharding mistake shows here
     moved = ", ".join(f"{k} {v['ops']} ({v['bytes'] / 1e6:,.1f} MB)" for k, v in sorted(r["collectives"].items()))
     lines.append(f"  collectives per chip and step (ops, bytes of their results): {moved or 'none'}")

@@ -31,7 +31,9 @@ BATCH_AXES = ("data", "fsdp")
 # a classifier behind a pre-logits layer: its other side, the classes, rarely
 # divides the mesh (21,843), so it takes both axes, tensor first to line up with
 # the pre-logits output it multiplies, fsdp so FSDP splits the 22M-parameter
-# i21k head rather than keeping it and its Adam state whole on every device.
+# i21k head rather than keeping it and its Adam state whole on every device
+# (fsdp alone where a user's rule has taken tensor). Rules for other names
+# are refused: a misspelt one would be silently ignored.
 # `use_mesh` keeps the classic context on purpose; say so once, not on every call.
 warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
 
@@ -44,6 +46,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("representation", ("tensor", "fsdp")),
+    ("representation", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
@@ -53,6 +56,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("length", None),
 )
+
+LOGICAL_AXES = tuple(dict.fromkeys(name for name, _ in DEFAULT_RULES))
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict | dict, num_devices: int) -> tuple[int, int, int]:
@@ -104,6 +109,9 @@ def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any
   for rule in overrides:
     if len(rule) != 2:
       raise UserError(f"sharding rule {rule!r} is not a [logical_axis, mesh_axes] pair.")
+    if rule[0] not in LOGICAL_AXES:
+      raise UserError(f"sharding rule {rule!r} names logical axis '{rule[0]}', not one of "
+                      f"{', '.join(LOGICAL_AXES)}.")
     axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     for a in axes:
       if a is not None and a not in MESH_AXES:
@@ -121,9 +129,16 @@ def mesh_axes_size(mesh: Any, axes: str | tuple[str, ...] | None) -> int:
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Any) -> P:
-  """Drops mesh axes from dimensions they do not divide evenly."""
-  return P(*(axes if dim % mesh_axes_size(mesh, axes) == 0 else None
-             for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
+  """Drops mesh axes from dimensions they do not divide evenly: of a tuple of axes, the trailing
+  ones until the rest divides (the leading axes keep their blocks, so the split stays aligned with
+  activations split over those alone)."""
+  def fit(dim, axes):
+    if axes is None or not isinstance(axes, tuple):
+      return axes if dim % mesh_axes_size(mesh, axes) == 0 else None
+    while axes and dim % mesh_axes_size(mesh, axes):
+      axes = axes[:-1]
+    return axes or None
+  return P(*(fit(dim, axes) for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))))
 
 
 def per_device(call: Any, args: tuple, in_specs: tuple | None, out_specs: Any) -> Any:
@@ -153,15 +168,19 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
                       mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def whole_on_every_device(abstract_tree: Any, shardings: Any) -> dict[str, int]:
-  """Sizes, by '/'-joined path and largest first, of the leaves every device holds whole: their
-  sharding splits no dimension (data parallelism, a rule's mesh axis of size 1, a dimension no axis
-  divides)."""
-  whole = {}
-  for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(abstract_tree)[0], jax.tree.leaves(shardings)):
-    if s.shard_shape(x.shape) == tuple(x.shape):
-      whole["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = int(np.prod(x.shape))
-  return dict(sorted(whole.items(), key=lambda kv: -kv[1]))
+def copied_parameters(abstract_tree: Any, shardings: Any, mesh: Any) -> dict[str, int]:
+  """Elements each device holds of each parameter beyond an even split over fsdp x tensor, the axes
+  that split parameters, by '/'-joined path and most first: norms and biases are expected here, a
+  weight matrix means a rule misses it or its dimensions do not divide the mesh."""
+  from flax import traverse_util
+  split = mesh.shape["fsdp"] * mesh.shape["tensor"]
+  named = traverse_util.flatten_dict(shardings)
+  copied = {}
+  for path, x in traverse_util.flatten_dict(abstract_tree).items():
+    extra = int(np.prod(named[path].shard_shape(x.shape))) - int(np.prod(x.shape)) // split
+    if extra > 0:
+      copied["/".join(map(str, path))] = extra
+  return dict(sorted(copied.items(), key=lambda kv: -kv[1]))
 
 
 def use_mesh(mesh: Mesh):

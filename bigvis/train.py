@@ -148,26 +148,27 @@ def plan_train_state(config, model, mesh, rules, example_batch):
   return init_fn, abstract_state, state_shardings, tx, schedule
 
 
-def warn_whole_parameters(mesh, abstract_params, param_shardings, *, threshold: float = 0.01) -> None:
-  """Warns when a mesh meant to split the parameters (fsdp, tensor) leaves over 1% of them whole on
-  every device: heads that `tensor` does not divide, a rule that misses a layer; the memory the user
-  sized the mesh for is then not saved."""
-  if mesh.shape["fsdp"] * mesh.shape["tensor"] == 1:
-    return  # data parallelism keeps every parameter whole by design
-  whole = sharding.whole_on_every_device(abstract_params, param_shardings)
-  total = sum(x.size for x in jax.tree.leaves(abstract_params))
-  if sum(whole.values()) > threshold * total:
-    largest = ", ".join(f"{k} ({v:,})" for k, v in list(whole.items())[:3])
-    logging.warning("mesh fsdp=%d tensor=%d leaves %.1f%% of the parameters whole on every device (the largest: "
-                    "%s): no sharding rule splits them, or their dimensions do not divide the mesh axes; "
-                    "`bigvis aot` shows the plan, `sharding_rules` changes it.", mesh.shape["fsdp"],
-                    mesh.shape["tensor"], 100 * sum(whole.values()) / total, largest)
+def warn_copied_parameters(mesh, abstract_params, param_shardings, *, tolerance: float = 0.1) -> None:
+  """Warns when a mesh meant to split the parameters (fsdp, tensor) leaves each device over 10% more
+  of them than an even split: heads that `tensor` does not divide, a rule that misses a layer; the
+  memory the user sized the mesh for is then not saved."""
+  split = mesh.shape["fsdp"] * mesh.shape["tensor"]
+  if split == 1 or jax.process_index() != 0:
+    return  # data parallelism keeps every parameter whole by design; one host says it for all
+  copied = sharding.copied_parameters(abstract_params, param_shardings, mesh)
+  even = sum(x.size for x in jax.tree.leaves(abstract_params)) / split
+  if sum(copied.values()) > tolerance * even:
+    most = ", ".join(f"{k} (+{v:,})" for k, v in list(copied.items())[:3])
+    logging.warning("mesh fsdp=%d tensor=%d leaves each device %.2fx the parameters of an even split (the most "
+                    "copied: %s): no sharding rule splits them, or their dimensions do not divide the mesh "
+                    "axes; `bigvis aot` shows the plan, `sharding_rules` changes it.", mesh.shape["fsdp"],
+                    mesh.shape["tensor"], 1 + sum(copied.values()) / even, most)
 
 
 def create_train_state(config, model, mesh, rules, example_batch):
   """Initialises params and optimizer state already sharded: no full copy on any one device."""
   init_fn, abstract_state, state_shardings, tx, schedule = plan_train_state(config, model, mesh, rules, example_batch)
-  warn_whole_parameters(mesh, abstract_state["params"], state_shardings["params"])
+  warn_copied_parameters(mesh, abstract_state["params"], state_shardings["params"])
   with sharding.use_mesh(mesh):
     state = jax.jit(init_fn, out_shardings=state_shardings)()
   return state, state_shardings, tx, schedule

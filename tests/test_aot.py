@@ -153,11 +153,12 @@ def test_tiny_vit_compiles_for_a_tpu_slice_and_fits():
   assert 4 * r["params"] <= r["collectives"]["all-reduce"]["bytes"] <= 1.01 * 4 * r["params"]
   assert "collectives per chip and step (ops, bytes of their results): all-reduce" in aot.format_report(r)
   # Data parallel keeps every parameter whole on every chip by design: said only under fsdp or tensor.
-  assert r["params_whole_on_every_chip"] == r["params"] and "whole on every chip" not in aot.format_report(r)
-  split = dict(r, mesh={"data": 1, "fsdp": 4, "tensor": 1}, params_whole_on_every_chip=r["params"] // 100,
-               largest_whole_params=[("head/kernel", 7)])
-  assert (f"parameters whole on every chip: {100 * (r['params'] // 100) / r['params']:.2f}% of them; the largest: "
-          "head/kernel (7)") in aot.format_report(split)
+  assert r["params_per_chip"] == r["params_even_split"] == r["params"] and r["most_copied_params"] == []
+  assert "parameters per chip" not in aot.format_report(r)
+  split = dict(r, mesh={"data": 1, "fsdp": 4, "tensor": 1}, params_per_chip=1_250_000, params_even_split=1_000_000,
+               most_copied_params=[("head/kernel", 7)])
+  assert ("parameters per chip: 1.2M, 1.250x an even split over fsdp x tensor; the most copied: head/kernel (+7)"
+          in aot.format_report(split))
 
 
 @needs_libtpu
