@@ -455,8 +455,9 @@ def format_report(r: dict[str, Any]) -> str:
     ]
   if r["mesh"].get("fsdp", 1) * r["mesh"].get("tensor", 1) > 1 and r.get("most_copied_params") is not None:
     most = ", ".join(f"{name} (+{extra:,})" for name, extra in r["most_copied_params"])
-    lines.append(f"  parameters per chip: {r['params_per_chip'] / 1e6:,.1f}M, {r['params_per_chip'] / r['params_even_split']:.3f}x "
-                 f"an even split over fsdp x tensor; the most copied: {most or 'none'}")
+    share = r["params_per_chip"] / r["params_even_split"]
+    lines.append(f"  parameters per chip: {r['params_per_chip'] / 1e6:,.1f}M, {share:.3f}x an even split over "
+                 f"fsdp x tensor; the most copied: {most or 'none'}")
   if r.get("collectives") is not None:  # what the step sends between chips: a sharding mistake shows here
     moved = ", ".join(f"{k} {v['ops']} ({v['bytes'] / 1e6:,.1f} MB)" for k, v in sorted(r["collectives"].items()))
     lines.append(f"  collectives per chip and step (ops, bytes of their results): {moved or 'none'}")

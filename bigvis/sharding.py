@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -172,7 +173,6 @@ def copied_parameters(abstract_tree: Any, shardings: Any, mesh: Any) -> dict[str
   """Elements each device holds of each parameter beyond an even split over fsdp x tensor, the axes
   that split parameters, by '/'-joined path and most first: norms and biases are expected here, a
   weight matrix means a rule misses it or its dimensions do not divide the mesh."""
-  from flax import traverse_util
   split = mesh.shape["fsdp"] * mesh.shape["tensor"]
   named = traverse_util.flatten_dict(shardings)
   copied = {}
