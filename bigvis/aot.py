@@ -378,7 +378,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str,
       "params": n_params,
       "params_per_chip": round(even_split + sum(copied.values())),
       "params_even_split": round(even_split),
-      "most_copied_params": list(copied.items())[:3],
+      "most_copied_params": [kv for kv in copied.items() if kv[1] > 0][:3],
       "memory": memory,
       "total_bytes_per_chip": needed,
       "hbm_bytes_per_chip": gen.hbm_bytes,
@@ -454,7 +454,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"    MFU at that step time       {100 * r['mfu']:8.1f}%",
     ]
   if r["mesh"].get("fsdp", 1) * r["mesh"].get("tensor", 1) > 1 and r.get("most_copied_params") is not None:
-    most = ", ".join(f"{name} (+{extra:,})" for name, extra in r["most_copied_params"])
+    from bigvis.sharding import most_copied
+    most = most_copied(dict(r["most_copied_params"]))
     share = r["params_per_chip"] / r["params_even_split"]
     lines.append(f"  parameters per chip: {r['params_per_chip'] / 1e6:,.1f}M, {share:.3f}x an even split over "
                  f"fsdp x tensor; the most copied: {most or 'none'}")

@@ -4,8 +4,8 @@ The mesh has three named axes, `data`, `fsdp` and `tensor`, sized by the config
 (-1 takes the remaining devices). Modules name their parameter and activation
 axes logically; the rules below (overridable by `config.sharding_rules`) map
 logical names to mesh axes. A dimension that does not divide evenly over its
-mesh axes is replicated instead, so small heads and odd vocabularies never
-block a layout.
+mesh axes is split over the leading ones that divide it, else replicated, so
+small heads and odd vocabularies never block a layout.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ BATCH_AXES = ("data", "fsdp")
 # divides the mesh (21,843), so it takes both axes, tensor first to line up with
 # the pre-logits output it multiplies, fsdp so FSDP splits the 22M-parameter
 # i21k head rather than keeping it and its Adam state whole on every device
-# (fsdp alone where a user's rule has taken tensor). Rules for other names
-# are refused: a misspelt one would be silently ignored.
+# (or whichever of the two a user's rule has left). Rules for other names are
+# refused: a misspelt one would be silently ignored.
 # `use_mesh` keeps the classic context on purpose; say so once, not on every call.
 warnings.filterwarnings("ignore", message=".*mesh.*context manager has been deprecated", category=DeprecationWarning)
 
@@ -48,6 +48,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("representation", ("tensor", "fsdp")),
     ("representation", "fsdp"),
+    ("representation", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
@@ -115,7 +116,7 @@ def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any
                       f"{', '.join(LOGICAL_AXES)}.")
     axes = rule[1] if isinstance(rule[1], (tuple, list)) else (rule[1],)
     for a in axes:
-      if a is not None and a not in MESH_AXES:
+      if (a is not None or len(axes) > 1) and a not in MESH_AXES:
         raise UserError(f"sharding rule {rule!r} names mesh axis '{a}', not one of {MESH_AXES}.")
   names = {r[0] for r in overrides}
   return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in overrides) + tuple(
@@ -134,7 +135,9 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh: Any) -> P:
   ones until the rest divides (the leading axes keep their blocks, so the split stays aligned with
   activations split over those alone)."""
   def fit(dim, axes):
-    if axes is None or not isinstance(axes, tuple):
+    if axes is None or axes is P.UNCONSTRAINED:
+      return axes
+    if not isinstance(axes, tuple):
       return axes if dim % mesh_axes_size(mesh, axes) == 0 else None
     while axes and dim % mesh_axes_size(mesh, axes):
       axes = axes[:-1]
@@ -172,15 +175,21 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
 def copied_parameters(abstract_tree: Any, shardings: Any, mesh: Any) -> dict[str, int]:
   """Elements each device holds of each parameter beyond an even split over fsdp x tensor, the axes
   that split parameters, by '/'-joined path and most first: norms and biases are expected here, a
-  weight matrix means a rule misses it or its dimensions do not divide the mesh."""
+  weight matrix means a rule misses it or its dimensions do not divide the mesh. Negative (last)
+  where a user's rule splits a parameter over `data` too, so the values sum to the difference."""
   split = mesh.shape["fsdp"] * mesh.shape["tensor"]
   named = traverse_util.flatten_dict(shardings)
   copied = {}
   for path, x in traverse_util.flatten_dict(abstract_tree).items():
     extra = int(np.prod(named[path].shard_shape(x.shape))) - int(np.prod(x.shape)) // split
-    if extra > 0:
+    if extra:
       copied["/".join(map(str, path))] = extra
   return dict(sorted(copied.items(), key=lambda kv: -kv[1]))
+
+
+def most_copied(copied: dict[str, int], n: int = 3) -> str:
+  """'name (+extra), ...' for the `n` most copied parameters of `copied_parameters`; '' if none."""
+  return ", ".join(f"{k} (+{v:,})" for k, v in list(copied.items())[:n] if v > 0)
 
 
 def use_mesh(mesh: Mesh):

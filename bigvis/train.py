@@ -158,7 +158,7 @@ def warn_copied_parameters(mesh, abstract_params, param_shardings, *, tolerance:
   copied = sharding.copied_parameters(abstract_params, param_shardings, mesh)
   even = sum(x.size for x in jax.tree.leaves(abstract_params)) / split
   if sum(copied.values()) > tolerance * even:
-    most = ", ".join(f"{k} (+{v:,})" for k, v in list(copied.items())[:3])
+    most = sharding.most_copied(copied)
     logging.warning("mesh fsdp=%d tensor=%d leaves each device %.2fx the parameters of an even split (the most "
                     "copied: %s): no sharding rule splits them, or their dimensions do not divide the mesh "
                     "axes; `bigvis aot` shows the plan, `sharding_rules` changes it.", mesh.shape["fsdp"],

@@ -44,15 +44,16 @@ def test_paper_experiments_split_their_parameters_evenly_over_fsdp_and_tensor(na
   assert share < 1.05, (name, mesh, f"{share:.3f}x an even split", most)
 
 
-def test_a_users_rule_that_takes_tensor_leaves_the_head_on_fsdp():
-  """With `tensor` given to the classes by a user's rule (applied first), the head's input falls back
-  to fsdp alone rather than to no split at all."""
+@pytest.mark.parametrize("taken, left", [("tensor", "fsdp"), ("fsdp", "tensor")])
+def test_a_users_rule_that_takes_one_axis_leaves_the_head_on_the_other(taken, left):
+  """With one of the head input's axes given to the classes by a user's rule (applied first), the
+  input falls back to the other rather than to no split at all."""
   config = config_lib.load("vit_l16_i21k", ["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2",
-                                            "sharding_rules=[['classes', 'tensor']]"])
+                                            f"sharding_rules=[['classes', '{taken}']]"])
   mesh, rules = sharding.mesh_and_rules(config, jax.devices())
   boxed = params_lib.abstract_params(config.model, boxed=True)
   head = sharding.logical_shardings(boxed, mesh, rules)["head"]["kernel"]
-  assert head.spec == P("fsdp", None), head.spec  # 21,843 classes do not divide `tensor`: dropped there
+  assert head.spec == P(left, None), head.spec  # 21,843 classes divide neither: dropped there
 
 
 def test_fit_spec_keeps_the_leading_axes_of_a_split_that_does_not_divide():
@@ -124,3 +125,11 @@ def test_a_mesh_that_leaves_parameters_copied_is_said_at_start(mesh, warned, cap
   if warned:
     share = float(said[0].split("leaves each device ")[1].split("x")[0])
     assert 2 < share < 8 and "mesh fsdp=1 tensor=8" in said[0] and "attn/query/kernel" in said[0], said[0]
+
+
+def test_rules_name_mesh_axes_or_none_alone():
+  config = config_lib.load("vit_ti_digits", ["sharding_rules=[['embed', ['fsdp', None]]]"])
+  with pytest.raises(UserError, match="names mesh axis 'None'"):
+    sharding.rules_from_config(config)
+  assert sharding.fit_spec(P(P.UNCONSTRAINED, "fsdp"), (3, 8), SimpleNamespace(shape={"fsdp": 8})) == \
+      P(P.UNCONSTRAINED, "fsdp")
