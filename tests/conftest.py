@@ -14,3 +14,11 @@ def _data_dir(tmp_path_factory, monkeypatch):
   if "BIGVIS_DATA_DIR" not in os.environ:
     shared = tmp_path_factory.getbasetemp().parent / "bigvis-data"
     monkeypatch.setenv("BIGVIS_DATA_DIR", str(shared))
+
+
+def pytest_collection_modifyitems(items):
+  """Modules with a `slow` test first, each kept whole (its module fixtures set up once): pytest-xdist
+  deals tests out in this order, so the long end-to-end runs start early and the two workers finish
+  on short tests together, rather than one idling while the other runs a long test dealt last."""
+  slow_modules = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_modules)

@@ -4,6 +4,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from PIL import Image
 
@@ -60,6 +61,7 @@ def _bad_and_convertible_examples() -> tuple[list[bytes], dict[str, int], int]:
   return bad + convertible, expected, len(convertible)
 
 
+@pytest.mark.slow
 def test_clip_run_skips_and_counts_each_kind_of_bad_record(tmp_path, capsys):
   """Each kind of bad record is skipped and counted; an image damaged past its header is skipped
   where decoding fails; the run finishes with a finite loss."""

@@ -323,6 +323,7 @@ def _short_run(name, workdir, steps):
   train.train_and_evaluate(c, str(workdir), devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_zeroshot_command_and_embedder_on_a_short_clip_run(tmp_path, capsys):
   from bigvis import cli, inference
   _short_run("clip_ti_digits", tmp_path / "run", 10)

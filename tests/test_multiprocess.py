@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--set", "total_steps=12", "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=6",
@@ -41,6 +42,7 @@ def _rows(workdir):
     return [json.loads(l) for l in f]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   one = str(tmp_path / "one")
   p = _start(one, 8)
@@ -75,6 +77,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(d for d in os.listdir(os.path.join(two, "checkpoints")) if d.isdigit()) == ["12", "6"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
   """Preemption of one process: JAX's preemption service agrees on a step, both save it and exit 0."""
   import signal

@@ -216,6 +216,7 @@ def test_global_norm_and_clipping_equal_optax_s_with_one_reduction_per_shape():
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), got, want)
 
 
+@pytest.mark.slow
 def test_small_gradients_are_stacked_for_the_update_and_the_train_step_is_unchanged(monkeypatch, tmp_path):
   """`optim.stack_small_leaves` (the gradients on GPUs): the same values, each group of small leaves of
   one shape and dtype taken from one stacked array behind an optimisation barrier, so that XLA merges

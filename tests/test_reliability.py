@@ -105,6 +105,7 @@ def test_wrong_type(tmp_path, capsys):
   assert "total_steps" in _one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
   """Preemption (SIGTERM) ends the run cleanly at a step boundary with that step checkpointed."""
   import signal

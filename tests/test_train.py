@@ -30,6 +30,7 @@ def _short(overrides=()):
   return c
 
 
+@pytest.mark.slow
 def test_same_loss_on_one_device_and_on_8_device_meshes(tmp_path):
   """Data parallel, FSDP and tensor parallel layouts compute the same training run."""
   runs = {
@@ -70,6 +71,7 @@ def _kill_after_checkpoint(proc, ckpts: str, at_least: int) -> None:
   proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_identical_losses(tmp_path):
   """Killed with SIGKILL twice and restarted: the losses of an uninterrupted run, step for step."""
   args = ["--set", "total_steps=40", "--set", "log_every_steps=1", "--set", "checkpoint_every_steps=10",
@@ -88,6 +90,7 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
   np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_default_experiment_learns_digits(tmp_path, monkeypatch):
   """A shortened default run: held-out accuracy well above chance, metrics and TensorBoard written."""
   from bigvis import metrics
@@ -117,6 +120,7 @@ def test_default_experiment_learns_digits(tmp_path, monkeypatch):
   assert sum("eval/test/accuracy" in r for r in rows) == 1
 
 
+@pytest.mark.slow
 def test_evals_due_at_the_resume_step_are_not_lost(tmp_path, monkeypatch):
   """A step's checkpoint is saved before its evals; a run stopped between the two (SIGTERM, or a
   crash in an evaluator, as here) resumes at that step and runs its evals there, so metrics.jsonl
