@@ -19,14 +19,13 @@ PAPER_EXPERIMENTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.j
                            if "digits" not in p)
 
 
-def _per_device_share(config, extra_rules=()) -> tuple[float, list[str]]:
+def _per_device_share(config) -> tuple[float, list[str]]:
   """Parameters one device of the config's mesh holds, over an even split across fsdp x tensor,
   and the most copied parameters."""
   mesh, rules = sharding.mesh_and_rules(config, jax.devices())
   boxed = params_lib.abstract_params(config.model, boxed=True)
   shapes = nn.meta.unbox(boxed)
-  copied = sharding.copied_parameters(shapes, sharding.logical_shardings(boxed, mesh, tuple(extra_rules) + rules),
-                                      mesh)
+  copied = sharding.copied_parameters(shapes, sharding.logical_shardings(boxed, mesh, rules), mesh)
   even = sum(params_lib.count_by_module(shapes).values()) / (mesh.shape["fsdp"] * mesh.shape["tensor"])
   return 1 + sum(copied.values()) / even, list(copied)[:3]
 
