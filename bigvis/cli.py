@@ -76,6 +76,21 @@ def cmd_data_write_shards(args) -> int:
   return 0
 
 
+def cmd_data_count_shards(args) -> int:
+  from data_pipelines import shard_counts, sources
+  files = sources.shard_files(args.shards, "--shards")
+  step = max(1, len(files) // 20)
+
+  def progress(n: int) -> None:
+    if n % step == 0 or n == len(files):
+      print(f"{n}/{len(files)} files counted", file=sys.stderr, flush=True)
+  counts = shard_counts.count_shards(files, progress)
+  folders = sorted({os.path.dirname(f) for f in files})
+  print(f"counted {sum(counts.values())} records in {len(files)} files; wrote {shard_counts.MANIFEST} in "
+        f"{', '.join(folders[:3])}{' and others' if len(folders) > 3 else ''}")
+  return 0
+
+
 def cmd_data_train_tokenizer(args) -> int:
   from data_pipelines import tokenizer
   path = tokenizer.train_tokenizer_from_shards(args.shards, args.model_prefix, args.vocab_size)
@@ -105,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-pixels", type=int, default=178956970)
   p.add_argument("--prefix", default="data")
   p.set_defaults(fn=cmd_data_write_shards)
+  p = data.add_parser("count-shards", help="count the records of TFRecord shards made elsewhere, so that "
+                      "readers split them evenly (write-shards counts its own)")
+  p.add_argument("--shards", required=True, help="glob(s) of TFRecord shards, comma-separated")
+  p.set_defaults(fn=cmd_data_count_shards)
   p = data.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on shards' captions")
   p.add_argument("--shards", required=True, help="glob of TFRecord shards")
   p.add_argument("--model-prefix", required=True, help="output path without .model")

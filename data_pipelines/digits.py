@@ -27,7 +27,7 @@ import numpy as np
 from bigvis.errors import UserError
 from data_pipelines import cache_root
 
-VERSION = "v1"  # bump when images, split, captions or tokenizer settings change
+VERSION = "v2"  # bump when images, split, captions, tokenizer settings or shard layout change (v2: record counts)
 KINDS = ("classification", "captions")
 SPLITS = ("train", "test")
 NUM_TRAIN, NUM_TEST = 1497, 300

@@ -19,7 +19,7 @@ from bigvis.errors import UserError
 from data_pipelines import preprocess
 from data_pipelines import tokenizer as _tokenizer  # noqa: F401  registers the `tokenize` op
 from data_pipelines import shifts as _shifts  # noqa: F401  registers the distribution-shift ops
-from data_pipelines.sources import SOURCE_KEYS, make_source
+from data_pipelines.sources import SOURCE_KEYS, make_source, make_sources
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -63,10 +63,10 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _reader_stream(cfg, where: str, reader: int, num_readers: int, *, batch: int, seed: int,
+def _reader_stream(cfg, source: tf.data.Dataset, reader: int, *, batch: int, seed: int,
                    start_step: int) -> tf.data.Dataset:
-  """Batches of one reader: its slice of the files, its own shuffle and augmentation seeds."""
-  ds = _drop_bad(make_source(cfg, where, reader, num_readers))
+  """Batches of one reader: its `source` (its slice of the files), its own shuffle and augmentation seeds."""
+  ds = _drop_bad(source)
   if cfg.get("cache", False):
     ds = ds.cache()
   ds = ds.repeat()
@@ -106,8 +106,9 @@ def train_dataset(cfg: ml_collections.ConfigDict, *, global_batch_size: int, see
     raise UserError(f"{where}.num_readers={readers} must be a multiple of the {process_count} processes "
                     f"and divide batch_size={global_batch_size}.")
   mine = range(process_index * readers // process_count, (process_index + 1) * readers // process_count)
-  streams = [_reader_stream(cfg, where, r, readers, batch=global_batch_size // readers, seed=seed,
-                            start_step=start_step) for r in mine]
+  sources = make_sources(cfg, where, mine, readers)
+  streams = [_reader_stream(cfg, source, r, batch=global_batch_size // readers, seed=seed,
+                            start_step=start_step) for r, source in zip(mine, sources)]
   ds = streams[0] if len(streams) == 1 else tf.data.Dataset.zip(tuple(streams)).map(_concat_readers)
   return ds.prefetch(AUTOTUNE)
 
@@ -148,7 +149,7 @@ def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, proc
   """
   check_known(cfg, SOURCE_KEYS, where)
   batch = local_batch_size(global_batch_size, process_count)
-  padded = _padded_to_full_batches(_drop_bad(make_source(cfg, where, 0, 1)), global_batch_size)
+  padded = _padded_to_full_batches(_drop_bad(make_source(cfg, where)), global_batch_size)
   mine = padded.filter(lambda i, x: (i % global_batch_size) // batch == process_index)
   ds = _preprocess(mine, cfg.get("pp", ""), 0, 0, indexed=True)
   empty = True

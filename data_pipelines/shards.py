@@ -13,7 +13,8 @@ once with Pillow (`check_image`): unusable items are skipped with a warning nami
 them and counted by reason; usable but unusual images (alpha, 16-bit, grayscale,
 CMYK, palette, progressive JPEG, other formats) are normalised to 8-bit RGB JPEG
 and counted as `converted/<kind>`. Shards appear under their final names only
-once all of them are complete.
+once all of them are complete, with their record counts in the folder's manifest
+(`shard_counts`), which lets readers split the records evenly between them.
 
 Reading. `read_shards` reads with `tf.data.TFRecordDataset` per file followed by
 `.ignore_errors(log_warning=True)`, so a shard truncated or corrupted mid-record
@@ -43,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from bigvis.errors import UserError
+from data_pipelines import shard_counts
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,8 @@ def write_examples(examples: Iterable[dict], output_dir: str, shard_size: int = 
   """Writes example dicts to `<prefix>-NNNNN-of-MMMMM.tfrecord` shards; returns their paths.
 
   Shards are written under temporary names and renamed only when every one is
-  complete, so readers never see a partial set. `progress(n_written)` is called
-  after each shard.
+  complete, so readers never see a partial set; their record counts then go to the
+  folder's manifest (`shard_counts`). `progress(n_written)` is called after each shard.
   """
   if shard_size < 1:
     raise UserError(f"shard_size must be at least 1, got {shard_size}.")
@@ -208,6 +210,7 @@ def write_examples(examples: Iterable[dict], output_dir: str, shard_size: int = 
   if tf.io.gfile.glob(shard_glob(output_dir, prefix)):
     raise UserError(f"{output_dir} already holds shards named '{prefix}-*'; "
                     "choose another folder or prefix.")
+  shard_counts.read_manifest(output_dir)  # a damaged one stops here, not once the shards are written
   token = uuid.uuid4().hex[:8]
   temps: list[str] = []
   writer = None
@@ -232,6 +235,10 @@ def write_examples(examples: Iterable[dict], output_dir: str, shard_size: int = 
     paths = [os.path.join(output_dir, shard_name(prefix, i, len(temps))) for i in range(len(temps))]
     for tmp, path in zip(temps, paths):
       tf.io.gfile.rename(tmp, path, overwrite=False)
+    # Every shard holds `shard_size` records but the last: counted for readers to split evenly.
+    counts = [min(shard_size, written - i * shard_size) for i in range(len(paths))]
+    if paths:
+      shard_counts.record_counts(output_dir, {os.path.basename(p): n for p, n in zip(paths, counts)})
     return paths
   except BaseException:
     if writer is not None:
@@ -580,8 +587,9 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
   """Parsed, validated examples of `files`: image, text, label, key and `_skip_reason` (-1 = ok).
 
   An entry may be a part of a file, (path, first, stop, modulus): its records whose index i has
-  first <= i % modulus < stop (`sources.reader_parts`), read after the whole files. Files are read
-  in the given order (`cycle_length` > 1 interleaves that many whole files, deterministically);
+  first <= i % modulus < stop, or first <= i < stop for modulus 0 (`sources.reader_parts`), read
+  after the whole files. Files are read in the given order (`cycle_length` > 1 interleaves that
+  many whole files, deterministically);
   damaged files are read up to the damage and records that are not Examples are dropped, each with
   a logged warning. Records are parsed and checked `batch_size` at a time, then yielded one by one.
   """
@@ -605,6 +613,10 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
     return kept.map(lambda _, record: record)
 
   @no_autograph
+  def range_of_file(path, first, stop):
+    return per_file(path).skip(first).take(stop - first)
+
+  @no_autograph
   def check(features):
     _, features["_skip_reason"] = validate_example(features, max_pixels, require_text)
     del features["_has_image"], features["_has_text"]
@@ -612,6 +624,7 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
 
   whole = [p for p, *_, m in parts if m == 1]
   cut = [p for p in parts if p[-1] > 1]
+  ranges = [p[:3] for p in parts if p[-1] == 0]
   ds = None
   if whole:  # read as they are: no per-record index to keep
     ds = tf.data.Dataset.from_tensor_slices(whole)
@@ -620,10 +633,12 @@ def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: 
                          deterministic=True)
     else:
       ds = ds.flat_map(per_file)
-  if cut:
-    columns = tuple(np.array(column) for column in zip(*cut))
-    cut_ds = tf.data.Dataset.from_tensor_slices(columns).flat_map(part_of_file)
-    ds = cut_ds if ds is None else ds.concatenate(cut_ds)
+  # Parts of files, after the whole ones: slices by index modulo, then runs of records (whose
+  # reading stops at the last one).
+  for some, read in ((cut, part_of_file), (ranges, range_of_file)):
+    if some:
+      more = tf.data.Dataset.from_tensor_slices(tuple(np.array(c) for c in zip(*some))).flat_map(read)
+      ds = more if ds is None else ds.concatenate(more)
   # Parsed one by one, so a record that is not an Example costs only itself.
   ds = ds.map(no_autograph(parse_example), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.ignore_errors(log_warning=True).batch(batch_size)

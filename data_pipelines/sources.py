@@ -8,6 +8,7 @@ count bad examples.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:  # annotations only: TensorFlow is imported where it is used
   import tensorflow as tf
 
 from bigvis.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Every key a data section may hold, with its default; `data_config` fills them all in so
 # `--set data.train.shards=...` works on any experiment.
@@ -43,25 +46,35 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def shard_files(pattern: str, key: str) -> list[str]:
-  """Sorted files matching a glob (comma-separated globs allowed); an error names the config key."""
+  """Sorted files matching a glob (comma-separated globs allowed); an error names the config key (or
+  the command's flag, `key` starting with --)."""
+  flag = key.startswith("--")
+  what = f"flag {key}" if flag else f"config key '{key}'"
   if not pattern:
-    raise UserError(f"config key '{key}' is empty: set it to a glob of TFRecord shards, e.g. "
-                    f"--set {key}='/data/laion/train-*.tfrecord' (write shards with `bigvis data write-shards`).")
+    raise UserError(f"{what} is empty: set it to a glob of TFRecord shards, e.g. "
+                    f"{key if flag else '--set ' + key}='/data/laion/train-*.tfrecord' "
+                    "(write shards with `bigvis data write-shards`).")
   import tensorflow as tf  # here, not at import: experiment files load this module where only JAX is
-  files = sorted(f for p in pattern.split(",") for f in tf.io.gfile.glob(p.strip()))
+  from data_pipelines.shard_counts import is_manifest
+  # A glob of a whole folder (`shards/*`) also matches the record-count manifest, which is no shard.
+  files = sorted(f for p in pattern.split(",") for f in tf.io.gfile.glob(p.strip()) if not is_manifest(f))
   if not files:
-    raise UserError(f"config key '{key}'='{pattern}' matches no files; write shards with "
+    raise UserError(f"{what}='{pattern}' matches no files; write shards with "
                     "`bigvis data write-shards INPUT OUTPUT_DIR` or fix the path.")
   return files
 
 
-def reader_parts(files: list[str], reader: int, readers: int) -> list[tuple[str, int, int, int]]:
+def reader_parts(files: list[str], reader: int, readers: int,
+                 counts: dict[str, int] | None = None) -> list[tuple[str, int, int, int]]:
   """This reader's share of `files` as (path, first, stop, modulus): the records of `path` whose index
-  i has first <= i % modulus < stop (whole files: (path, 0, 1, 1)).
+  i has first <= i % modulus < stop (whole files: (path, 0, 1, 1)); modulus 0: first <= i < stop.
 
   Readers fill equal parts of each global batch, so a reader with less data would show its examples
-  more often: 10 files over 8 readers, dealt round-robin, were 1 or 2 files a reader. Files are dealt
-  round-robin while each reader can take a whole one; the rest (fewer than `readers`) are shared:
+  more often: 10 files over 8 readers, dealt round-robin, were 1 or 2 files a reader. With each file's
+  record count (`counts`, from `shard_counts`), reader r takes records [r·N/readers, (r+1)·N/readers)
+  of the files read one after another: shares equal to a record, whatever the files' sizes, in whole
+  files and parts of at most two. Without counts, files are dealt round-robin while each reader can
+  take a whole one; the rest (fewer than `readers`) are shared:
   * where they are few (reading them all costs every reader at most 4 times the data in all, or
     there are fewer files than readers), each reader reads every one of them and keeps record r of
     every `readers`: equal shares to a record per file, whatever the files' sizes (write-shards'
@@ -70,6 +83,8 @@ def reader_parts(files: list[str], reader: int, readers: int) -> list[tuple[str,
     consecutive slices, parts of at most two files; those files are the first ones, so a short last
     shard is some reader's whole file, at most one file short of the others' share.
   """
+  if counts is not None:
+    return _record_range(files, counts, reader, readers)
   whole, rest = divmod(len(files), readers)
   if whole == 0 or rest * readers <= 4 * len(files):
     shared, dealt = files[whole * readers:], files[:whole * readers]
@@ -86,10 +101,55 @@ def reader_parts(files: list[str], reader: int, readers: int) -> list[tuple[str,
   return parts
 
 
-def _records(files: list[str], cfg: ml_collections.ConfigDict, reader: int, readers: int) -> tf.data.Dataset:
+def _record_range(files: list[str], counts: dict[str, int], reader: int,
+                  readers: int) -> list[tuple[str, int, int, int]]:
+  """Records [reader·N/readers, (reader+1)·N/readers) of `files` read one after another."""
+  total = sum(counts[f] for f in files)
+  lo, hi = reader * total // readers, (reader + 1) * total // readers
+  parts, start = [], 0
+  for path in files:
+    end = start + counts[path]
+    first, stop = max(lo, start) - start, min(hi, end) - start
+    if first < stop:
+      parts.append((path, 0, 1, 1) if (first, stop) == (0, counts[path]) else (path, first, stop, 0))
+    start = end
+  return parts
+
+
+def _split_counts(files: list[str], readers: int, where: str, log_it: bool) -> dict[str, int] | None:
+  """Record counts for `readers` to split `files` by (`reader_parts`), or None to split them by file.
+
+  Decided once for all of a process's readers, so they cannot disagree should a manifest appear
+  meanwhile. Processes decide apart, alike unless a manifest is written while they start.
+  """
+  from data_pipelines import shard_counts
+  counts = shard_counts.load_counts(files)
+  if counts is not None:
+    total = sum(counts.values())
+    if total < readers:
+      raise UserError(f"the shards of {where} hold {total} records, fewer than its {readers} readers "
+                      f"(one per process unless {where}.num_readers says otherwise); write more data.")
+    if log_it:
+      log.info("%d readers share the %d records of %d shard files to within one record.", readers, total,
+               len(files))
+    return counts
+  if log_it:  # split by file, readers' shares can differ: say so when their bytes do by over 10%
+    sizes = shard_counts.file_sizes(files)
+    shares = [sum(sizes[path] * (stop - first) / modulus for path, first, stop, modulus in
+                  reader_parts(files, r, readers)) for r in range(readers)]
+    if min(shares) < 0.9 * max(shares):
+      log.warning("the %d readers' shares of the %d shard files differ: %.3g to %.3g MB, so the smaller "
+                  "shares' examples come round more often; `bigvis data count-shards --shards GLOB` "
+                  "counts their records, and readers then split them evenly.", readers, len(files),
+                  min(shares) / 1e6, max(shares) / 1e6)
+  return None
+
+
+def _records(files: list[str], cfg: ml_collections.ConfigDict, reader: int, readers: int,
+             counts: dict[str, int] | None) -> tf.data.Dataset:
   from data_pipelines import shards
   # Captions are only required (and checked) when the pipeline tokenizes them.
-  return shards.read_shards(reader_parts(files, reader, readers),
+  return shards.read_shards(reader_parts(files, reader, readers, counts),
                             max_pixels=int(cfg.get("max_pixels", shards.DEFAULT_MAX_PIXELS)),
                             require_text="tokenize" in cfg.get("pp", ""))
 
@@ -119,18 +179,31 @@ def tfds_dataset(cfg: ml_collections.ConfigDict, process_index: int, process_cou
   return builder.as_dataset(split=split, decoders=decoders, shuffle_files=False)
 
 
-def make_source(cfg: ml_collections.ConfigDict, where: str, process_index: int = 0,
-                process_count: int = 1) -> tf.data.Dataset:
-  """Config section `data.train` / `evals.x.data` -> raw examples for this process."""
+def _files(cfg: ml_collections.ConfigDict, where: str) -> list[str]:
   kind = cfg.get("source")
   if kind == "digits":
-    return _records(_digits_files("classification", cfg.get("split", "train")), cfg, process_index,
-                    process_count)
+    return _digits_files("classification", cfg.get("split", "train"))
   if kind == "digits_captions":
-    return _records(_digits_files("captions", cfg.get("split", "train")), cfg, process_index, process_count)
+    return _digits_files("captions", cfg.get("split", "train"))
   if kind == "shards":
-    return _records(shard_files(cfg.get("shards"), f"{where}.shards"), cfg, process_index, process_count)
-  if kind == "tfds":
-    return tfds_dataset(cfg, process_index, process_count)
+    return shard_files(cfg.get("shards"), f"{where}.shards")
   raise UserError(f"config key '{where}.source' is '{kind}', not one of digits, digits_captions, shards, "
                   "tfds, synthetic.")
+
+
+def make_sources(cfg: ml_collections.ConfigDict, where: str, readers: range,
+                 num_readers: int) -> list[tf.data.Dataset]:
+  """Config section `data.train` -> raw examples of each of `readers`, of the `num_readers` that split
+  the data between them (a process builds only its own)."""
+  if cfg.get("source") == "tfds":
+    return [tfds_dataset(cfg, r, num_readers) for r in readers]
+  files = _files(cfg, where)
+  # One reader reads every file whole: only a split between readers needs the counts. The log lines
+  # come from the process with reader 0.
+  counts = _split_counts(files, num_readers, where, 0 in readers) if num_readers > 1 else None
+  return [_records(files, cfg, r, num_readers, counts) for r in readers]
+
+
+def make_source(cfg: ml_collections.ConfigDict, where: str) -> tf.data.Dataset:
+  """Config section `evals.x.data` -> all of its raw examples, for one reader."""
+  return make_sources(cfg, where, range(1), 1)[0]

@@ -79,9 +79,8 @@ def train_tokenizer_from_shards(shard_glob: str, model_prefix: str, vocab_size: 
                                 max_sentences: int = 1_000_000, **kwargs) -> str:
   """Trains a tokenizer on the `text` feature of the shards matching `shard_glob`."""
   from data_pipelines import shards
-  files = sorted(tf.io.gfile.glob(shard_glob))
-  if not files:
-    raise UserError(f"no shard files match {shard_glob}.")
+  from data_pipelines.sources import shard_files
+  files = shard_files(shard_glob, "--shards")
 
   def texts():
     ds = shards.read_shards(files, require_text=True)

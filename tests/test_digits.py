@@ -64,9 +64,9 @@ def test_build_is_deterministic_cached_and_race_safe(tmp_path, monkeypatch):
       t.join()
     assert len(results) == 2 and results[0] == results[1]
     dirs.append(results[0])
-    assert sorted(os.listdir(tmp_path / name)) == ["digits-classification-v1"]  # no temp left
+    assert sorted(os.listdir(tmp_path / name)) == [f"digits-classification-{digits.VERSION}"]  # no temp left
   names = sorted(os.listdir(dirs[0]))
-  assert len(names) == 12 and names == sorted(os.listdir(dirs[1]))
+  assert len(names) == 13 and names == sorted(os.listdir(dirs[1]))  # 12 shards and their record counts
   assert filecmp.cmpfiles(dirs[0], dirs[1], names, shallow=False)[0] == names
   stamp = os.path.getmtime(os.path.join(dirs[1], names[0]))
   assert digits.ensure_digits("classification") == dirs[1]
