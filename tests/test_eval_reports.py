@@ -122,6 +122,16 @@ def test_probe_leaves_unlabelled_examples_out_and_counts_them():
   metrics = probe.run(None)
   assert metrics["num_unlabeled"] == 17 and metrics["num_test"] == len(y_test) and metrics["num_train"] == len(y)
   assert metrics["top1_full"] == 1.0 and metrics["top1_4shot"] == 1.0  # the -1s were neither learnt nor missed
+  assert "zeroshot_equivalent_shots" not in metrics  # no text tower, no zero-shot
+
+  # Zero-shot from prompts at the classes' centres is perfect, and so is the 1-shot probe: zero-shot is
+  # worth at most one shot, and the metrics say the 1 is a bound.
+  probe.class_names = ["a", "b", "c", "d"]
+  probe.text = type("Prompts", (), {"embed": lambda self, params, names, batch: np.eye(4, 16)[:, None]})()
+  metrics = probe.run(None)
+  assert metrics["zeroshot_top1"] == 1.0 and metrics["top1_1shot"] == 1.0
+  assert metrics["zeroshot_equivalent_shots"] == 1.0 and metrics["zeroshot_equivalent_shots_is_bound"] == 1.0
+  probe.text = None
 
   # With CLIP's class names, a test label past them has no zero-shot class: refused as zeroshot does.
   probe.class_names = ["a", "b", "c"]

@@ -24,8 +24,9 @@ override it), `batch_size`.
 Examples without a label (-1, as shards store a missing one, or a one-hot row with no single
 class) are left out of both splits and counted.
 Metrics: `top1_<k>shot`, `top1_full`, `zeroshot_top1`, `zeroshot_equivalent_shots`
-(absent when zero-shot beats even the full-data probe), `num_train`, `num_test`,
-`num_unlabeled` (train and test together).
+(absent when zero-shot beats even the full-data probe) with `zeroshot_equivalent_shots_is_bound`
+(1 when the fewest-shot probe already matches zero-shot, so zero-shot is worth at most that many
+shots), `num_train`, `num_test`, `num_unlabeled` (train and test together).
 """
 from __future__ import annotations
 
@@ -196,6 +197,8 @@ class Evaluator:
       cross = self._crossing()
       if cross is not None:
         metrics["zeroshot_equivalent_shots"] = cross[0]
+        # 1 where even the fewest-shot probe matched zero-shot: the k is then only an upper bound.
+        metrics["zeroshot_equivalent_shots_is_bound"] = float(cross[1] == "<=")
     metrics.update(num_train=int(len(y)), num_test=int(len(test["label"])), num_unlabeled=unlabeled)
     return metrics
 
