@@ -86,12 +86,22 @@ def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   return keys
 
 
-def _closest(key: str, candidates: Iterable[str]) -> str:
+# Names users bring from other frameworks, which spelling alone matches badly (difflib pairs
+# `learning_rate` with `min_lr_ratio`).
+_SYNONYMS = {"learning_rate": "lr", "steps": "total_steps", "num_steps": "total_steps",
+             "train_steps": "total_steps", "global_batch_size": "batch_size", "wd": "weight_decay"}
+
+
+def _closest(key: str, candidates: Iterable[str], where: str = "") -> str:
+  """"; the closest valid key is 'X'" for an unknown `key` among `candidates` (both under `where`)."""
   candidates = list(candidates)
-  match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
-  if not match:
-    return ""
-  return f"; the closest valid key is '{match[0]}'"
+  prefix, _, last = key.rpartition(".")
+  synonym = f"{prefix}.{_SYNONYMS[last]}" if prefix and last in _SYNONYMS else _SYNONYMS.get(last)
+  if synonym in candidates:
+    match = [synonym]
+  else:
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)
+  return f"; the closest valid key is '{where + '.' if where else ''}{match[0]}'" if match else ""
 
 
 def _parse_value(text: str) -> Any:
@@ -125,7 +135,8 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
       return type(current)(value)
   else:
     return value
-  raise UserError(f"--set {key}={value!r}: expected a {type(current).__name__} "
+  name = type(current).__name__
+  raise UserError(f"--set {key}={value!r}: expected {'an' if name[0] in 'aeiou' else 'a'} {name} "
                   f"like {current!r}, got {type(value).__name__}.")
 
 
@@ -185,9 +196,7 @@ def check_known(section: ml_collections.ConfigDict | dict, allowed: Iterable[str
   allowed = list(allowed)
   for k in section.keys():
     if k not in allowed:
-      match = difflib.get_close_matches(k, allowed, n=1, cutoff=0.0)
-      hint = f"; the closest valid key is '{where}.{match[0]}'" if match else ""
-      raise UserError(f"unknown config key '{where}.{k}'{hint}.")
+      raise UserError(f"unknown config key '{where}.{k}'{_closest(k, allowed, where)}.")
 
 
 def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

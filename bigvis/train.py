@@ -280,7 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     write_config(workdir, config)
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
-  first = next(batches)
+  try:
+    first = next(batches)
+  except StopIteration:  # the stream repeats for ever, unless a reader has nothing to repeat
+    raise UserError("data.train yields no batches: a reader of it found no usable record (files empty or "
+                    "unreadable, or every example skipped; tf.data's warnings in the log show damaged "
+                    "records).") from None
   check_train_tokenizer(config)  # before the first step, whose loss it would make NaN
   first_device, _ = _split_private(first)
   state, state_shardings, tx, schedule = create_train_state(config, model, mesh, rules, first_device)

@@ -11,7 +11,8 @@ def cache_root() -> str:
   return os.environ.get("BIGVIS_CACHE") or os.path.expanduser("~/.cache/bigvis")
 
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's warnings stay on: they are how a damaged shard's dropped records show (info is noise).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 # tf.data runs on the host; keep TensorFlow off the accelerators JAX owns. Experiment files and the
 # synthetic batches of `bigvis bench` / `aot` need no TensorFlow, so a JAX-only install can run them.

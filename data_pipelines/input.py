@@ -128,16 +128,18 @@ def _padded_to_full_batches(raw: tf.data.Dataset, global_batch_size: int) -> tf.
   The split's size is not counted beforehand (that would read it twice): the first padding copy's index
   is the size, so a scan learns it there and ends the stream at the next multiple of the global batch.
   """
-  real = raw.map(lambda x: {**x, "_mask": tf.constant(True)})
-  pads = raw.take(1).map(lambda x: {**x, "_mask": tf.constant(False)}).cache().repeat(global_batch_size - 1)
+  plain = tf.autograph.experimental.do_not_convert  # plain tensor code: no AutoGraph conversion (or warnings)
+  real = raw.map(plain(lambda x: {**x, "_mask": tf.constant(True)}))
+  pads = raw.take(1).map(plain(lambda x: {**x, "_mask": tf.constant(False)})).cache().repeat(global_batch_size - 1)
 
+  @plain
   def track(size, item):
     i, x = item
     size = tf.where((size < 0) & tf.logical_not(x["_mask"]), i, size)
     keep = x["_mask"] | (i < (size + global_batch_size - 1) // global_batch_size * global_batch_size)
     return size, (i, x, keep)
   stream = real.concatenate(pads).enumerate().scan(tf.constant(-1, tf.int64), track)
-  return stream.take_while(lambda i, x, keep: keep).map(lambda i, x, keep: (i, x))
+  return stream.take_while(plain(lambda i, x, keep: keep)).map(plain(lambda i, x, keep: (i, x)))
 
 
 def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, process_index: int = 0,
@@ -150,7 +152,8 @@ def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, proc
   check_known(cfg, SOURCE_KEYS, where)
   batch = local_batch_size(global_batch_size, process_count)
   padded = _padded_to_full_batches(_drop_bad(make_source(cfg, where)), global_batch_size)
-  mine = padded.filter(lambda i, x: (i % global_batch_size) // batch == process_index)
+  mine = padded.filter(tf.autograph.experimental.do_not_convert(
+      lambda i, x: (i % global_batch_size) // batch == process_index))
   ds = _preprocess(mine, cfg.get("pp", ""), 0, 0, indexed=True)
   empty = True
   for b in ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator():

@@ -22,7 +22,7 @@ from bigvis.errors import UserError
 log = logging.getLogger(__name__)
 
 # Every key a data section may hold, with its default; `data_config` fills them all in so
-# `--set data.train.shards=...` works on any experiment.
+# `--set data.train.source=shards --set data.train.shards=...` works on any experiment.
 SOURCE_DEFAULTS = dict(
     source="digits",        # digits | digits_captions | shards | tfds | synthetic
     split="train",          # digits/TFDS split (TFDS slicing syntax allowed)
@@ -195,6 +195,9 @@ def make_sources(cfg: ml_collections.ConfigDict, where: str, readers: range,
                  num_readers: int) -> list[tf.data.Dataset]:
   """Config section `data.train` -> raw examples of each of `readers`, of the `num_readers` that split
   the data between them (a process builds only its own)."""
+  if cfg.get("shards") and cfg.get("source") != "shards":  # else trained on other data, unsaid
+    raise UserError(f"config key '{where}.shards' is set, but {where}.source is '{cfg.get('source')}', which "
+                    f"does not read shards; add --set {where}.source=shards.")
   if cfg.get("source") == "tfds":
     return [tfds_dataset(cfg, r, num_readers) for r in readers]
   files = _files(cfg, where)

@@ -8,6 +8,7 @@ text towers pool at the EOT position. Importing this module registers the
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import uuid
@@ -18,6 +19,8 @@ import tensorflow as tf
 
 from bigvis.errors import UserError
 from data_pipelines.preprocess import Op, register
+
+log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, EOT_ID = 0, 1, 2
 BUNDLED = ("digits",)
@@ -64,6 +67,10 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str, vocab_size: int = 3
           num_threads=num_threads or min(16, os.cpu_count() or 1))
     except RuntimeError as e:
       raise UserError(f"training tokenizer {model_prefix} failed: {e}.")
+    pieces = spm.SentencePieceProcessor(model_file=local + ".model").get_piece_size()
+    if pieces < vocab_size:  # the limit is soft, so a small corpus gives fewer pieces: say so
+      log.warning("tokenizer %s has %d pieces, fewer than the %d asked for: its texts hold no more "
+                  "(more text gives more).", model_prefix, pieces, vocab_size)
     parent = os.path.dirname(model_prefix)
     if parent:
       tf.io.gfile.makedirs(parent)
@@ -84,7 +91,9 @@ def train_tokenizer_from_shards(shard_glob: str, model_prefix: str, vocab_size: 
 
   def texts():
     ds = shards.read_shards(files, require_text=True)
-    ds = ds.filter(lambda f: f["_skip_reason"] < 0).map(lambda f: f["text"])
+    # Plain tensor code: no AutoGraph conversion (and none of its warnings about lambdas).
+    plain = tf.autograph.experimental.do_not_convert
+    ds = ds.filter(plain(lambda f: f["_skip_reason"] < 0)).map(plain(lambda f: f["text"]))
     for i, text in enumerate(ds.as_numpy_iterator()):
       if max_sentences and i >= max_sentences:
         return

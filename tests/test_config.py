@@ -27,6 +27,8 @@ def test_int_given_to_float_key_is_accepted_as_float():
 @pytest.mark.parametrize("override, fragment", [
     ("batch_sise=8", "closest valid key is 'batch_size'"),
     ("optim.lrr=0.1", "closest valid key is 'optim.lr'"),
+    ("optim.learning_rate=0.1", "closest valid key is 'optim.lr'"),  # by meaning; spelling says min_lr_ratio
+    ("steps=10", "closest valid key is 'total_steps'"),
     ("model.nonsense.x=1", "unknown config key 'model.nonsense.x'"),
 ])
 def test_unknown_key_names_the_closest(override, fragment):
@@ -35,7 +37,7 @@ def test_unknown_key_names_the_closest(override, fragment):
 
 
 def test_wrong_type_is_rejected():
-  with pytest.raises(UserError, match="expected a int"):
+  with pytest.raises(UserError, match="expected an int like 64"):
     config_lib.load("vit_ti_digits", ["batch_size=64x"])
 
 

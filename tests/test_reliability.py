@@ -91,6 +91,22 @@ def test_missing_shards_name_the_key(tmp_path, capsys):
   assert "data.train.shards" in line and "matches no files" in line
 
 
+def test_shards_set_for_another_source_are_an_error_not_ignored(tmp_path, capsys):
+  """`--set data.train.shards=...` on a digits experiment once trained on the digits, unsaid."""
+  assert _train(tmp_path, "total_steps=2", f"data.train.shards='{tmp_path}/mine-*.tfrecord'") == 2
+  line = _one_line_error(capsys)
+  assert "'data.train.shards' is set, but data.train.source is 'digits'" in line
+  assert "--set data.train.source=shards" in line
+
+
+def test_shards_with_no_readable_record_are_an_error_not_a_traceback(tmp_path, capsys):
+  (tmp_path / "empty.tfrecord").write_bytes(b"")
+  (tmp_path / "junk.tfrecord").write_bytes(os.urandom(5000))
+  assert _train(tmp_path, "total_steps=2", "data.train.source='shards'",
+                f"data.train.shards='{tmp_path}/*.tfrecord'") == 2
+  assert "data.train yields no batches: a reader of it found no usable record" in _one_line_error(capsys)
+
+
 def test_unprepared_tfds_dataset_names_it_and_the_folder(tmp_path, capsys):
   empty = tmp_path / "tfds"
   empty.mkdir()

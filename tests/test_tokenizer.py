@@ -1,4 +1,5 @@
 """SentencePiece tokenizer: training, the in-graph `tokenize` op, and its Python twin agree."""
+import logging
 import os
 
 import numpy as np
@@ -108,3 +109,11 @@ def test_train_tokenizer_from_shards(tmp_path):
   assert 1 not in t.encode(["the quick brown fox"])[0]  # no unknown pieces
   with pytest.raises(UserError, match="flag --shards=.* matches no files"):
     tok.train_tokenizer_from_shards(str(tmp_path / "none-*.tfrecord"), str(tmp_path / "x"), 80)
+
+
+def test_a_vocabulary_smaller_than_asked_is_said(tmp_path, caplog):
+  """The limit is soft so that tiny corpora train; the log says when the corpus gave fewer pieces."""
+  with caplog.at_level(logging.WARNING, logger=tok.__name__):
+    model = tok.train_tokenizer(CORPUS, str(tmp_path / "sp"), vocab_size=32000, num_threads=1)
+  pieces = tok.Tokenizer(model, 8).vocab_size
+  assert pieces < 32000 and f"has {pieces} pieces, fewer than the 32000 asked for" in caplog.text
