@@ -188,7 +188,7 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
     import libtpu  # noqa: F401
   except ImportError:
     raise UserError("compiling for TPU needs libtpu, which is not installed; "
-                    "install it with: pip install -e '.[aot]'.") from None
+                    "install it with `make install EXTRAS=aot` (or pip install -e '.[aot]').") from None
   # Not on a Cloud TPU VM: tell libtpu not to look for one (metadata server, worker hostnames).
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")

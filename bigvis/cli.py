@@ -114,11 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
   data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
   p = data.add_parser("write-shards", help="image folders / CSV / JSONL / webdataset tars -> TFRecord shards")
-  p.add_argument("input")
-  p.add_argument("output_dir")
-  p.add_argument("--shard-size", type=int, default=1000)
-  p.add_argument("--max-pixels", type=int, default=178956970)
-  p.add_argument("--prefix", default="data")
+  p.add_argument("input", help="a folder with captions.jsonl or captions.csv, or webdataset .tar files")
+  p.add_argument("output_dir", help="where the shards and their shard_counts.json go")
+  p.add_argument("--shard-size", type=int, default=1000, help="examples per shard (default 1000)")
+  p.add_argument("--max-pixels", type=int, default=178956970, help="larger images are skipped as too_large")
+  p.add_argument("--prefix", default="data", help="shard names: PREFIX-00000-of-NNNNN.tfrecord (default data)")
   p.set_defaults(fn=cmd_data_write_shards)
   p = data.add_parser("count-shards", help="count the records of TFRecord shards made elsewhere, so that "
                       "readers split them evenly (write-shards counts its own)")

@@ -111,6 +111,8 @@ def resolve_model(model: str) -> str:
       return digits.digits_tokenizer()
     raise UserError(f"unknown bundled tokenizer '{model}'; have "
                     + ", ".join(f"bundled:{b}" for b in BUNDLED) + ".")
+  if model.startswith("<unset: ") and model.endswith(">"):  # an experiment's placeholder, with its hint
+    raise UserError(f"no tokenizer model is set; {model[len('<unset: '):-1]}.")
   if not tf.io.gfile.exists(model):
     raise UserError(f"tokenizer model {model} does not exist.")
   return model

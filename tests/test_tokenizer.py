@@ -90,6 +90,9 @@ def test_bad_models_are_user_errors(tmp_path):
     tok.Tokenizer(str(tmp_path / "missing.model"), 8)
   with pytest.raises(UserError, match="bundled:digits"):
     tok.Tokenizer("bundled:klingon", 8)
+  from experiments.clip_vitb16 import NO_TOKENIZER  # what the CLIP experiments hold until given one
+  with pytest.raises(UserError, match=r"^no tokenizer model is set; pass --config experiments/clip_\*\.py:tokenizer="):
+    tok.Tokenizer(NO_TOKENIZER, 8)
   (tmp_path / "junk.model").write_bytes(b"not a model")
   with pytest.raises(UserError, match="not a SentencePiece model"):
     tok.Tokenizer(str(tmp_path / "junk.model"), 8)
