@@ -85,7 +85,7 @@ def cmd_data_count_shards(args) -> int:
     if n % step == 0 or n == len(files):
       print(f"{n}/{len(files)} files counted", file=sys.stderr, flush=True)
   counts = shard_counts.count_shards(files, progress)
-  folders = sorted({os.path.dirname(f) for f in files})
+  folders = list(shard_counts.by_folder(files))
   print(f"counted {sum(counts.values())} records in {len(files)} files; wrote {shard_counts.MANIFEST} in "
         f"{', '.join(folders[:3])}{' and others' if len(folders) > 3 else ''}")
   return 0

@@ -78,10 +78,22 @@ def is_manifest(path: str) -> bool:
   return name == MANIFEST or name.startswith(f".{MANIFEST}.tmp-")
 
 
+def by_folder(files: list[str]) -> dict[str, list[str]]:
+  """`files` grouped by their folder, folders sorted: one manifest each."""
+  folders: dict[str, list[str]] = {}
+  for f in files:
+    folders.setdefault(os.path.dirname(f), []).append(f)
+  return dict(sorted(folders.items()))
+
+
+def _io_pool(n: int) -> concurrent.futures.ThreadPoolExecutor:
+  return concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, max(1, n)))
+
+
 def file_sizes(paths: list[str]) -> dict[str, int]:
   """Bytes of each file, stat'ed in parallel (a round trip each on a bucket)."""
   gfile = _gfile()
-  with concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, max(1, len(paths)))) as pool:
+  with _io_pool(len(paths)) as pool:
     return dict(zip(paths, pool.map(lambda p: gfile.stat(p).length, paths)))
 
 
@@ -91,8 +103,7 @@ def load_counts(files: list[str]) -> dict[str, int] | None:
   A file that is missing from its folder's manifest, or whose size is not the one counted, makes
   the whole answer None (logged, naming it): readers then split by file, as without a manifest.
   """
-  folders = sorted({os.path.dirname(f) for f in files})
-  manifests = {folder: read_manifest(folder) for folder in folders}
+  manifests = {folder: read_manifest(folder) for folder in by_folder(files)}
   if not any(manifests.values()):
     return None
   entries = {f: manifests[os.path.dirname(f)].get(os.path.basename(f)) for f in files}
@@ -131,11 +142,11 @@ def count_records(path: str) -> int:
 def count_shards(files: list[str], progress: Callable[[int], None] | None = None) -> dict[str, int]:
   """Counts the records of `files` (in parallel) and records them in each folder's manifest."""
   counts: dict[str, int] = {}
-  with concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, max(1, len(files)))) as pool:
+  with _io_pool(len(files)) as pool:
     for path, n in zip(files, pool.map(count_records, files)):
       counts[path] = n
       if progress:
         progress(len(counts))
-  for folder in sorted({os.path.dirname(f) for f in files}):
-    record_counts(folder, {os.path.basename(f): n for f, n in counts.items() if os.path.dirname(f) == folder})
+  for folder, paths in by_folder(files).items():
+    record_counts(folder, {os.path.basename(f): counts[f] for f in paths})
   return counts
