@@ -136,7 +136,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   from bigvis import evaluators as eval_lib
   from bigvis import inference, sharding
   from bigvis import metrics as metrics_lib
-  from bigvis.evaluators import reports
+  from bigvis.evaluators import reports, zeroshot
   from bigvis.models import build_model, kernels_for_reading
 
   config = inference.load_config(workdir)
@@ -151,6 +151,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
     kind = cfg.get("type", name)
     if kind not in eval_lib.EVALUATORS:
       raise UserError(f"evaluator '{name}' has type '{kind}', not one of {', '.join(sorted(eval_lib.EVALUATORS))}.")
+  zeroshot.check_same_tokenizer(config)  # a --set pp or tokenizer must not read the model's text as noise
 
   mesh = eval_mesh(config)
   rules = sharding.rules_from_config(config)

@@ -108,12 +108,14 @@ def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
 
 
 def check_train_tokenizer(config: ml_collections.ConfigDict) -> None:
-  """data.train.pp's tokenizer must fit the text tower's embedding (`zeroshot.check_tokenizer_fits`)."""
+  """data.train.pp's tokenizer must fit the text tower's embedding (`zeroshot.check_tokenizer_fits`),
+  and every eval and report must tokenize with it (`zeroshot.check_same_tokenizer`)."""
   from bigvis.evaluators import zeroshot
   from data_pipelines.tokenizer import Tokenizer
   model = zeroshot.train_tokenize_args(config).get("model")
   if model:
     zeroshot.check_tokenizer_fits(Tokenizer(model, 1), config, "data.train.pp")
+    zeroshot.check_same_tokenizer(config)
 
 
 def plan_train_state(config, model, mesh, rules, example_batch):

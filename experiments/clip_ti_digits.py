@@ -2,6 +2,10 @@
 
     make train EXP=clip_ti_digits
     bigvis train --config experiments/clip_ti_digits.py --workdir runs/clip_ti_digits
+    make train EXP=clip_ti_digits:tokenizer=/data/digits_tok.model   # your own SentencePiece model
+
+The argument `tokenizer=PATH` replaces the bundled tokenizer in training and in every eval
+(a model with more than 128 pieces needs --set model.text.vocab_size=N too).
 
 Trains on the 1,497 train digits, each captioned with 8 templates ("number 3",
 "the digit three written by hand", ...), and evaluates
@@ -22,16 +26,28 @@ and, with `bigvis eval --workdir W` after training (the `reports` section; not r
 import ml_collections
 
 from bigvis.config import base_config
+from bigvis.errors import UserError
 from bigvis.models import model_config
 from bigvis.optim import EMBEDDING_OFFSETS
 from data_pipelines.sources import data_config
 from data_pipelines.digits import ZEROSHOT_CLASSNAMES, ZEROSHOT_TEMPLATES
 
 CONTEXT = 16
-TOKENIZER = "bundled:digits"
+BUNDLED_TOKENIZER = "bundled:digits"
+
+
+def tokenizer_arg(arg: str | None) -> str:
+  """'tokenizer=/a.model' -> '/a.model'; no argument -> the bundled digits tokenizer."""
+  if not arg:
+    return BUNDLED_TOKENIZER
+  key, sep, value = arg.partition("=")
+  if key.strip() != "tokenizer" or not sep or not value.strip():
+    raise UserError(f"experiment argument '{arg}' is not tokenizer=PATH, the only one clip_ti_digits takes.")
+  return value.strip()
 
 
 def get_config(arg=None):
+  tok = tokenizer_arg(arg)
   c = base_config()
   c.experiment = "clip_ti_digits"
   c.total_steps = 500
@@ -52,15 +68,15 @@ def get_config(arg=None):
   c.optim.eps = 1e-6
   c.data.train = data_config(
       source="digits_captions", split="train", shuffle_buffer=12000, cache=True,
-      pp=f"decode|resize(18)|random_crop(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{TOKENIZER}')")
+      pp=f"decode|resize(18)|random_crop(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{tok}')")
   c.evals.zeroshot = ml_collections.ConfigDict(dict(
       type="zeroshot", batch_size=304, class_names=list(ZEROSHOT_CLASSNAMES), prompts=list(ZEROSHOT_TEMPLATES),
-      tokenizer=TOKENIZER, context_length=CONTEXT,
+      tokenizer=tok, context_length=CONTEXT,
       data=data_config(source="digits", split="test", pp="decode|resize(16)|value_range(-1,1)")))
   c.evals.retrieval = ml_collections.ConfigDict(dict(
       type="retrieval", batch_size=304,
       data=data_config(source="digits_captions", split="test",
-                pp=f"decode|resize(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{TOKENIZER}')")))
+                pp=f"decode|resize(16)|value_range(-1,1)|tokenize({CONTEXT}, model='{tok}')")))
 
   # `bigvis eval` reports. Class names, prompts and the tokenizer come from evals.zeroshot.
   def test(shift=""):

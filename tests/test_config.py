@@ -102,3 +102,40 @@ def test_a_tokenizer_larger_than_the_text_embedding_is_refused():
   train.check_train_tokenizer(config_lib.load("clip_ti_digits"))  # the experiment as written fits
   with pytest.raises(UserError, match="evals.zs's tokenizer .* but model.text.vocab_size is 40"):
     zeroshot.text_tokenizer({"tokenizer": "bundled:digits"}, config, "evals.zs")
+
+
+def test_evals_must_tokenize_with_the_training_tokenizer(tmp_path):
+  """A run trained with its own tokenizer (`--set data.train.pp=…`) whose evals still name the bundled one
+  would score zero-shot and retrieval on ids the text tower never learned: the run stops first, naming
+  the entry. The same model at another path passes; the experiment's argument sets it everywhere."""
+  import shutil
+  from bigvis import train
+  from bigvis.evaluators import zeroshot
+  from data_pipelines import tokenizer as tok
+  own = tok.train_tokenizer(["a photo of the number %d written by hand" % i for i in range(200)],
+                            str(tmp_path / "own"), vocab_size=60)
+  base = config_lib.load("clip_ti_digits")
+  pp = base.data.train.pp.replace("bundled:digits", own)
+  with pytest.raises(UserError, match=r"evals.retrieval.data.pp tokenizes with bundled:digits but "
+                                      r"data.train.pp with .*own.model"):
+    train.check_train_tokenizer(config_lib.load("clip_ti_digits", [f'data.train.pp="{pp}"']))
+  # Only the zero-shot eval's key left on the bundled model.
+  retrieval_pp = base.evals.retrieval.data.pp.replace("bundled:digits", own)
+  config = config_lib.load("clip_ti_digits", [f'data.train.pp="{pp}"', f'evals.retrieval.data.pp="{retrieval_pp}"'])
+  with pytest.raises(UserError, match=r"evals.zeroshot.tokenizer tokenizes with bundled:digits"):
+    zeroshot.check_same_tokenizer(config)
+  # A different `lower` reads other ids too.
+  lower_pp = base.evals.retrieval.data.pp.replace("model='bundled:digits'", "model='bundled:digits', lower=False")
+  with pytest.raises(UserError, match=r"evals.retrieval.data.pp tokenizes with lower=False"):
+    zeroshot.check_same_tokenizer(config_lib.load("clip_ti_digits", [f'evals.retrieval.data.pp="{lower_pp}"']))
+  # A copy of the bundled model under another name is the same tokenizer.
+  copy = str(tmp_path / "copy.model")
+  shutil.copy(tok.resolve_model("bundled:digits"), copy)
+  zeroshot.check_same_tokenizer(config_lib.load("clip_ti_digits", [f"evals.zeroshot.tokenizer='{copy}'"]))
+  # The experiment's argument puts the model in training and in every eval; ViT runs have nothing to check.
+  mine = config_lib.load(f"clip_ti_digits:tokenizer={own}")
+  zeroshot.check_same_tokenizer(mine)
+  assert own in mine.data.train.pp and own in mine.evals.retrieval.data.pp and mine.evals.zeroshot.tokenizer == own
+  zeroshot.check_same_tokenizer(config_lib.load("vit_ti_digits"))
+  with pytest.raises(UserError, match="is not tokenizer=PATH"):
+    config_lib.load("clip_ti_digits:vocab=64")

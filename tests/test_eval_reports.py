@@ -384,9 +384,14 @@ def test_bias_audit_on_shards_with_a_group_label(clip_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_eval_cli_errors_name_the_culprit(clip_run, capsys):
+def test_eval_cli_errors_name_the_culprit(clip_run, capsys, tmp_path):
   from bigvis import cli
+  from data_pipelines import tokenizer as tok
   capsys.readouterr()
+  other = tok.train_tokenizer(["the digit %d" % i for i in range(100)], str(tmp_path / "other"), vocab_size=40)
+  assert cli.main(["eval", "--workdir", clip_run, "--evaluator", "zeroshot",
+                   "--set", f"evals.zeroshot.tokenizer='{other}'"]) == 2
+  assert "evals.zeroshot.tokenizer tokenizes with " in capsys.readouterr().err
   assert cli.main(["eval", "--workdir", clip_run, "--evaluator", "linear_prob"]) == 2
   assert "closest is 'linear_probe'" in capsys.readouterr().err
   assert cli.main(["eval", "--workdir", clip_run, "--evaluator", "zeroshot", "--step", "7"]) == 2

@@ -75,13 +75,10 @@ def templates_from(value: Any, where: str) -> list[str]:
   return templates
 
 
-def train_tokenize_args(config: ml_collections.ConfigDict | None) -> dict:
-  """The arguments of the `tokenize` op in `data.train.pp` (empty when there is none)."""
+def pp_tokenize_args(pp: str, where: str) -> dict:
+  """The arguments of the first `tokenize` op in a pp string (empty when there is none)."""
   from data_pipelines import tokenizer as tokenizer_lib
-  pp = ""
-  if config is not None and "data" in config and "train" in config.data:
-    pp = config.data.train.get("pp", "") or ""
-  for part in pp.split("|"):
+  for part in (pp or "").split("|"):
     part = part.strip()
     if not part.startswith("tokenize"):
       continue
@@ -91,8 +88,61 @@ def train_tokenize_args(config: ml_collections.ConfigDict | None) -> dict:
       kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords} if isinstance(node, ast.Call) else {}
       return dict(inspect.signature(tokenizer_lib.tokenize).bind(*args, **kwargs).arguments)
     except (SyntaxError, ValueError, TypeError):
-      raise UserError(f"cannot read the tokenizer from data.train.pp op '{part}'.")
+      raise UserError(f"cannot read the tokenizer from {where} op '{part}'.")
   return {}
+
+
+def train_tokenize_args(config: ml_collections.ConfigDict | None) -> dict:
+  """The arguments of the `tokenize` op in `data.train.pp` (empty when there is none)."""
+  pp = ""
+  if config is not None and "data" in config and "train" in config.data:
+    pp = config.data.train.get("pp", "") or ""
+  return pp_tokenize_args(pp, "data.train.pp")
+
+
+def _eval_tokenizers(node: Any, where: str) -> Iterator[tuple[str, str, bool | None]]:
+  """(where, model, lower) for each tokenizer an eval or report entry names: its `tokenizer` key
+  and every `tokenize` op in a `pp` under it (`lower` None where the training op's applies)."""
+  if not isinstance(node, (ml_collections.ConfigDict, dict)):
+    return
+  for key, value in node.items():
+    at = f"{where}.{key}"
+    if key == "tokenizer" and isinstance(value, str) and value:
+      yield at, value, None
+    elif key == "pp" and isinstance(value, str):
+      args = pp_tokenize_args(value, at)
+      if args.get("model"):
+        yield at, args["model"], bool(args.get("lower", True))
+    else:
+      yield from _eval_tokenizers(value, at)
+
+
+def check_same_tokenizer(config: ml_collections.ConfigDict) -> None:
+  """Every tokenizer an eval or report names must be the one `data.train.pp` tokenizes with: a
+  text tower reads another model's ids as other words, and its zero-shot scores would be noise."""
+  import tensorflow as tf
+  from data_pipelines.tokenizer import resolve_model
+  train_args = train_tokenize_args(config)
+  train_model = train_args.get("model")
+  if not train_model:  # nothing trained on text here (or nothing to compare with)
+    return
+  train_lower = bool(train_args.get("lower", True))
+  contents: dict[str, bytes] = {}
+
+  def content(model: str) -> bytes:
+    if model not in contents:
+      with tf.io.gfile.GFile(resolve_model(model), "rb") as f:
+        contents[model] = f.read()
+    return contents[model]
+
+  for section in ("evals", "reports"):
+    for where, model, lower in _eval_tokenizers(config.get(section) or {}, section):
+      if model != train_model and content(model) != content(train_model):
+        raise UserError(f"{where} tokenizes with {model} but data.train.pp with {train_model}; the text "
+                        "tower learned the training tokenizer's ids, so use the same model for both.")
+      if lower is not None and lower != train_lower:
+        raise UserError(f"{where} tokenizes with lower={lower} but data.train.pp with lower={train_lower}; "
+                        "use the same for both.")
 
 
 def text_tokenizer(cfg: ml_collections.ConfigDict | dict, config: ml_collections.ConfigDict | None,
