@@ -140,8 +140,28 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
                   f"like {current!r}, got {type(value).__name__}.")
 
 
+def optional_keys(config: ml_collections.ConfigDict, parent: str) -> tuple[str, ...]:
+  """Keys the component reading section `parent` accepts though an experiment file may leave them
+  out (`optim.momentum`, `evals.<name>.every_steps`, a data section's), so `--set` can add them."""
+  node = config_get(config, parent)
+  if not isinstance(node, ml_collections.ConfigDict):
+    return ()
+  parts = parent.split(".")
+  if parent == "optim":
+    from bigvis.optim import OPTIM_KEYS
+    return OPTIM_KEYS
+  if "source" in node:  # a data section, wherever it sits (data.train, evals.<name>.data, report sets)
+    from data_pipelines.sources import SOURCE_KEYS
+    return SOURCE_KEYS
+  if len(parts) == 2 and parts[0] in ("evals", "reports"):
+    from bigvis.evaluators import keys_of
+    return keys_of(node.get("type", parts[1]), parts[0])
+  return ()
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-  """Applies `key=value` strings; unknown keys are errors naming the closest key."""
+  """Applies `key=value` strings; unknown keys are errors naming the closest key. A key the file
+  left out may be set where the section's reader takes it (`optional_keys`)."""
   config = ml_collections.ConfigDict(config.to_dict())  # a copy with unlocked types
   for item in overrides:
     key, sep, raw = item.partition("=")
@@ -155,8 +175,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
           raise UserError(f"unknown config key '{key}'{_closest(key, all_keys(config))}.")
         node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    if not isinstance(node, ml_collections.ConfigDict):
       raise UserError(f"unknown config key '{key}'{_closest(key, all_keys(config))}.")
+    if leaf not in node:
+      optional = optional_keys(config, parent) if parent else ()
+      if leaf not in optional:
+        candidates = all_keys(config) + [f"{parent}.{k}" for k in optional]
+        raise UserError(f"unknown config key '{key}'{_closest(key, candidates)}.")
+      with node.unlocked():
+        node[leaf] = None  # absent reads as the reader's default; the value below replaces it
     value = _coerce(key, _parse_value(raw), node[leaf])
     with node.unlocked():
       node[leaf] = value

@@ -175,6 +175,8 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params: Any
   if cfg.get("grad_clip_norm"):
     chain.append(clip_by_global_norm(float(cfg.grad_clip_norm), stacked_norm))
   if name == "adamw":
+    if cfg.get("momentum") is not None:
+      raise UserError("optim.momentum is set, but only optim.name='sgd' reads it (AdamW's is optim.b1).")
     chain.append(optax.scale_by_adam(b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.999), eps=cfg.get("eps", 1e-8)))
   elif name == "sgd":
     chain.append(optax.trace(decay=cfg.get("momentum", 0.9)))

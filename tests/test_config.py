@@ -1,4 +1,5 @@
 """Experiment loading, typed overrides, and one-line errors for the mistakes users make."""
+import jax
 import pytest
 
 from bigvis import cli, config as config_lib
@@ -139,3 +140,46 @@ def test_evals_must_tokenize_with_the_training_tokenizer(tmp_path):
   zeroshot.check_same_tokenizer(config_lib.load("vit_ti_digits"))
   with pytest.raises(UserError, match="is not tokenizer=PATH"):
     config_lib.load("clip_ti_digits:vocab=64")
+
+
+def test_set_adds_a_key_the_file_left_out_where_its_reader_takes_it():
+  """`evals.<name>.every_steps` and `optim.momentum` are read when present, but an experiment that left
+  them out made `--set` call them unknown (with a closest key that did not help). Keys the section's
+  reader takes can now be added; others stay errors, and the closest key may be such a key."""
+  config = config_lib.load("vit_ti_digits", ["evals.test.every_steps=100", "optim.name=sgd", "optim.momentum=0.8",
+                                             "evals.test.data.cache=True"])
+  assert config.evals.test.every_steps == 100 and config.optim.momentum == 0.8
+  with pytest.raises(UserError, match="'evals.test.every_step'; the closest valid key is 'evals.test.every_steps'"):
+    config_lib.load("vit_ti_digits", ["evals.test.every_step=100"])
+  # A classifier reads no prompts; zero-shot does.
+  with pytest.raises(UserError, match="unknown config key 'evals.test.prompts'"):
+    config_lib.load("vit_ti_digits", ["evals.test.prompts=['a {}']"])
+  assert config_lib.load("clip_ti_digits", ["evals.retrieval.every_steps=5"]).evals.retrieval.every_steps == 5
+  # Reports run only under `bigvis eval`: no every_steps, from --set or from the file.
+  with pytest.raises(UserError, match="unknown config key 'reports.linear_probe.every_steps'"):
+    config_lib.load("clip_ti_digits", ["reports.linear_probe.every_steps=5"])
+  from bigvis import evaluators
+  reports = config_lib.load("clip_ti_digits").reports
+  reports.linear_probe.every_steps = 5
+  with pytest.raises(UserError, match="reports.linear_probe.every_steps is set, but reports run only with"):
+    evaluators.check_types(reports, "reports")
+
+
+def test_evaluators_refuse_keys_only_other_evaluators_read():
+  """Classification and retrieval accepted `prompts`, `class_names`, `tokenizer` and `context_length`, which
+  only zero-shot classifiers read, and ignored them."""
+  import ml_collections
+  from bigvis.evaluators import classification, retrieval
+  for module in (classification, retrieval):
+    cfg = ml_collections.ConfigDict(dict(type="x", data={}, prompts=["a {}"]))
+    with pytest.raises(UserError, match="unknown config key 'evals.e.prompts'"):
+      module.Evaluator(cfg, name="e", model=None, mesh=None)
+
+
+def test_momentum_is_read_only_by_sgd():
+  from bigvis import optim
+  config = config_lib.load("vit_ti_digits", ["optim.momentum=0.8"])
+  with pytest.raises(UserError, match="optim.momentum is set, but only optim.name='sgd' reads it"):
+    optim.make_optimizer(config.optim, 10, {"w": jax.numpy.zeros(3)})
+  config = config_lib.load("vit_ti_digits", ["optim.name=sgd", "optim.momentum=0.8"])
+  optim.make_optimizer(config.optim, 10, {"w": jax.numpy.zeros(3)})

@@ -20,11 +20,23 @@ EVALUATORS = {
 
 
 def check_types(section: ml_collections.ConfigDict, where: str) -> None:
-  """Every entry names a known evaluator type: a typo fails at start, not hours later."""
+  """Every entry names a known evaluator type: a typo fails at start, not hours later. Reports run
+  only under `bigvis eval`, so an `every_steps` in one would be ignored: it is refused."""
   for name, cfg in (section or {}).items():
     kind = cfg.get("type", name)
     if kind not in EVALUATORS:
       raise UserError(f"{where}.{name}.type '{kind}' is not one of {', '.join(sorted(EVALUATORS))}.")
+    if where == "reports" and cfg.get("every_steps") is not None:
+      raise UserError(f"reports.{name}.every_steps is set, but reports run only with `bigvis eval`; "
+                      f"move the entry to evals to run it during training.")
+
+
+def keys_of(kind: str, where: str) -> tuple[str, ...]:
+  """The config keys an evaluator type reads (none for an unknown type), under `evals` or `reports`."""
+  if kind not in EVALUATORS:
+    return ()
+  keys = importlib.import_module(EVALUATORS[kind]).KEYS
+  return tuple(k for k in keys if k != "every_steps") if where == "reports" else tuple(keys)
 
 
 def build_evaluators(evals: ml_collections.ConfigDict, **context: Any) -> dict[str, Any]:

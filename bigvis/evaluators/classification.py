@@ -8,12 +8,14 @@ import numpy as np
 from bigvis.config import check_known
 from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, split_batches
 
+KEYS = EVAL_KEYS
+
 
 class Evaluator:
   """Logs `accuracy` and `loss` over every example of `data` (no example dropped or repeated)."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, **_):
-    check_known(cfg, EVAL_KEYS, f"evals.{name}")
+    check_known(cfg, KEYS, f"evals.{name}")
     self.cfg, self.name, self.mesh = cfg, name, mesh
 
     @jax.jit

@@ -11,8 +11,10 @@ from jax.experimental import multihost_utils
 from bigvis import sharding
 from data_pipelines import input as data_input
 
-EVAL_KEYS = ("type", "data", "batch_size", "every_steps", "class_names", "prompts", "tokenizer",
-             "context_length")
+# Keys every evaluator reads; each module's `KEYS` adds its own, and no other key is accepted.
+EVAL_KEYS = ("type", "data", "batch_size", "every_steps")
+# Those of a zero-shot text classifier, which report entries may also inherit from an `evals` zero-shot entry.
+ZEROSHOT_KEYS = ("class_names", "prompts", "tokenizer", "context_length")
 
 
 def eval_batch_size(cfg: ml_collections.ConfigDict, mesh) -> int:

@@ -20,11 +20,9 @@ import numpy as np
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import zeroshot
-from bigvis.evaluators.common import batched_outputs, eval_batch_size
+from bigvis.evaluators.common import ZEROSHOT_KEYS, batched_outputs, eval_batch_size
 from data_pipelines import input as data_input
 
-# Keys of a zero-shot classifier that report sections may set or inherit from an `evals` zero-shot entry.
-ZEROSHOT_KEYS = ("class_names", "prompts", "tokenizer", "context_length")
 
 
 def section_path(name: str, config: ml_collections.ConfigDict | None) -> str:

@@ -29,6 +29,7 @@ from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, split_batches
 
+KEYS = EVAL_KEYS
 KS = (1, 5, 10)
 
 
@@ -80,7 +81,7 @@ class Evaluator:
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, **_):
     where = f"evals.{name}"
-    check_known(cfg, EVAL_KEYS, where)
+    check_known(cfg, KEYS, where)
     if "data" not in cfg:
       raise UserError(f"{where}.data is not set; give a split of image-caption pairs.")
     self.cfg, self.name, self.mesh = cfg, name, mesh

@@ -31,7 +31,9 @@ from bigvis import sharding
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import reports
-from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, eval_batch_size, split_batches
+from bigvis.evaluators.common import EVAL_KEYS, ZEROSHOT_KEYS, batched_outputs, eval_batch_size, split_batches
+
+KEYS = EVAL_KEYS + ZEROSHOT_KEYS
 
 # The 7 of CLIP's 80 ImageNet templates its authors found to ensemble best (openai/CLIP,
 # "Prompt Engineering for ImageNet"): used when a config names none.
@@ -225,7 +227,7 @@ class Evaluator:
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
     where = f"evals.{name}"
-    check_known(cfg, EVAL_KEYS, where)
+    check_known(cfg, KEYS, where)
     if "data" not in cfg:
       raise UserError(f"{where}.data is not set; give the labelled image split to classify.")
     self.cfg, self.name, self.mesh = cfg, name, mesh
