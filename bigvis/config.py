@@ -89,7 +89,8 @@ def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 # Names users bring from other frameworks, which spelling alone matches badly (difflib pairs
 # `learning_rate` with `min_lr_ratio`).
 _SYNONYMS = {"learning_rate": "lr", "steps": "total_steps", "num_steps": "total_steps",
-             "train_steps": "total_steps", "global_batch_size": "batch_size", "wd": "weight_decay"}
+             "train_steps": "total_steps", "global_batch_size": "batch_size", "wd": "weight_decay",
+             "model": "tensor"}
 
 
 def _closest(key: str, candidates: Iterable[str], where: str = "") -> str:

@@ -21,6 +21,7 @@ from flax import traverse_util
 from jax import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bigvis.config import check_known
 from bigvis.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -64,6 +65,10 @@ LOGICAL_AXES = tuple(dict.fromkeys(name for name, _ in DEFAULT_RULES))
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict | dict, num_devices: int) -> tuple[int, int, int]:
   """Resolves -1 entries; errors when the sizes don't multiply to the device count."""
+  check_known(mesh_config, MESH_AXES, "mesh")
+  missing = [a for a in MESH_AXES if a not in mesh_config]
+  if missing:
+    raise UserError(f"mesh.{missing[0]} is not set; the mesh needs {', '.join(MESH_AXES)} (-1 for one of them: the rest).")
   sizes = [int(mesh_config[a]) for a in MESH_AXES]
   unknown = [i for i, s in enumerate(sizes) if s == -1]
   if len(unknown) > 1:

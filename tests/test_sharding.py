@@ -132,3 +132,12 @@ def test_rules_name_mesh_axes_or_none_alone():
     sharding.rules_from_config(config)
   assert sharding.fit_spec(P(P.UNCONSTRAINED, "fsdp"), (3, 8), SimpleNamespace(shape={"fsdp": 8})) == \
       P(P.UNCONSTRAINED, "fsdp")
+
+
+def test_mesh_keys_are_checked():
+  """A `mesh.model` (another framework's name) was ignored and a missing axis was a KeyError."""
+  with pytest.raises(UserError, match="unknown config key 'mesh.model'; the closest valid key is 'mesh.tensor'"):
+    sharding.mesh_shape({"data": -1, "fsdp": 1, "tensor": 1, "model": 2}, 8)
+  with pytest.raises(UserError, match="mesh.tensor is not set"):
+    sharding.mesh_shape({"data": -1, "fsdp": 1}, 8)
+  assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (4, 2, 1)
