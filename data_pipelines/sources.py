@@ -159,20 +159,21 @@ def _digits_files(kind: str, split: str) -> list[str]:
   return sorted(glob.glob(digits.shard_pattern(kind, split)))
 
 
-def tfds_dataset(cfg: ml_collections.ConfigDict, process_index: int, process_count: int) -> tf.data.Dataset:
+def tfds_dataset(cfg: ml_collections.ConfigDict, process_index: int, process_count: int,
+                 where: str = "data.train") -> tf.data.Dataset:
   """A TFDS split (images left encoded, so `decode` in the pp string works as for shards)."""
   import tensorflow as tf
   import tensorflow_datasets as tfds
   name, data_dir = cfg.get("name"), cfg.get("data_dir") or None
   if not name:
-    raise UserError("config key 'data.<split>.name' must name a TFDS dataset, e.g. 'imagenet2012'.")
+    raise UserError(f"config key '{where}.name' must name a TFDS dataset, e.g. 'imagenet2012'.")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # unknown name: TFDS raises DatasetNotFoundError
     raise UserError(f"TFDS dataset '{name}' is unknown ({type(e).__name__}).")
   if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
     raise UserError(f"TFDS dataset '{name}' is not prepared in data_dir '{data_dir or builder.data_dir}'; "
-                    f"run `tfds build {name} --data_dir=...` (or download it) and set data.<split>.data_dir.")
+                    f"run `tfds build {name} --data_dir=...` (or download it) and set {where}.data_dir.")
   split = tfds.even_splits(cfg.get("split", "train"), n=process_count, drop_remainder=False)[process_index]
   decoders = {k: tfds.decode.SkipDecoding() for k, f in builder.info.features.items()
               if isinstance(f, tfds.features.Image)}
@@ -195,11 +196,13 @@ def make_sources(cfg: ml_collections.ConfigDict, where: str, readers: range,
                  num_readers: int) -> list[tf.data.Dataset]:
   """Config section `data.train` -> raw examples of each of `readers`, of the `num_readers` that split
   the data between them (a process builds only its own)."""
-  if cfg.get("shards") and cfg.get("source") != "shards":  # else trained on other data, unsaid
+  # Else it trained on other data, unsaid. (A TFDS name left set is no such sign: experiments on TFDS
+  # hold one, and users switch them to shards with `source` and `shards` alone.)
+  if cfg.get("shards") and cfg.get("source") != "shards":
     raise UserError(f"config key '{where}.shards' is set, but {where}.source is '{cfg.get('source')}', which "
                     f"does not read shards; add --set {where}.source=shards.")
   if cfg.get("source") == "tfds":
-    return [tfds_dataset(cfg, r, num_readers) for r in readers]
+    return [tfds_dataset(cfg, r, num_readers, where) for r in readers]
   files = _files(cfg, where)
   # One reader reads every file whole: only a split between readers needs the counts. The log lines
   # come from the process with reader 0.

@@ -113,7 +113,9 @@ def test_unprepared_tfds_dataset_names_it_and_the_folder(tmp_path, capsys):
   assert _train(tmp_path, "total_steps=2", "data.train.source='tfds'", "data.train.name='mnist'",
                 f"data.train.data_dir='{empty}'") == 2
   line = _one_line_error(capsys)
-  assert "'mnist' is not prepared" in line and str(empty) in line
+  assert "'mnist' is not prepared" in line and str(empty) in line and "set data.train.data_dir" in line
+  assert _train(tmp_path, "total_steps=2", "data.train.source='tfds'") == 2
+  assert "config key 'data.train.name' must name a TFDS dataset" in _one_line_error(capsys)
 
 
 def test_wrong_type(tmp_path, capsys):
