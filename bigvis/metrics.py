@@ -115,6 +115,15 @@ def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> Non
   os.replace(tmp, path)
 
 
+def duration(seconds: float) -> str:
+  """Seconds as H:MM:SS, rounded up (a second to go is not 0:00:00); days in front past 24 hours,
+  which a clock format would wrap."""
+  total = math.ceil(max(seconds, 0.0))
+  days, rest = divmod(total, 86400)
+  clock = f"{rest // 3600:d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+  return f"{days}d {clock}" if days else clock
+
+
 class MetricWriter:
   """Appends to metrics.jsonl, mirrors scalars to TensorBoard, prints progress."""
 
@@ -142,15 +151,17 @@ class MetricWriter:
             tf.summary.scalar(k, v)
       self._tb.flush()
 
-  def progress(self, step: int, loss: float, examples_per_sec: float) -> None:
+  def progress(self, step: int, loss: float, examples_per_sec: float, steps_per_sec: float = 0.0) -> None:
+    """The progress line on stderr. The ETA uses the mean rate since the first line (evals included),
+    and at the first line the rate of the steps just logged (`steps_per_sec`)."""
     if not self.primary:
       return
     if self._step0 is None:
       self._step0, self._t0 = step, time.time()
     done = step - self._step0
-    rate = done / max(time.time() - self._t0, 1e-9)
-    eta = (self.total_steps - step) / rate if rate > 0 and done > 0 else float("nan")
-    eta_s = "?" if not math.isfinite(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+    rate = done / max(time.time() - self._t0, 1e-9) if done > 0 else steps_per_sec
+    eta = (self.total_steps - step) / rate if rate > 0 else float("nan")
+    eta_s = duration(eta) if math.isfinite(eta) else "?"
     rate_s = f"{examples_per_sec:,.0f}" if examples_per_sec >= 100 else f"{examples_per_sec:.3g}"
     print(f"step {step}/{self.total_steps} | loss {loss:.4f} | {rate_s} ex/s | ETA {eta_s}",
           file=sys.stderr, flush=True)

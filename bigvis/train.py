@@ -398,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                "perf/mfu": (flops_per_example * ex_s / jax.device_count() / peak) if flops_per_example and peak else None,
                "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}
         writer.write(step, row)
-        writer.progress(step, last_metrics["train/loss"], ex_s)
+        writer.progress(step, last_metrics["train/loss"], ex_s, steps_per_sec=ex_s / config.batch_size)
       if preempted(step):
         save(step)
         logging.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun the command to resume.", step)

@@ -1,0 +1,23 @@
+"""The progress line: its ETA from the first line on, and durations past a day."""
+from bigvis import metrics
+
+
+def test_duration_rounds_up_and_counts_days():
+  assert metrics.duration(0) == "0:00:00"
+  assert metrics.duration(0.2) == "0:00:01"  # a fraction of a second to go is not done
+  assert metrics.duration(3 * 3600 + 4 * 60 + 5) == "3:04:05"
+  # A clock format wrapped at 24 hours: a 30-hour ViT-H run read "06:00:00".
+  assert metrics.duration(30 * 3600) == "1d 6:00:00"
+  assert metrics.duration(-3) == "0:00:00"
+
+
+def test_progress_line_has_an_eta_from_its_first_line(tmp_path, capsys):
+  writer = metrics.MetricWriter(str(tmp_path), total_steps=1000, tensorboard=False)
+  # 100 steps logged at 2 steps/s: 900 to go are 450 s. The first line once printed "ETA ?".
+  writer.progress(100, 1.5, 512.0, steps_per_sec=2.0)
+  assert capsys.readouterr().err.strip() == "step 100/1000 | loss 1.5000 | 512 ex/s | ETA 0:07:30"
+  writer.progress(200, 1.0, 512.0, steps_per_sec=2.0)  # later lines: the mean rate since the first
+  line = capsys.readouterr().err
+  assert "step 200/1000" in line and "ETA ?" not in line
+  metrics.MetricWriter(str(tmp_path), total_steps=10, tensorboard=False).progress(5, 1.0, 10.0)
+  assert capsys.readouterr().err.strip().endswith("ETA ?")  # no rate known: said so
