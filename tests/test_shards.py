@@ -403,6 +403,29 @@ def test_eval_batches_read_the_split_once_and_pad_to_whole_batches(monkeypatch, 
   np.testing.assert_array_equal(labels[300:], labels[0])  # padding repeats the first example
 
 
+def test_a_long_eval_pass_logs_its_progress(monkeypatch, caplog):
+  """An eval over ImageNet's 50,000 (or a linear probe's 1.28M train images) said nothing for minutes."""
+  import ml_collections
+  from data_pipelines import input as data_input
+  monkeypatch.setattr(data_input, "EVAL_PROGRESS_EVERY_S", 0.0)  # a line for every batch
+  cfg = ml_collections.ConfigDict(dict(source="digits", split="test", pp="decode|keep('image','label')"))
+  with caplog.at_level(logging.INFO, logger="data_pipelines.input"):
+    assert len(list(data_input.eval_batches(cfg, global_batch_size=128, where="evals.val.data"))) == 3
+  lines = [r.getMessage() for r in caplog.records if r.name == "data_pipelines.input"]
+  assert [line.split(",")[0] for line in lines] == ["evals.val.data: 128 examples", "evals.val.data: 256 examples",
+                                                    "evals.val.data: 384 examples"]
+  # A split of known size (TFDS's) gets "of N" and an ETA, the padded last batch counted as the rest.
+  real = data_input.make_source
+  monkeypatch.setattr(data_input, "make_source",
+                      lambda *a, **k: real(*a, **k).apply(tf.data.experimental.assert_cardinality(300)))
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="data_pipelines.input"):
+    list(data_input.eval_batches(cfg, global_batch_size=128, where="evals.val.data"))
+  lines = [r.getMessage() for r in caplog.records if r.name == "data_pipelines.input"]
+  assert lines[0].startswith("evals.val.data: 128 of 300 examples, ") and "ETA 0:00:" in lines[0]
+  assert lines[-1].startswith("evals.val.data: 300 of 300 examples, ") and lines[-1].endswith("ETA 0:00:00")
+
+
 def test_eval_batches_of_an_empty_split_are_a_one_line_error(monkeypatch):
   import ml_collections
   from data_pipelines import input as data_input
