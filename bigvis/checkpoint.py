@@ -35,7 +35,14 @@ def _save_replicated_shards_whole_on_cpu() -> None:
   # Orbax's default handler keeps array metadata (typed PRNG keys restore as keys): so does this one.
   whole = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
                                          array_metadata_store=getattr(current, "_array_metadata_store", None))
-  ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+  # Orbax logs a warning for the override it was asked for, at every command run on a CPU: muted.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+  finally:
+    absl_logger.setLevel(level)
 
 
 class Checkpointer:

@@ -116,3 +116,17 @@ def test_replicated_arrays_on_cpu_devices_save_without_compiling_slices(tmp_path
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   Checkpointer(str(tmp_path / "again")).close()  # registered once: no second override (orbax warns of each)
   assert ocp.type_handlers.get_type_handler(jax.Array) is handler
+
+
+def test_the_cpu_handler_is_registered_without_a_warning(caplog):
+  """Orbax warned 'Type handler registry type ... overriding' at the start of every command on a CPU."""
+  import logging
+  import orbax.checkpoint as ocp
+  from bigvis import checkpoint
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(), override=True)
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    checkpoint._save_replicated_shards_whole_on_cpu()
+  assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
+  assert not [r for r in caplog.records if "overriding" in r.getMessage()]
+  assert logging.getLogger("absl").level == logging.NOTSET  # the muting ends with the call
