@@ -142,6 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# What TensorFlow's C++ start-up writes to stderr before it reads TF_CPP_MIN_LOG_LEVEL: absl's preamble,
+# oneDNN's note, the CUDA probe's on a host without a GPU (TensorFlow runs on the CPU here), CPU features.
+START_UP_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                  "Could not find cuda drivers", "cpu_feature_guard.cc", "To enable the following instructions",
+                  "failed call to cuInit")
+
+
+def start_tensorflow_quietly() -> None:
+  """Imports TensorFlow and starts its runtime with stderr (fd 2) sent to a file, then writes back every
+  line but the known start-up notes (a dozen lines before each command's first), so nothing else is lost."""
+  if "tensorflow" in sys.modules:
+    return
+  import tempfile
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      import tensorflow as tf
+      tf.constant(0)  # the runtime's start, where the CUDA probe logs
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      sys.stderr.write(without_start_up_noise(held.read().decode(errors="replace")))
+      sys.stderr.flush()
+
+
+def without_start_up_noise(text: str) -> str:
+  return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in START_UP_NOISE))
+
+
 def main(argv: list[str] | None = None) -> int:
   # TensorFlow's warnings stay on: they are how a damaged shard's dropped records show (info is noise).
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -149,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
   for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   args = build_parser().parse_args(argv)
+  start_tensorflow_quietly()  # every command reads data or tokenizes with it
   from bigvis.errors import UserError
   try:
     return args.fn(args)

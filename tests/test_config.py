@@ -183,3 +183,23 @@ def test_momentum_is_read_only_by_sgd():
     optim.make_optimizer(config.optim, 10, {"w": jax.numpy.zeros(3)})
   config = config_lib.load("vit_ti_digits", ["optim.name=sgd", "optim.momentum=0.8"])
   optim.make_optimizer(config.optim, 10, {"w": jax.numpy.zeros(3)})
+
+
+def test_commands_start_without_tensorflows_start_up_notes():
+  """TensorFlow's C++ start-up wrote a dozen lines (oneDNN, the CUDA probe, absl's preamble) before every
+  command's first, whatever TF_CPP_MIN_LOG_LEVEL said; they are held back, and any other line is kept."""
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  done = subprocess.run([sys.executable, "-m", "bigvis.cli", "params", "--config", "vit_ti_digits"], cwd=repo,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "total" in done.stdout
+  for note in cli.START_UP_NOISE:
+    assert note not in done.stderr
+  kept = "W0000 00:00:17.5 something.cc:1] a warning worth reading\n"
+  noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+           "I0000 00:00:1795873712.4 port.cc:153] oneDNN custom operations are on. You may see ...\n")
+  assert cli.without_start_up_noise(noise + kept + noise) == kept
