@@ -304,6 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       first_device, _ = _split_private(first)
     start_step = step0
     logging.info("resumed from step %d", start_step)
+    # A stop is for a non-finite step of this run: one skipped before (nonfinite='skip') is not.
+    state["first_nonfinite_step"] = jax.device_put(np.int32(-1), state_shardings["first_nonfinite_step"])
   writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
   if primary:
     # Rows past the checkpoint are rewritten exactly, and evals at it are redone: the checkpoint is

@@ -45,6 +45,25 @@ def test_nonfinite_skip_mode_counts_and_finishes(tmp_path):
   assert [r["train/lr"] for r in rows] == pytest.approx([1e30] * 4, rel=1e-6)
 
 
+def test_a_step_skipped_before_a_resume_does_not_stop_the_resumed_run(tmp_path, capsys):
+  """A run that skipped a non-finite step (nonfinite='skip') and resumed under the default 'stop' stopped at
+  once, naming the old step: the checkpoint carries the first non-finite step. Only this run's count."""
+  import jax
+  import numpy as np
+  assert _train(tmp_path, "total_steps=2", "checkpoint_every_steps=2") == 0
+  ckpt = Checkpointer(str(tmp_path / "w" / "checkpoints"))
+  shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), ckpt._mngr.item_metadata(2)["state"])
+  step, state, meta = ckpt.restore_latest(shapes)
+  state["first_nonfinite_step"], state["nonfinite"] = np.int32(0), np.int32(1)  # as if step 1 was skipped
+  ckpt._mngr.delete(step)
+  ckpt.save(step, state, meta)
+  ckpt.close()
+  capsys.readouterr()
+  assert _train(tmp_path, "total_steps=4", "checkpoint_every_steps=2") == 0, capsys.readouterr().err[-800:]
+  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl") if '"train/loss"' in l]
+  assert [r["train/nonfinite_steps"] for r in rows][-2:] == [1, 1]  # the count itself carries on
+
+
 def test_fingerprints_leave_out_how_the_last_block_is_computed():
   """`last_block_pooled` computes the same function: runs written before the field existed (their
   config.json lacks it) resume and evaluate, and setting it either way changes neither fingerprint;
