@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   args = build_parser().parse_args(argv)
   start_tensorflow_quietly()  # every command reads data or tokenizes with it
-  from bigvis.errors import UserError
+  from bigvis.errors import Preempted, UserError
   try:
     return args.fn(args)
   except UserError as e:
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("bigvis: interrupted; the last complete checkpoint is kept.", file=sys.stderr)
     return 130
+  except Preempted as e:  # not done: no "done." and no 0 for `bigvis train … && bigvis eval …` to go on
+    print(f"bigvis: {e}", file=sys.stderr)
+    return 143
 
 
 if __name__ == "__main__":

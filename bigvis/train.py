@@ -30,7 +30,7 @@ from bigvis import config as config_lib
 from bigvis import evaluators as eval_lib
 from bigvis import metrics as metrics_lib
 from bigvis import objectives, optim, sharding
-from bigvis.errors import UserError
+from bigvis.errors import Preempted, UserError
 from bigvis.models import build_model, model_inputs
 
 TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
@@ -403,8 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         writer.progress(step, last_metrics["train/loss"], ex_s, steps_per_sec=ex_s / config.batch_size)
       if preempted(step):
         save(step)
-        logging.warning("stopped by SIGTERM at step %d; checkpoint saved, rerun the command to resume.", step)
-        return last_metrics
+        raise Preempted(step)
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and step < config.total_steps:
         save(step)
       if step < config.total_steps:
