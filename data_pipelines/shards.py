@@ -269,7 +269,8 @@ def _int_or_none(value, where: str) -> int | None:
 def _folder_items(folder: str, index: str) -> Iterator[dict]:
   """Items of a folder of images listed in captions.jsonl or captions.csv."""
   path = os.path.join(folder, index)
-  with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" writes one) is not part of the first column's name.
+  with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
     if index.endswith(".jsonl"):
       rows = ((n, line) for n, line in enumerate(f, 1) if line.strip())
     else:
@@ -285,7 +286,8 @@ def _folder_items(folder: str, index: str) -> Iterator[dict]:
         except json.JSONDecodeError:
           row = None
         if not isinstance(row, dict):
-          yield {"name": where, "image": None, "text": None, "label": None, "key": where}
+          yield {"name": where, "image": None, "text": None, "label": None, "key": where,
+                 "detail": "not a JSON object"}
           continue
       file = row.get("file")
       text = row.get("text")
@@ -295,9 +297,12 @@ def _folder_items(folder: str, index: str) -> Iterator[dict]:
         except UnicodeEncodeError:
           pass  # A lone surrogate escape; check_text reports it as invalid_utf8.
       image = _read_file(os.path.join(folder, file)) if isinstance(file, str) and file else None
+      detail = ("no file name" if not (isinstance(file, str) and file) else
+                f"no readable file {file}" if image is None else
+                "no caption" if text is None else "")
       yield {"name": f"{where} ({file})", "image": image, "text": text,
              "label": _int_or_none(row.get("label"), where),
-             "key": str(row.get("key") or file or where)}
+             "key": str(row.get("key") or file or where), "detail": detail}
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -395,7 +400,8 @@ def write_shards(input_path: str, output_dir: str, shard_size: int = 1000,
       reason = kind if image is None else text_reason
       if reason:
         skipped[reason] += 1
-        log.warning("skipping %s: %s", item["name"], reason)
+        detail = item.get("detail") if reason == "missing_field" else ""
+        log.warning("skipping %s: %s%s", item["name"], reason, f" ({detail})" if detail else "")
         continue
       if kind:
         converted[kind] = converted.get(kind, 0) + 1

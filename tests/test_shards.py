@@ -119,7 +119,8 @@ def test_check_text(text, result):
 
 
 def _bad_folder(folder, index):
-  """A folder exercising every skip reason and conversion; returns expected (kept texts)."""
+  """A folder exercising every skip reason and conversion, its index starting with a byte-order mark
+  (Excel's "CSV UTF-8" writes one); returns expected (kept texts)."""
   files = {
       "ok.jpg": _jpeg(seed=1), "alpha.png": _rgba_png(), "deep.png": _png16(),
       "gray.png": _encode(Image.new("L", (9, 9), 30), "PNG"), "cmyk.jpg": _cmyk_jpeg(),
@@ -136,6 +137,7 @@ def _bad_folder(folder, index):
   ]
   if index == "captions.jsonl":
     with open(folder / index, "wb") as f:
+      f.write(b"\xef\xbb\xbf")
       for file, text, label in rows:
         row = {"file": file, "text": "@@"}
         if label is not None:
@@ -147,7 +149,7 @@ def _bad_folder(folder, index):
       f.write(b"{not json\n")
   else:
     with open(folder / index, "wb") as f:
-      f.write(b"file,text,label\n")
+      f.write(b"\xef\xbb\xbffile,text,label\n")
       for file, text, label in rows:
         text = text if isinstance(text, bytes) else text.encode()
         f.write(b'%s,"%s",%s\n' % (file.encode(), text, b"" if label is None else b"%d" % label))
@@ -168,6 +170,11 @@ def test_write_shards_folder_counts_every_reason(tmp_path, index, caplog):
   assert [os.path.basename(p) for p in report["shards"]] == [
       "data-00000-of-00003.tfrecord", "data-00001-of-00003.tfrecord", "data-00002-of-00003.tfrecord"]
   assert "trunc.jpg" in caplog.text and "corrupt_image" in caplog.text
+  # missing_field says which: the file, the caption, the line (it said only 'missing_field').
+  assert "(absent.jpg): missing_field (no readable file absent.jpg)" in caplog.text
+  assert "(ok.jpg): missing_field (no caption)" in caplog.text
+  assert ("missing_field (not a JSON object)" if index == "captions.jsonl" else
+          "(): missing_field (no file name)") in caplog.text
   assert not [f for f in os.listdir(tmp_path / "out") if "tmp" in f]
 
   got = _dataset(shards.read_shards(report["shards"]))
