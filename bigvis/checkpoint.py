@@ -50,9 +50,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True, reader: bool = False):
     """`reader=True` opens an existing folder only to read (evaluation while a run may still train)."""
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if "://" in directory else os.path.abspath(directory)  # gs://… as it is
     _save_replicated_shards_whole_on_cpu()
-    if reader and not os.path.isdir(self.directory):
+    if reader and not epath.Path(self.directory).is_dir():
       raise UserError(f"'{self.directory}' does not exist: the run has written no checkpoint yet.")
     options = ocp.CheckpointManagerOptions(max_to_keep=None if reader else keep, create=not reader,
                                            enable_async_checkpointing=async_save and not reader)

@@ -52,7 +52,8 @@ def cmd_train(args) -> int:
   config = config_lib.load(args.config, args.overrides)
   init_distributed(args)
   from bigvis import train
-  final = train.train_and_evaluate(config, args.workdir)
+  with train.workdir_lock(args.workdir):
+    final = train.train_and_evaluate(config, args.workdir)
   summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float) and k.startswith("eval/"))
   print(f"done: {summary}" if summary else "done.")
   return 0

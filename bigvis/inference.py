@@ -30,13 +30,14 @@ EMBED_BATCH = 64
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run was trained with, from `workdir/config.json`."""
+  import tensorflow as tf
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  if not tf.io.gfile.exists(path):
     raise UserError(f"workdir '{workdir}' has no config.json; is it the --workdir of a bigvis train run?")
   try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (json.JSONDecodeError, OSError) as e:
+    with tf.io.gfile.GFile(path) as f:
+      return ml_collections.ConfigDict(json.loads(f.read()))
+  except (json.JSONDecodeError, OSError, tf.errors.OpError) as e:
     raise UserError(f"{path} is not readable JSON ({e}).")
 
 

@@ -96,9 +96,10 @@ def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> f
 
 def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> None:
   """Drops lines logged after `step` (a resumed run rewrites them exactly), and eval rows at it if asked."""
-  if not os.path.exists(path):
+  import tensorflow as tf
+  if not tf.io.gfile.exists(path):
     return
-  with open(path) as f:
+  with tf.io.gfile.GFile(path) as f:
     lines = f.readlines()
   kept = []
   for line in lines:
@@ -110,9 +111,9 @@ def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> Non
     except json.JSONDecodeError:
       continue  # a line torn by a kill
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write("".join(kept))
+  tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def duration(seconds: float) -> str:
@@ -141,10 +142,11 @@ class MetricWriter:
       return
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) and k.startswith("perf/") else v)
              for k, v in metrics.items()}
-    with open(self.path, "a") as f:
+    import tensorflow as tf
+    # On a bucket (gs://) TensorFlow's append re-uploads the file: fine at a row per log_every_steps.
+    with tf.io.gfile.GFile(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **clean}, allow_nan=True) + "\n")
     if self._tb is not None:
-      import tensorflow as tf
       with self._tb.as_default(step=int(step)):
         for k, v in clean.items():
           if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):

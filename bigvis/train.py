@@ -10,13 +10,15 @@ command reproduces the uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import signal
+import socket
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -84,21 +86,62 @@ def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.Co
 
 
 def prepare_workdir(workdir: str) -> None:
-  """Creates the workdir; an unwritable one is a one-sentence error before any work."""
+  """Creates the workdir (a local path or a bucket's, gs://…: every file of a run goes through
+  tf.io.gfile); an unwritable one is a one-sentence error before any work."""
+  import tensorflow as tf
+  if tf.io.gfile.exists(workdir) and not tf.io.gfile.isdir(workdir):
+    raise UserError(f"workdir '{workdir}' is a file, not a folder.")
   try:
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    with open(probe, "w") as f:
+    with tf.io.gfile.GFile(probe, "w") as f:
       f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"workdir '{workdir}' is not writable ({e.strerror}).")
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    reason = e.strerror if isinstance(e, OSError) else e.message
+    raise UserError(f"workdir '{workdir}' is not writable ({reason}).")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds `WORKDIR/.lock` (an flock, process 0 only) while a run trains there: a second run on the
+  same workdir would interleave metrics.jsonl rows and collide over checkpoint folders. A bucket's
+  workdir (gs://…) and filesystems without locks go unguarded."""
+  import fcntl
+  path = os.path.join(workdir, ".lock")
+  f = None
+  if jax.process_index() == 0 and "://" not in workdir:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      f = open(path, "a+")
+    except OSError:
+      pass  # prepare_workdir names the problem
+  try:
+    if f is not None:
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+      except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        raise UserError(f"workdir '{workdir}' is in use by another bigvis run ({holder}); wait for it to end "
+                        "or pass another --workdir.") from None
+      except OSError:  # no locks on this filesystem
+        pass
+    yield
+  finally:
+    if f is not None:
+      f.close()  # releases the lock
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """The run's config beside its checkpoints (what `bigvis eval` and inference read back)."""
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, default=str)
+  import tensorflow as tf
+  with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(json.dumps(config.to_dict(), indent=2, default=str))
 
 
 def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:

@@ -21,3 +21,29 @@ def test_progress_line_has_an_eta_from_its_first_line(tmp_path, capsys):
   assert "step 200/1000" in line and "ETA ?" not in line
   metrics.MetricWriter(str(tmp_path), total_steps=10, tensorboard=False).progress(5, 1.0, 10.0)
   assert capsys.readouterr().err.strip().endswith("ETA ?")  # no rate known: said so
+
+
+def test_a_workdir_on_a_bucket_is_written_there_not_in_a_local_gs_folder(tmp_path, monkeypatch):
+  """`--workdir gs://bucket/run` (the README's TPU-pod command) made a local folder 'gs:/bucket/run' for
+  config.json, metrics.jsonl and the checkpoints: every file of a run now goes through tf.io.gfile. Here
+  TensorFlow's in-memory filesystem (ram://) stands in for the bucket."""
+  import os
+  import ml_collections
+  from bigvis import inference, train
+  from bigvis.evaluators import reports
+  monkeypatch.chdir(tmp_path)
+  workdir = "ram://bucket/run"
+  train.prepare_workdir(workdir)
+  train.write_config(workdir, ml_collections.ConfigDict({"model": {"name": "vit"}, "seed": 3}))
+  assert inference.load_config(workdir).seed == 3
+  writer = metrics.MetricWriter(workdir, total_steps=4, tensorboard=False)
+  for step in (1, 2, 3):
+    writer.write(step, {"train/loss": 1.0 / step})
+  metrics.truncate_after(writer.path, 2)
+  import tensorflow as tf
+  with tf.io.gfile.GFile(writer.path) as f:
+    assert [int(line.split(",")[0].split(":")[1]) for line in f] == [1, 2]
+  report = reports.Report(title="t", intro="", columns=["a"], rows=[{"a": 1}])
+  paths = reports.write_report(os.path.join(workdir, "reports"), "r", report)
+  assert all(tf.io.gfile.exists(p) for p in paths)
+  assert os.listdir(tmp_path) == []  # nothing written locally

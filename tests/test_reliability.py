@@ -101,6 +101,20 @@ def test_unwritable_workdir(tmp_path, capsys):
   (tmp_path / "file").write_text("x")
   assert _train(tmp_path, "total_steps=2", workdir="file/sub") == 2
   assert "not writable" in _one_line_error(capsys)
+  assert _train(tmp_path, "total_steps=2", workdir="file") == 2
+  assert f"workdir '{tmp_path / 'file'}' is a file, not a folder." in _one_line_error(capsys)
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, capsys):
+  """Two runs on one workdir interleaved metrics.jsonl rows and crashed over each other's checkpoint
+  folders; the second now stops at once, naming the first, and writes nothing."""
+  from bigvis import train
+  with train.workdir_lock(str(tmp_path / "w")):  # the first run
+    assert _train(tmp_path, "total_steps=2") == 2
+    line = _one_line_error(capsys)
+    assert f"workdir '{tmp_path / 'w'}' is in use by another bigvis run (pid {os.getpid()} on " in line
+    assert sorted(os.listdir(tmp_path / "w")) == [".lock"]
+  assert _train(tmp_path, "total_steps=2") == 0  # free again once it ends
 
 
 def test_missing_shards_name_the_key(tmp_path, capsys):

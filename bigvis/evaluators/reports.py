@@ -85,14 +85,15 @@ def to_csv(report: Report) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+  import tensorflow as tf  # tf.io.gfile: a workdir may be a bucket's (gs://…)
   tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
   try:
-    with open(tmp, "wb") as f:
+    with tf.io.gfile.GFile(tmp, "wb") as f:
       f.write(data)
-    os.replace(tmp, path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
   finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.remove(tmp)
 
 
 def render_png(report: Report) -> bytes:
@@ -109,7 +110,8 @@ def render_png(report: Report) -> bytes:
 
 def write_report(directory: str, name: str, report: Report) -> list[str]:
   """Writes `<name>.csv`, `<name>.md` (and `<name>.png`) into `directory`; returns their paths."""
-  os.makedirs(directory, exist_ok=True)
+  import tensorflow as tf
+  tf.io.gfile.makedirs(directory)
   paths = []
   png = render_png(report) if report.draw is not None else None
   if png is not None:
