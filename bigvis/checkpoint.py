@@ -4,7 +4,9 @@ Saves are atomic (orbax writes to a temporary folder and renames on commit)
 and asynchronous. On resume the newest *complete and readable* checkpoint is
 used: a damaged newest one is reported in one line and set aside (moved to
 `damaged/`, not deleted); when none is readable the run stops rather than start
-afresh over them.
+afresh over them. The record holds a checksum of every array's bits, checked on
+restore: bytes changed on disk (a bad copy, a disk fault) would otherwise load
+as weights, unsaid, and surface as a NaN or a wrong accuracy.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -45,6 +48,42 @@ def _save_replicated_shards_whole_on_cpu() -> None:
     absl_logger.setLevel(level)
 
 
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """sum_i w_i * (2i + 1) mod 2^32 over the array's bits as 32-bit words w_i (i: the global flat index):
+  any change of one word changes it, and it is the same whatever the sharding (integer sums)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+    words = x.astype(jnp.uint32) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  elif x.dtype.itemsize == 2:
+    words = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  else:  # 4 bytes, or 8 split into two words
+    words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  index = jnp.arange(words.size, dtype=jnp.uint32).reshape(words.shape)
+  return jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
+
+
+def checksums(tree: Any, prefix: str = "") -> dict[str, list]:
+  """Array path (`jax.tree_util.keystr`) -> [checksum of its bits, dtype], computed where the arrays are."""
+  sums = jax.device_get(_checksums(tree))
+  dtypes = jax.tree.map(lambda x: str(x.dtype), tree)
+  return {prefix + jax.tree_util.keystr(path): [int(v), d] for (path, v), d in
+          zip(jax.tree_util.tree_flatten_with_path(sums)[0], jax.tree.leaves(dtypes))}
+
+
+def check_checksums(tree: Any, saved: dict[str, list] | None, prefix: str = "") -> None:
+  """Raises ValueError naming the first array whose bits differ from those saved. Records written
+  before checksums pass, as do arrays restored into another dtype (whose bits differ by design)."""
+  if not saved:
+    return
+  for path, (value, dtype) in checksums(tree, prefix).items():
+    if path in saved and saved[path][1] == dtype and saved[path][0] != value:
+      raise ValueError(f"{path} differs from what was saved (checksum {value}, saved {saved[path][0]})")
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory` (one folder per step)."""
 
@@ -65,6 +104,7 @@ class Checkpointer:
     return sorted(self._mngr.all_steps())
 
   def save(self, step: int, state: Any, meta: dict) -> None:
+    meta = {**meta, "checksums": checksums(state)}
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -80,6 +120,7 @@ class Checkpointer:
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        check_checksums(out["state"], out["meta"].get("checksums"))
         for bad in damaged:  # so the resumed run can write those steps again
           self.set_aside(bad)
         return step, out["state"], out["meta"]
@@ -141,7 +182,9 @@ class Checkpointer:
         raise UserError(f"the checkpoint at step {s} in '{self.directory}' holds {what}: it was trained with "
                         "another model config than the one given.")
       try:
-        return s, self._mngr.restore(s, args=args)["state"]["params"]
+        params = self._mngr.restore(s, args=args)["state"]["params"]
+        check_checksums(params, self.read_meta(s).get("checksums"), prefix="['params']")
+        return s, params
       except Exception as e:  # damaged, or another model's checkpoint
         if step is not None or s == steps[0]:
           raise UserError(f"the checkpoint at step {s} in '{self.directory}' cannot be restored into this "

@@ -4,8 +4,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bigvis.checkpoint import Checkpointer
+from bigvis.errors import UserError
 
 
 def _state(v):
@@ -23,7 +25,8 @@ def test_round_trip_and_keep_n(tmp_path):
   ck.wait()
   assert ck.steps() == [2, 3]
   step, state, meta = ck.restore_latest(_abstract())
-  assert step == 3 and meta == {"step": 3, "fingerprint": "x"}
+  assert step == 3 and meta == {"step": 3, "fingerprint": "x", "checksums": meta["checksums"]}
+  assert sorted(meta["checksums"]) == ["['params']['w']", "['step']"]
   np.testing.assert_array_equal(state["params"]["w"], np.full((4, 3), 3.0))
   ck.close()
 
@@ -131,3 +134,35 @@ def test_the_cpu_handler_is_registered_without_a_warning(caplog):
   assert ocp.type_handlers.get_type_handler(jax.Array)._use_replica_parallel is False
   assert not [r for r in caplog.records if "overriding" in r.getMessage()]
   assert logging.getLogger("absl").level == level  # the muting ends with the call
+
+
+def test_changed_bytes_in_a_checkpoint_are_caught_and_it_is_set_aside(tmp_path, caplog):
+  """Bytes overwritten inside a checkpoint's data file (same size) restored without a word, as weights:
+  the run then stopped at a 'non-finite loss' blaming the learning rate, and `bigvis eval` reported a
+  wrong accuracy. The checksums in the record catch it; the run falls back to the previous step, and a
+  params-only restore (eval) refuses it."""
+  big = lambda v: {"params": {"w": jax.random.normal(jax.random.key(v), (256, 256))},  # noqa: E731
+                   "step": jnp.asarray(v, jnp.int32)}  # random: it does not compress, the file holds its bytes
+  ck = Checkpointer(str(tmp_path), keep=3)
+  ck.save(1, big(1), {"step": 1})
+  ck.save(2, big(2), {"step": 2})
+  ck.close()
+  data = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "2" / "state") for f in files]
+  largest = max(data, key=os.path.getsize)
+  size = os.path.getsize(largest)
+  with open(largest, "r+b") as fh:  # 4 kB of garbage in the middle of the array's bytes
+    fh.seek(size // 2)
+    fh.write(np.random.RandomState(0).bytes(4096))
+  assert os.path.getsize(largest) == size
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), big(0))
+  ck = Checkpointer(str(tmp_path), reader=True)
+  with pytest.raises(UserError, match=r"step 2 .* cannot be restored .*\['params'\]\['w'\] differs from what was saved"):
+    ck.restore_params(abstract["params"], step=2)
+  ck.close()
+  ck = Checkpointer(str(tmp_path))
+  step, state, _ = ck.restore_latest(abstract)
+  assert step == 1 and ck.steps() == [1]
+  np.testing.assert_array_equal(state["params"]["w"], big(1)["params"]["w"])
+  assert "['params']['w'] differs from what was saved" in caplog.text
+  assert os.listdir(tmp_path / "damaged")[0].startswith("2-")
+  ck.close()
