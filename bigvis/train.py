@@ -150,6 +150,19 @@ def model_and_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
   return model, objectives.make_objective(config.objective, model)
 
 
+def check_preprocessing(config: ml_collections.ConfigDict) -> None:
+  """Builds every pp string of data.train, the evals and the reports: an unknown op or a bad argument is
+  a one-line error at start, not at the first eval (after hours, or after a resume has rewritten files)."""
+  from data_pipelines import input as data_input  # noqa: F401  registers every op
+  from data_pipelines import preprocess
+  for section in ("data", "evals", "reports"):
+    for where, pp in preprocess.pp_strings(config.get(section) or {}, section):
+      try:
+        preprocess.build(pp)
+      except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
 def check_train_tokenizer(config: ml_collections.ConfigDict) -> None:
   """data.train.pp's tokenizer must fit the text tower's embedding (`zeroshot.check_tokenizer_fits`),
   and every eval and report must tokenize with it (`zeroshot.check_same_tokenizer`)."""
@@ -311,6 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_lib.check_known(config, TOP_KEYS, "config")
   eval_lib.check_types(config.get("reports"), "reports")  # run by `bigvis eval`, checked now
+  check_preprocessing(config)
   primary = jax.process_index() == 0
   prepare_workdir(workdir)
 
@@ -321,8 +335,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model, loss_fn = model_and_objective(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
   check_same_experiment(ckpt, config, workdir)  # before any heavy work
-  if primary:  # only now: a refused run must not overwrite the config of the checkpoints it found
-    write_config(workdir, config)
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
   try:
@@ -349,12 +361,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed from step %d", start_step)
     # A stop is for a non-finite step of this run: one skipped before (nonfinite='skip') is not.
     state["first_nonfinite_step"] = jax.device_put(np.int32(-1), state_shardings["first_nonfinite_step"])
-  writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
-  if primary:
-    # Rows past the checkpoint are rewritten exactly, and evals at it are redone: the checkpoint is
-    # saved before that step's evals, so a run stopped between the two (SIGTERM, a crash in an
-    # evaluator) would otherwise never log them; a finished run re-evaluates its last step.
-    metrics_lib.truncate_after(writer.path, start_step, drop_eval_at_step=start_step > 0)
 
   # Compile ahead of time: compile cost and FLOPs are known before the first step.
   train_step = make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)
@@ -366,6 +372,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   flops_per_example = metrics_lib.model_flops_per_example(config, first_device)
   peak = metrics_lib.device_peak_flops()
   evaluators = eval_lib.build_evaluators(config.get("evals"), model=model, mesh=mesh, config=config)
+
+  # Only now, with everything checked and built, does the run write to its workdir: a refused or
+  # failing start leaves the metrics.jsonl of the checkpoints it found as it was, and config.json is
+  # written with the first checkpoint (or the end of a finished run re-evaluated), which it describes.
+  writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
+  if primary:
+    # Rows past the checkpoint are rewritten exactly. Evals at it are redone (the checkpoint is saved
+    # before that step's evals, so a run stopped between the two would otherwise never log them; a
+    # finished run re-evaluates its last step): their old rows go when the new ones are written.
+    metrics_lib.truncate_after(writer.path, start_step)
+  config_written = False
+
+  def write_config_once() -> None:
+    nonlocal config_written
+    if primary and not config_written:
+      write_config(workdir, config)
+    config_written = True
 
   def due(name: str, step: int) -> bool:
     """An evaluator runs every `evals.<name>.every_steps` (default: eval_every_steps) and at the end."""
@@ -382,6 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for k, v in evaluators[name].run(state["params"]).items():
           results[f"eval/{name}/{k}"] = v
     if results:
+      if step == start_step and primary:
+        metrics_lib.truncate_after(writer.path, step, drop_eval_at_step=True)
       writer.write(step, results)
     return results
 
@@ -400,6 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save(step: int) -> None:
     check_finite()
+    write_config_once()
     ckpt.save(step, state, {"step": step, **record})
 
   # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step. With
@@ -454,7 +480,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if not ckpt.steps() or ckpt.steps()[-1] != step:
       save(step)
-    return {**last_metrics, **evaluate(step)}
+    final = {**last_metrics, **evaluate(step)}
+    write_config_once()
+    return final
   finally:
     # Waits for in-flight async saves, so the last good checkpoint is complete even on an error.
     if not several:

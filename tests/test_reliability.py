@@ -105,6 +105,29 @@ def test_unwritable_workdir(tmp_path, capsys):
   assert f"workdir '{tmp_path / 'file'}' is a file, not a folder." in _one_line_error(capsys)
 
 
+def test_a_failed_rerun_of_a_finished_run_leaves_its_files_as_they_were(tmp_path, capsys):
+  """Rerunning a finished run with a broken eval rewrote its config.json (with the broken setting, so
+  `bigvis eval` failed from then on) and deleted its final eval row, before failing. A bad pp op is now
+  refused before anything is written; an eval failing when it runs leaves both files as they were."""
+  def run(*sets):
+    args = ["train", "--config", "vit_ti_digits", "--workdir", str(tmp_path / "w"), "--set", "total_steps=2",
+            "--set", "batch_size=16", "--set", "log_every_steps=1", "--set", "optim.warmup_steps=0"]
+    for s in sets:
+      args += ["--set", s]
+    return cli.main(args)
+  assert run() == 0
+  files = {name: (tmp_path / "w" / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+  assert b'"eval/test/accuracy"' in files["metrics.jsonl"]
+  capsys.readouterr()
+  assert run("evals.test.data.pp='decode|resize(16)|bogus_op(3)'") == 2
+  assert "evals.test.data.pp: unknown preprocessing op 'bogus_op'" in _one_line_error(capsys)
+  assert run("evals.test.data.split='nope'") != 0  # fails in the eval itself, at the end
+  capsys.readouterr()
+  assert {name: (tmp_path / "w" / name).read_bytes() for name in files} == files
+  assert run() == 0  # and the run re-evaluates as before
+  assert (tmp_path / "w" / "metrics.jsonl").read_bytes() == files["metrics.jsonl"]
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, capsys):
   """Two runs on one workdir interleaved metrics.jsonl rows and crashed over each other's checkpoint
   folders; the second now stops at once, naming the first, and writes nothing."""

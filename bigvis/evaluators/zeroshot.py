@@ -102,21 +102,17 @@ def train_tokenize_args(config: ml_collections.ConfigDict | None) -> dict:
   return pp_tokenize_args(pp, "data.train.pp")
 
 
-def _eval_tokenizers(node: Any, where: str) -> Iterator[tuple[str, str, bool | None]]:
-  """(where, model, lower) for each tokenizer an eval or report entry names: its `tokenizer` key
-  and every `tokenize` op in a `pp` under it (`lower` None where the training op's applies)."""
-  if not isinstance(node, (ml_collections.ConfigDict, dict)):
-    return
-  for key, value in node.items():
-    at = f"{where}.{key}"
-    if key == "tokenizer" and isinstance(value, str) and value:
-      yield at, value, None
-    elif key == "pp" and isinstance(value, str):
-      args = pp_tokenize_args(value, at)
+def _eval_tokenizers(section: Any, where: str) -> Iterator[tuple[str, str, bool | None]]:
+  """(where, model, lower) for each tokenizer the entries of `evals` or `reports` name: an entry's
+  `tokenizer` key and every `tokenize` op in a `pp` under it (`lower` None where training's applies)."""
+  from data_pipelines.preprocess import pp_strings
+  for name, entry in section.items():
+    if entry.get("tokenizer"):
+      yield f"{where}.{name}.tokenizer", entry["tokenizer"], None
+    for at, pp in pp_strings(entry, f"{where}.{name}"):
+      args = pp_tokenize_args(pp, at)
       if args.get("model"):
         yield at, args["model"], bool(args.get("lower", True))
-    else:
-      yield from _eval_tokenizers(value, at)
 
 
 def check_same_tokenizer(config: ml_collections.ConfigDict) -> None:
