@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -84,6 +85,32 @@ def check_checksums(tree: Any, saved: dict[str, list] | None, prefix: str = "") 
       raise ValueError(f"{path} differs from what was saved (checksum {value}, saved {saved[path][0]})")
 
 
+def _one_line(e: Exception) -> str:
+  """'Type: the first line of the message', without TensorStore's pointer to its details (a repr)."""
+  text = str(e).splitlines()[0] if str(e) else ""
+  return f"{type(e).__name__}: {text.split(' See full TensorStore details')[0][:200]}"
+
+
+def _drop_abandoned_reads() -> None:
+  """After a failed restore, the reads still in flight finish on the event loop orbax has closed (each
+  prints 'RuntimeError: Event loop is closed'), and orbax's abandoned read coroutines print their own
+  error when collected: hundreds of tracebacks, as unraisable exceptions, around the one line that says
+  what failed. Those two kinds (and only those) are dropped, for the process."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_bigvis_drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    error, source = unraisable.exc_value, unraisable.object
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    if "/orbax/" in getattr(getattr(source, "cr_code", None), "co_filename", ""):
+      return
+    previous(unraisable)
+  hook._bigvis_drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """Keeps the last `keep` checkpoints under `directory` (one folder per step)."""
 
@@ -116,6 +143,7 @@ class Checkpointer:
     Newer damaged ones are set aside (`set_aside`); when none restores it is an error, not a fresh start
     that would overwrite them."""
     damaged, first_error = [], ""
+    _drop_abandoned_reads()
     for step in reversed(self.steps()):
       try:
         out = self._mngr.restore(step, args=ocp.args.Composite(
@@ -126,7 +154,7 @@ class Checkpointer:
         return step, out["state"], out["meta"]
       except Exception as e:  # damaged or incomplete: fall back to the previous one
         damaged.append(step)
-        first_error = first_error or f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        first_error = first_error or _one_line(e)
         logging.warning("checkpoint at step %d in %s is damaged (%s); trying the previous one.",
                         step, self.directory, first_error)
     if damaged:
@@ -169,6 +197,7 @@ class Checkpointer:
     args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
     expected = {"/".join(map(str, k)): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract_params).items()}
+    _drop_abandoned_reads()
     for s in ([step] if step is not None else reversed(steps)):
       # A partial restore fills the model's parameters and drops the rest without a word: a model
       # configured otherwise than the trained one (a pooling, a head) would evaluate half-restored.
@@ -188,7 +217,7 @@ class Checkpointer:
       except Exception as e:  # damaged, or another model's checkpoint
         if step is not None or s == steps[0]:
           raise UserError(f"the checkpoint at step {s} in '{self.directory}' cannot be restored into this "
-                          f"run's model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}).")
+                          f"run's model ({_one_line(e)}).")
         logging.warning("checkpoint at step %d in %s is not readable (%s); trying the previous one.",
                         s, self.directory, type(e).__name__)
     raise AssertionError("unreachable")
