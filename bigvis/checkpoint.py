@@ -10,11 +10,12 @@ as weights, unsaid, and surface as a NaN or a wrong accuracy.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +40,18 @@ def _save_replicated_shards_whole_on_cpu() -> None:
   # Orbax's default handler keeps array metadata (typed PRNG keys restore as keys): so does this one.
   whole = ocp.type_handlers.ArrayHandler(use_replica_parallel=False,
                                          array_metadata_store=getattr(current, "_array_metadata_store", None))
-  # Orbax logs a warning for the override it was asked for, at every command run on a CPU: muted.
+  with _orbax_warnings_muted():  # orbax warns of the override it was asked for, at every CPU command
+    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+
+
+@contextlib.contextmanager
+def _orbax_warnings_muted() -> Iterator[None]:
+  """Orbax's warnings (absl's logger) off for a call whose warning is expected and says nothing."""
   absl_logger = logging.getLogger("absl")
   level = absl_logger.level
   absl_logger.setLevel(logging.ERROR)
   try:
-    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+    yield
   finally:
     absl_logger.setLevel(level)
 
@@ -226,7 +233,10 @@ class Checkpointer:
     """Path -> shape of the parameters saved at `step`, from the checkpoint's metadata (None where it
     cannot be read: the restore then reports what is wrong)."""
     try:
-      metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+      # Read as a plain PyTree checkpoint, the item folder has no step-level metadata file: orbax's
+      # 'Metadata file does not exist' warning at every `bigvis eval` is muted.
+      with _orbax_warnings_muted():
+        metadata = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
       tree = getattr(metadata, "item_metadata", metadata)
       params = getattr(tree, "tree", tree)["params"]
       return {"/".join(map(str, k)): tuple(v.shape) for k, v in traverse_util.flatten_dict(params).items()}

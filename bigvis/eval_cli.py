@@ -170,7 +170,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
       t0 = time.time()
       with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
         metrics = ev.run(params)
-      writer.write(restored_step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
+      writer.replace(restored_step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
       paths = []
       if primary:
         paths = reports.write_report(out_dir, name, build_report(name, chosen[name], ev, metrics))

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -94,8 +94,8 @@ def model_flops_per_example(config: ml_collections.ConfigDict, batch: dict) -> f
   return 3.0 * float(flops) if flops and flops > 0 else None
 
 
-def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> None:
-  """Drops lines logged after `step` (a resumed run rewrites them exactly), and eval rows at it if asked."""
+def _rewrite_rows(path: str, keep: Callable[[dict], dict | None]) -> None:
+  """Rewrites metrics.jsonl with each row passed through `keep` (None drops it); torn lines go."""
   import tensorflow as tf
   if not tf.io.gfile.exists(path):
     return
@@ -105,15 +105,33 @@ def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> Non
   for line in lines:
     try:
       row = json.loads(line)
-      is_eval = any(k.startswith("eval/") for k in row)
-      if row.get("step", 0) < step or (row.get("step", 0) == step and not (drop_eval_at_step and is_eval)):
-        kept.append(line)
     except json.JSONDecodeError:
       continue  # a line torn by a kill
+    new = keep(row)
+    if new is not None:
+      kept.append(line if new is row else json.dumps(new, allow_nan=True) + "\n")
   tmp = path + ".tmp"
   with tf.io.gfile.GFile(tmp, "w") as f:
     f.write("".join(kept))
   tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> None:
+  """Drops lines logged after `step` (a resumed run rewrites them exactly), and eval rows at it if asked."""
+  def keep(row):
+    at, is_eval = row.get("step", 0), any(k.startswith("eval/") for k in row)
+    return row if at < step or (at == step and not (drop_eval_at_step and is_eval)) else None
+  _rewrite_rows(path, keep)
+
+
+def _drop_keys_at(path: str, step: int, keys: set[str]) -> None:
+  """Removes `keys` from the rows at `step` (a row left with only its step goes)."""
+  def keep(row):
+    if row.get("step") != step or not keys & set(row):
+      return row
+    row = {k: v for k, v in row.items() if k not in keys}
+    return None if set(row) == {"step"} else row
+  _rewrite_rows(path, keep)
 
 
 def duration(seconds: float) -> str:
@@ -152,6 +170,13 @@ class MetricWriter:
           if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
             tf.summary.scalar(k, v)
       self._tb.flush()
+
+  def replace(self, step: int, metrics: dict[str, Any]) -> None:
+    """Writes `metrics` at `step` in place of the values those keys had there (`bigvis eval` run again on
+    a checkpoint: one row per step and evaluator, not another copy each time)."""
+    if self.primary:
+      _drop_keys_at(self.path, step, set(metrics))
+    self.write(step, metrics)
 
   def progress(self, step: int, loss: float, examples_per_sec: float, steps_per_sec: float = 0.0) -> None:
     """The progress line on stderr. The ETA uses the mean rate since the first line (evals included),

@@ -47,3 +47,20 @@ def test_a_workdir_on_a_bucket_is_written_there_not_in_a_local_gs_folder(tmp_pat
   paths = reports.write_report(os.path.join(workdir, "reports"), "r", report)
   assert all(tf.io.gfile.exists(p) for p in paths)
   assert os.listdir(tmp_path) == []  # nothing written locally
+
+
+def test_an_eval_run_again_replaces_its_row(tmp_path):
+  """Each `bigvis eval` of a checkpoint appended another copy of its row at that step."""
+  import json
+  writer = metrics.MetricWriter(str(tmp_path), tensorboard=False)
+  writer.write(10, {"train/loss": 1.0})
+  writer.write(10, {"eval/test/accuracy": 0.5, "eval/zs/top1": 0.1})
+  writer.write(12, {"eval/test/accuracy": 0.6})
+  writer.replace(10, {"eval/test/accuracy": 0.7})
+  writer.replace(10, {"eval/test/accuracy": 0.7})
+  writer.replace(10, {"eval/zs/top1": 0.2})
+  rows = [json.loads(line) for line in open(writer.path)]
+  assert rows == [{"step": 10, "train/loss": 1.0}, {"step": 12, "eval/test/accuracy": 0.6},
+                  {"step": 10, "eval/test/accuracy": 0.7}, {"step": 10, "eval/zs/top1": 0.2}]
+  metrics.truncate_after(writer.path, 10, drop_eval_at_step=True)
+  assert [json.loads(line) for line in open(writer.path)] == [{"step": 10, "train/loss": 1.0}]
