@@ -73,7 +73,8 @@ def model_fingerprint(config: ml_collections.ConfigDict) -> str:
 
 
 def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir whose checkpoints hold another model or objective."""
+  """Refuses to resume a workdir whose checkpoints hold another model or objective; says so when the
+  batch size changed, which a resume allows but which moves the data stream."""
   for step in reversed(ckpt.steps()):
     try:
       meta = ckpt.read_meta(step)
@@ -82,6 +83,10 @@ def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.Co
     if meta.get("fingerprint") != fingerprint(config):
       raise UserError(f"workdir '{workdir}' holds checkpoints of a different experiment "
                       f"('{meta.get('experiment') or '?'}', another model or objective); use a new --workdir.")
+    if meta.get("batch_size") not in (None, config.batch_size):
+      logging.warning("batch_size is %d, but the run that wrote step %d used %d: it resumes with the new size, "
+                      "and its data continues at example %d × %d rather than where that run stopped.",
+                      config.batch_size, step, meta["batch_size"], step, config.batch_size)
     return
 
 
@@ -421,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # What every checkpoint's record says of the run, besides its step (computed once).
   record = {"fingerprint": fingerprint(config), "model_fingerprint": model_fingerprint(config),
-            "experiment": config.get("experiment", "")}
+            "experiment": config.get("experiment", ""), "batch_size": config.batch_size}
 
   def save(step: int) -> None:
     check_finite()

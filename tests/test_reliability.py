@@ -128,6 +128,14 @@ def test_a_failed_rerun_of_a_finished_run_leaves_its_files_as_they_were(tmp_path
   assert (tmp_path / "w" / "metrics.jsonl").read_bytes() == files["metrics.jsonl"]
 
 
+def test_a_resume_with_another_batch_size_says_so(tmp_path, caplog):
+  """Resuming with another batch_size went on without a word, its data moved to step x the new size."""
+  assert _train(tmp_path, "total_steps=2", "checkpoint_every_steps=2") == 0
+  assert "batch_size is" not in caplog.text
+  assert _train(tmp_path, "total_steps=3", "batch_size=32") == 0
+  assert "batch_size is 32, but the run that wrote step 2 used 16" in caplog.text
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path, capsys):
   """Two runs on one workdir interleaved metrics.jsonl rows and crashed over each other's checkpoint
   folders; the second now stops at once, naming the first, and writes nothing."""
