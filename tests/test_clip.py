@@ -293,7 +293,7 @@ def test_retrieval_counts_only_the_partner_among_identical_captions():
 
 def test_paper_config_without_shards_stops_in_one_line(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "bigvis.cli", "train", "--config", "experiments/clip_vitb16.py",
+      [sys.executable, "-m", "bigvis.cli", "train", "--config", "experiments/clip_vitb16.py:tokenizer=bundled:digits",
        "--workdir", str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
