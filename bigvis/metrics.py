@@ -116,12 +116,9 @@ def _rewrite_rows(path: str, keep: Callable[[dict], dict | None]) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def truncate_after(path: str, step: int, drop_eval_at_step: bool = False) -> None:
-  """Drops lines logged after `step` (a resumed run rewrites them exactly), and eval rows at it if asked."""
-  def keep(row):
-    at, is_eval = row.get("step", 0), any(k.startswith("eval/") for k in row)
-    return row if at < step or (at == step and not (drop_eval_at_step and is_eval)) else None
-  _rewrite_rows(path, keep)
+def truncate_after(path: str, step: int) -> None:
+  """Drops lines logged after `step` (a resumed run rewrites them exactly)."""
+  _rewrite_rows(path, lambda row: row if row.get("step", 0) <= step else None)
 
 
 def _drop_keys_at(path: str, step: int, keys: set[str]) -> None:
@@ -132,6 +129,41 @@ def _drop_keys_at(path: str, step: int, keys: set[str]) -> None:
     row = {k: v for k, v in row.items() if k not in keys}
     return None if set(row) == {"step"} else row
   _rewrite_rows(path, keep)
+
+
+def _prune_events(paths: list[str], keep: Callable[[int, str], bool]) -> None:
+  """Rewrites TensorBoard event files without the scalars `keep(step, tag)` rejects (a file left with
+  none goes). TensorBoard shows every event of every file: a resumed run's rewritten steps, or an eval
+  run again, would show twice. A file torn by a kill keeps what precedes the tear."""
+  import tensorflow as tf
+  from tensorflow.core.util import event_pb2
+  for path in paths:
+    records, changed = [], False
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        event = event_pb2.Event.FromString(record)
+        if event.HasField("summary"):
+          values = [v for v in event.summary.value if keep(event.step, v.tag)]
+          if len(values) != len(event.summary.value):
+            changed = True
+            if not values:
+              continue
+            del event.summary.value[:]
+            event.summary.value.extend(values)
+            record = event.SerializeToString()
+        records.append(record)
+    except tf.errors.DataLossError:
+      changed = True
+    if not changed:
+      continue
+    if not any(event_pb2.Event.FromString(r).HasField("summary") for r in records):
+      tf.io.gfile.remove(path)
+      continue
+    tmp = path + ".tmp"
+    with tf.io.TFRecordWriter(tmp) as w:
+      for record in records:
+        w.write(record)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def duration(seconds: float) -> str:
@@ -149,11 +181,21 @@ class MetricWriter:
   def __init__(self, workdir: str, *, primary: bool = True, total_steps: int = 0, tensorboard: bool = True):
     self.primary, self.total_steps = primary, total_steps
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
+    self._tb, self._earlier_events = None, []
     if primary and tensorboard:
       import tensorflow as tf
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      directory = os.path.join(workdir, "tensorboard")
+      self._earlier_events = tf.io.gfile.glob(os.path.join(directory, "events.out.tfevents.*"))
+      self._tb = tf.summary.create_file_writer(directory)
     self._t0, self._step0 = time.time(), None
+
+  def resume_at(self, step: int) -> None:
+    """A run resumed at `step` rewrites the rows after it exactly, and redoes its evals at it: those rows
+    and events go now (metrics.jsonl and TensorBoard alike); the old eval rows at `step` go when
+    the new ones are written (`replace`)."""
+    if self.primary:
+      truncate_after(self.path, step)
+      _prune_events(self._earlier_events, lambda at, tag: at <= step)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.primary:
@@ -176,6 +218,7 @@ class MetricWriter:
     a checkpoint: one row per step and evaluator, not another copy each time)."""
     if self.primary:
       _drop_keys_at(self.path, step, set(metrics))
+      _prune_events(self._earlier_events, lambda at, tag: at != step or tag not in metrics)
     self.write(step, metrics)
 
   def progress(self, step: int, loss: float, examples_per_sec: float, steps_per_sec: float = 0.0) -> None:

@@ -382,11 +382,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # failing start leaves the metrics.jsonl of the checkpoints it found as it was, and config.json is
   # written with the first checkpoint (or the end of a finished run re-evaluated), which it describes.
   writer = metrics_lib.MetricWriter(workdir, primary=primary, total_steps=config.total_steps)
-  if primary:
-    # Rows past the checkpoint are rewritten exactly. Evals at it are redone (the checkpoint is saved
-    # before that step's evals, so a run stopped between the two would otherwise never log them; a
-    # finished run re-evaluates its last step): their old rows go when the new ones are written.
-    metrics_lib.truncate_after(writer.path, start_step)
+  # Rows past the checkpoint are rewritten exactly. Evals at it are redone (the checkpoint is saved
+  # before that step's evals, so a run stopped between the two would otherwise never log them; a
+  # finished run re-evaluates its last step): their old rows go when the new ones are written.
+  writer.resume_at(start_step)
   config_written = False
 
   def write_config_once() -> None:
@@ -410,9 +409,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for k, v in evaluators[name].run(state["params"]).items():
           results[f"eval/{name}/{k}"] = v
     if results:
-      if step == start_step and primary:
-        metrics_lib.truncate_after(writer.path, step, drop_eval_at_step=True)
-      writer.write(step, results)
+      if step == start_step:
+        writer.replace(step, results)
+      else:
+        writer.write(step, results)
     return results
 
   def check_finite() -> None:

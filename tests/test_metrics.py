@@ -62,5 +62,43 @@ def test_an_eval_run_again_replaces_its_row(tmp_path):
   rows = [json.loads(line) for line in open(writer.path)]
   assert rows == [{"step": 10, "train/loss": 1.0}, {"step": 12, "eval/test/accuracy": 0.6},
                   {"step": 10, "eval/test/accuracy": 0.7}, {"step": 10, "eval/zs/top1": 0.2}]
-  metrics.truncate_after(writer.path, 10, drop_eval_at_step=True)
-  assert [json.loads(line) for line in open(writer.path)] == [{"step": 10, "train/loss": 1.0}]
+  metrics.truncate_after(writer.path, 10)
+  assert [json.loads(line)["step"] for line in open(writer.path)] == [10, 10, 10]
+
+
+def _events(directory):
+  """(step, tag) of every scalar in every event file, in file order."""
+  import glob
+  import tensorflow as tf
+  from tensorflow.core.util import event_pb2
+  out = []
+  for path in sorted(glob.glob(f"{directory}/events.out.tfevents.*")):
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = event_pb2.Event.FromString(record)
+      out += [(event.step, v.tag) for v in event.summary.value]
+  return out
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume_and_an_eval_run_again(tmp_path):
+  """metrics.jsonl was truncated on resume but the event files were not: TensorBoard showed the steps
+  between the checkpoint and the kill twice (and `bigvis eval` run again added a point each time)."""
+  import time
+  first = metrics.MetricWriter(str(tmp_path), total_steps=8)
+  for step in range(1, 7):
+    first.write(step, {"train/loss": 1.0 / step})
+  first.write(4, {"eval/test/accuracy": 0.5})
+  first.close()  # killed after step 6; the checkpoint is step 4
+  time.sleep(1.1)  # event file names carry the second they were made
+  resumed = metrics.MetricWriter(str(tmp_path), total_steps=8)
+  resumed.resume_at(4)
+  resumed.replace(4, {"eval/test/accuracy": 0.6})  # the eval at the checkpoint, redone
+  for step in range(5, 9):
+    resumed.write(step, {"train/loss": 1.0 / step})
+  resumed.close()
+  seen = _events(tmp_path / "tensorboard")
+  assert sorted(seen) == sorted([(s, "train/loss") for s in range(1, 9)] + [(4, "eval/test/accuracy")])
+  time.sleep(1.1)
+  again = metrics.MetricWriter(str(tmp_path))  # `bigvis eval` of the step-4 checkpoint, once more
+  again.replace(4, {"eval/test/accuracy": 0.6})
+  again.close()
+  assert sorted(_events(tmp_path / "tensorboard")) == sorted(seen)
