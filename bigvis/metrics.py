@@ -138,7 +138,7 @@ def _prune_events(paths: list[str], keep: Callable[[int, str], bool]) -> None:
   import tensorflow as tf
   from tensorflow.core.util import event_pb2
   for path in paths:
-    records, changed = [], False
+    records, summaries, changed = [], 0, False
     try:
       for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
         event = event_pb2.Event.FromString(record)
@@ -151,12 +151,13 @@ def _prune_events(paths: list[str], keep: Callable[[int, str], bool]) -> None:
             del event.summary.value[:]
             event.summary.value.extend(values)
             record = event.SerializeToString()
+          summaries += 1
         records.append(record)
     except tf.errors.DataLossError:
       changed = True
     if not changed:
       continue
-    if not any(event_pb2.Event.FromString(r).HasField("summary") for r in records):
+    if not summaries:
       tf.io.gfile.remove(path)
       continue
     tmp = path + ".tmp"

@@ -386,13 +386,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # before that step's evals, so a run stopped between the two would otherwise never log them; a
   # finished run re-evaluates its last step): their old rows go when the new ones are written.
   writer.resume_at(start_step)
-  config_written = False
-
-  def write_config_once() -> None:
-    nonlocal config_written
-    if primary and not config_written:
-      write_config(workdir, config)
-    config_written = True
 
   def due(name: str, step: int) -> bool:
     """An evaluator runs every `evals.<name>.every_steps` (default: eval_every_steps) and at the end."""
@@ -430,7 +423,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save(step: int) -> None:
     check_finite()
-    write_config_once()
+    if primary:  # beside every checkpoint it describes (a small file, rewritten alike each time)
+      write_config(workdir, config)
     ckpt.save(step, state, {"step": step, **record})
 
   # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step. With
@@ -486,7 +480,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not ckpt.steps() or ckpt.steps()[-1] != step:
       save(step)
     final = {**last_metrics, **evaluate(step)}
-    write_config_once()
+    if primary:
+      write_config(workdir, config)
     return final
   finally:
     # Waits for in-flight async saves, so the last good checkpoint is complete even on an error.

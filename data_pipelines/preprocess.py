@@ -40,7 +40,8 @@ def registered_ops() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def _parse_op(text: str) -> tuple[str, tuple, dict]:
+def parse_op(text: str) -> tuple[str, tuple, dict]:
+  """'name(args)' -> (name, args, kwargs), the arguments as Python literals; else a one-line error."""
   text = text.strip()
   try:
     node = ast.parse(text, mode="eval").body
@@ -73,7 +74,7 @@ def build(spec: str) -> Op:
   """Parses a `|`-separated op string into one function (features, seed) -> features."""
   ops = []
   for part in filter(None, (p.strip() for p in spec.split("|"))):
-    name, args, kwargs = _parse_op(part)
+    name, args, kwargs = parse_op(part)
     if name not in _REGISTRY:
       match = difflib.get_close_matches(name, registered_ops(), n=1)
       raise UserError(f"unknown preprocessing op '{name}' in '{spec}'"

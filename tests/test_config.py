@@ -140,6 +140,11 @@ def test_evals_must_tokenize_with_the_training_tokenizer(tmp_path):
   zeroshot.check_same_tokenizer(config_lib.load("vit_ti_digits"))
   with pytest.raises(UserError, match="is not tokenizer=PATH"):
     config_lib.load("clip_ti_digits:vocab=64")
+  # The tokenize op is read as the pp parser reads it: by its name, its arguments bound as the op takes them.
+  with pytest.raises(UserError, match="cannot read the tokenizer from w op 'tokenize\\(16, modle='x'\\)'"):
+    zeroshot.pp_tokenize_args("decode|tokenize(16, modle='x')", "w")
+  assert zeroshot.pp_tokenize_args("decode|tokenize(16, model='x', lower=False)", "w") == {
+      "max_len": 16, "model": "x", "lower": False}
 
 
 def test_set_adds_a_key_the_file_left_out_where_its_reader_takes_it():

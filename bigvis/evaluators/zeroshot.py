@@ -17,7 +17,6 @@ and the text tower's context length.
 """
 from __future__ import annotations
 
-import ast
 import inspect
 import os
 from typing import Any, Iterator, Sequence
@@ -79,18 +78,15 @@ def templates_from(value: Any, where: str) -> list[str]:
 
 def pp_tokenize_args(pp: str, where: str) -> dict:
   """The arguments of the first `tokenize` op in a pp string (empty when there is none)."""
+  from data_pipelines import preprocess
   from data_pipelines import tokenizer as tokenizer_lib
-  for part in (pp or "").split("|"):
-    part = part.strip()
-    if not part.startswith("tokenize"):
-      continue
-    try:
-      node = ast.parse(part, mode="eval").body
-      args = [ast.literal_eval(a) for a in node.args] if isinstance(node, ast.Call) else []
-      kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords} if isinstance(node, ast.Call) else {}
-      return dict(inspect.signature(tokenizer_lib.tokenize).bind(*args, **kwargs).arguments)
-    except (SyntaxError, ValueError, TypeError):
-      raise UserError(f"cannot read the tokenizer from {where} op '{part}'.")
+  for part in filter(None, (p.strip() for p in (pp or "").split("|"))):
+    name, args, kwargs = preprocess.parse_op(part)  # a malformed op is a one-line error naming it
+    if name == "tokenize":
+      try:
+        return dict(inspect.signature(tokenizer_lib.tokenize).bind(*args, **kwargs).arguments)
+      except TypeError:
+        raise UserError(f"cannot read the tokenizer from {where} op '{part}'.") from None
   return {}
 
 
