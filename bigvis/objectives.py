@@ -81,6 +81,13 @@ def sigmoid_loss(zimg: jax.Array, ztxt: jax.Array, scale: jax.Array, bias: jax.A
 
 def _contrastive(model: nn.Module, kw: dict, kind: str) -> LossFn:
   check_known(kw, (), "objective")
+  # Checked here, before data and parameters are built, not when the loss is first traced.
+  has_bias = getattr(model, "bias_init", None) is not None
+  if kind == "siglip" and not has_bias:
+    raise UserError("objective 'siglip' needs model.bias_init set (the SigLIP paper's -10).")
+  if kind == "clip" and has_bias:
+    raise UserError("model.bias_init adds a logit bias that only objective 'siglip' uses; "
+                    "unset it or set objective.name='siglip'.")
 
   def loss_fn(params, batch, rng):
     zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["labels"], train=True,
@@ -88,8 +95,6 @@ def _contrastive(model: nn.Module, kw: dict, kind: str) -> LossFn:
     if kind == "clip":
       loss = clip_loss(zimg, ztxt, aux["logit_scale"])
     else:
-      if "logit_bias" not in aux:
-        raise UserError("objective 'siglip' needs model.bias_init set (e.g. -10).")
       loss = sigmoid_loss(zimg, ztxt, aux["logit_scale"], aux["logit_bias"])
     sims = jnp.einsum("id,td->it", zimg, ztxt)
     accuracy = jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(sims.shape[0]))

@@ -14,6 +14,7 @@ import pytest
 
 from bigvis import config as config_lib
 from bigvis import objectives, sharding
+from bigvis.errors import UserError
 from bigvis.evaluators import retrieval, zeroshot
 from bigvis.models import build_model
 
@@ -54,14 +55,14 @@ def _tiny_batch(n=16, seed=0):
   return {"image": rng.standard_normal((n, 8, 8, 3)).astype(np.float32), "labels": tokens}
 
 
-def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None, *, collectives=False):
-  """The `clip` objective's loss and gradients on the global batch, jitted over the given mesh; with
+def _loss_and_grads(model, boxed, batch, mesh_cfg, devices=None, *, collectives=False, objective="clip"):
+  """The objective's loss and gradients on the global batch, jitted over the given mesh; with
   `collectives`, also the compiled step's all-reduces (their result shapes, sorted)."""
   mesh = sharding.make_mesh(mesh_cfg, devices)
   rules = sharding.DEFAULT_RULES
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   params = jax.device_put(nn.meta.unbox(boxed), param_sh)
-  loss_fn = objectives.make_objective(ml_collections.ConfigDict(dict(name="clip")), model)
+  loss_fn = objectives.make_objective(ml_collections.ConfigDict(dict(name=objective)), model)
 
   def f(p, b):
     with sharding.activation_rules(mesh, rules):  # as the trainer runs the model
@@ -98,6 +99,11 @@ def test_clip_loss_and_grads_equal_on_one_device_and_8_device_meshes(tiny, mesh_
   if mesh_cfg["fsdp"] > 1:  # the parameters really are split
     assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(param_sh))
   assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+  _assert_grads_close(grads, ref_grads)
+
+
+def _assert_grads_close(grads, ref_grads):
+  """Equal to float32 rounding, in all and per parameter."""
   flat_ref = jax.tree_util.tree_leaves_with_path(ref_grads)
   flat = jax.tree.leaves(grads)
   total = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for _, g in flat_ref))
@@ -190,6 +196,60 @@ def test_clip_loss_matches_numpy_reference():
   for scale in (1.0, 14.3, 100.0):
     got = float(objectives.clip_loss(jnp.asarray(zimg), jnp.asarray(ztxt), jnp.float32(scale)))
     np.testing.assert_allclose(got, _numpy_clip_loss(zimg, ztxt, scale), rtol=1e-5)
+
+
+def _numpy_sigmoid_loss(zimg, ztxt, scale, bias):
+  logits = scale * zimg.astype(np.float64) @ ztxt.astype(np.float64).T + bias
+  signs = 2 * np.eye(len(zimg)) - 1  # +1 for an image's own text, -1 for every other
+  return np.sum(np.logaddexp(0.0, -signs * logits)) / len(zimg)  # -log sigmoid, summed per image
+
+
+def test_sigmoid_loss_matches_numpy_reference():
+  rng = np.random.default_rng(1)
+  z = rng.standard_normal((2, 12, 16)).astype(np.float32)
+  zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in z)
+  for scale, bias in ((10.0, -10.0), (1.0, 0.0), (100.0, -3.0)):
+    got = float(objectives.sigmoid_loss(jnp.asarray(zimg), jnp.asarray(ztxt), jnp.float32(scale), jnp.float32(bias)))
+    np.testing.assert_allclose(got, _numpy_sigmoid_loss(zimg, ztxt, scale, bias), rtol=1e-5)
+
+
+def test_sigmoid_loss_and_grads_equal_on_one_device_and_the_8_device_mesh():
+  """SigLIP's pairs span the global batch, whatever the layout (the towers: the clip tests above)."""
+  rng = np.random.default_rng(2)
+  zimg, ztxt = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in rng.standard_normal((2, 16, 8)))
+  args = (jnp.asarray(zimg, jnp.float32), jnp.asarray(ztxt, jnp.float32), jnp.float32(10.0), jnp.float32(-10.0))
+  loss_and_grads = jax.value_and_grad(objectives.sigmoid_loss, argnums=(0, 1, 2, 3))
+  ref_loss, ref_grads = jax.jit(loss_and_grads)(*jax.device_put(args, jax.devices()[0]))
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  rows = sharding.batch_sharding(mesh)
+  sharded = jax.device_put(args, (rows, rows, sharding.replicated(mesh), sharding.replicated(mesh)))
+  loss, grads = jax.jit(loss_and_grads)(*sharded)
+  assert len(sharded[0].sharding.device_set) == 8
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+  assert float(ref_grads[3]) != 0.0  # the bias learns
+  for g, g_ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-7)
+
+
+def test_siglip_objective_is_the_sigmoid_loss_of_the_model_embeddings():
+  model = build_model({**TINY, "temperature_init": 10.0, "bias_init": -10.0})  # the SigLIP paper's init
+  batch = _tiny_batch(8)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), batch["image"][:1], batch["labels"][:1])["params"])
+  loss_fn = objectives.make_objective(ml_collections.ConfigDict(dict(name="siglip")), model)
+  both = jax.jit(lambda p: (loss_fn(p, batch, jax.random.key(0)), model.apply({"params": p}, batch["image"],
+                                                                               batch["labels"])))
+  (loss, metrics), (zimg, ztxt, aux) = both(params)  # one compile
+  assert float(aux["logit_bias"]) == -10.0 and float(metrics["logit_scale"]) == pytest.approx(10.0)
+  expected = _numpy_sigmoid_loss(np.asarray(zimg), np.asarray(ztxt), 10.0, -10.0)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_contrastive_objective_and_logit_bias_must_agree():
+  with_bias, without = build_model({**TINY, "bias_init": -10.0}), build_model(TINY)
+  with pytest.raises(UserError, match="objective 'siglip' needs model.bias_init"):
+    objectives.make_objective(ml_collections.ConfigDict(dict(name="siglip")), without)
+  with pytest.raises(UserError, match="model.bias_init adds a logit bias that only objective 'siglip' uses"):
+    objectives.make_objective(ml_collections.ConfigDict(dict(name="clip")), with_bias)
 
 
 def test_temperature_is_clamped_at_100():
