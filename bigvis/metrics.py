@@ -167,6 +167,18 @@ def _prune_events(paths: list[str], keep: Callable[[int, str], bool]) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+class DeviceHours:
+  """Device-hours a run has used to reach where it is: its devices x the wall time since this process
+  started on it (start-up, compiles and evals hold the devices too), plus what the checkpoint it resumed
+  from had used. Work lost after that checkpoint and redone counts once."""
+
+  def __init__(self, devices: int):
+    self.devices, self.before, self._t0 = devices, 0.0, time.time()
+
+  def __call__(self) -> float:
+    return self.before + self.devices * (time.time() - self._t0) / 3600
+
+
 def duration(seconds: float) -> str:
   """Seconds as H:MM:SS, rounded up (a second to go is not 0:00:00); days in front past 24 hours,
   which a clock format would wrap."""

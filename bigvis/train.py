@@ -335,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # Devices: the mesh and how parameters and activations map onto it.
   mesh, rules = sharding.mesh_and_rules(config, devices)
+  device_hours = metrics_lib.DeviceHours(mesh.size)
 
   # Model and objective; shapes come from the first batch, so nothing is hard-coded.
   model, loss_fn = model_and_objective(config, mesh)
@@ -358,6 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings))
   if restored:
     step0, state, meta = restored
+    device_hours.before = float(meta.get("device_hours", 0.0))  # records before these had none
     if step0 != start_step:  # the newest was damaged: rebuild the data at the restored step
       batches = train_batches(config, step0)
       first = next(batches)
@@ -425,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_finite()
     if primary:  # beside every checkpoint it describes (a small file, rewritten alike each time)
       write_config(workdir, config)
-    ckpt.save(step, state, {"step": step, **record})
+    ckpt.save(step, state, {"step": step, **record, "device_hours": device_hours()})
 
   # SIGTERM (preemption, scancel) ends the run cleanly with a checkpoint of the current step. With
   # several processes the signal reaches each at a different step, and the save is collective: JAX's
@@ -466,7 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         row = {**last_metrics, "train/lr": float(schedule(step - 1 - int(state["nonfinite"]))),
                "perf/examples_per_sec": ex_s, "perf/examples_per_sec_per_device": ex_s / jax.device_count(),
                "perf/mfu": (flops_per_example * ex_s / jax.device_count() / peak) if flops_per_example and peak else None,
-               "perf/compile_s": compile_s, "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}
+               "perf/compile_s": compile_s, "perf/device_hours": device_hours(),
+               "train/nonfinite_steps": int(state["nonfinite"]), **_skip_row(skipped)}
         writer.write(step, row)
         writer.progress(step, last_metrics["train/loss"], ex_s, steps_per_sec=ex_s / config.batch_size)
       if preempted(step):

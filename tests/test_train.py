@@ -88,6 +88,11 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
   ref, got = _losses(ref_dir), _losses(killed_dir)
   assert sorted(got) == sorted(ref) == list(range(1, 41))
   np.testing.assert_allclose([got[s] for s in ref], [ref[s] for s in ref], rtol=1e-6)
+  # Device-hours carry over from the checkpoint resumed (saved after its step's row is logged): counted
+  # from zero again, they would fall back at steps 11 and 31.
+  rows = [json.loads(l) for l in open(os.path.join(killed_dir, "metrics.jsonl"))]
+  hours = [r["perf/device_hours"] for r in rows if "perf/device_hours" in r]
+  assert len(hours) == 40 and all(b > a for a, b in zip(hours, hours[1:])), hours
 
 
 @pytest.mark.slow
