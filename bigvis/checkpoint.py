@@ -192,8 +192,10 @@ class Checkpointer:
     else:
       self._mngr.delete(step)
 
-  def restore_params(self, abstract_params: Any, step: Optional[int] = None) -> tuple[int, Any]:
-    """(step, params) of the newest readable (or the given) checkpoint; the optimizer state is not read."""
+  def restore_params(self, abstract_params: Any, step: Optional[int] = None, *,
+                     subset: bool = False) -> tuple[int, Any]:
+    """(step, params) of the newest readable (or the given) checkpoint; the optimizer state is not read.
+    With `subset`, `abstract_params` may name only some of the stored parameters (`warm_start`)."""
     steps = self.steps()
     if not steps:
       raise UserError(f"'{self.directory}' holds no complete checkpoint yet.")
@@ -209,6 +211,8 @@ class Checkpointer:
       # A partial restore fills the model's parameters and drops the rest without a word: a model
       # configured otherwise than the trained one (a pooling, a head) would evaluate half-restored.
       stored = self.stored_param_shapes(s)
+      if stored is not None and subset:
+        stored = {k: v for k, v in stored.items() if k in expected}
       if stored is not None and stored != expected:
         extra, missing = sorted(set(stored) - set(expected)), sorted(set(expected) - set(stored))
         reshaped = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])

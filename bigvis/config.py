@@ -251,6 +251,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, schedule="cosine",
       warmup_steps=100, min_lr_ratio=0.0, grad_clip_norm=1.0, accumulate_steps=1, frozen="", no_decay=""))
+  # Fine-tuning: parameters from another run's checkpoint (bigvis.warm_start); "" starts from scratch.
+  c.init = ml_collections.ConfigDict(dict(workdir="", step=-1, skip=""))  # step -1: its newest
   c.data = ml_collections.ConfigDict()
   c.evals = ml_collections.ConfigDict()
   return c

@@ -31,13 +31,13 @@ from bigvis import checkpoint as ckpt_lib
 from bigvis import config as config_lib
 from bigvis import evaluators as eval_lib
 from bigvis import metrics as metrics_lib
-from bigvis import objectives, optim, sharding
+from bigvis import objectives, optim, sharding, warm_start
 from bigvis.errors import Preempted, UserError
 from bigvis.models import build_model, model_inputs
 
 TOP_KEYS = ("seed", "total_steps", "batch_size", "mesh", "sharding_rules", "log_every_steps",
             "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints", "model", "objective", "optim",
-            "data", "evals", "reports", "nonfinite", "experiment")
+            "data", "evals", "reports", "nonfinite", "experiment", "init")
 
 
 class NonFiniteLoss(UserError):
@@ -166,6 +166,25 @@ def check_preprocessing(config: ml_collections.ConfigDict) -> None:
         preprocess.build(pp)
       except UserError as e:
         raise UserError(f"{where}: {e}") from None
+
+
+def check_image_size(config: ml_collections.ConfigDict, batch: dict) -> None:
+  """data.train.pp's images, and those of every eval and report set, must be the image tower's
+  `image_size` square. The position embedding is made for the images trained on; `bigvis eval`,
+  `params`, `aot` and `bench` read the size from the config and would meet a checkpoint of another
+  shape; an eval set of another size would fail at its first eval, after hours."""
+  from data_pipelines import input as data_input
+  from data_pipelines.sources import data_sections
+  tower = config.model.image if config.model.get("name") == "clip" else config.model
+  key = "model.image.image_size" if config.model.get("name") == "clip" else "model.image_size"
+  size = int(tower.get("image_size", 224))
+  shapes = [("data.train.pp", tuple(np.shape(batch["image"])[1:3]))] if np.ndim(batch.get("image")) == 4 else []
+  for section in ("evals", "reports"):
+    shapes += [(f"{where}.pp", data_input.pp_image_shape(data, where))
+               for where, data in data_sections(config.get(section) or {}, section)]
+  for where, shape in shapes:
+    if shape is not None and shape != (size, size):
+      raise UserError(f"{where} gives {shape[0]}x{shape[1]} images but {key} is {size}; make them alike.")
 
 
 def check_train_tokenizer(config: ml_collections.ConfigDict) -> None:
@@ -341,6 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model, loss_fn = model_and_objective(config, mesh)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.get("keep_checkpoints", 3))
   check_same_experiment(ckpt, config, workdir)  # before any heavy work
+  init = config.get("init", ml_collections.ConfigDict())  # fine-tuning from another run's parameters
+  warm_start.check_source(init)
   start_step = ckpt.steps()[-1] if ckpt.steps() else 0  # refined after restore below
   batches = train_batches(config, start_step)
   try:
@@ -350,6 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                     "unreadable, or every example skipped; tf.data's warnings in the log show damaged "
                     "records).") from None
   check_train_tokenizer(config)  # before the first step, whose loss it would make NaN
+  check_image_size(config, first)
   first_device, _ = _split_private(first)
   state, state_shardings, tx, schedule = create_train_state(config, model, mesh, rules, first_device)
   logging.info("parameters: %s", f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}")
@@ -368,6 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("resumed from step %d", start_step)
     # A stop is for a non-finite step of this run: one skipped before (nonfinite='skip') is not.
     state["first_nonfinite_step"] = jax.device_put(np.int32(-1), state_shardings["first_nonfinite_step"])
+  elif init.get("workdir"):  # a fine-tuning run that has no checkpoint of its own yet
+    state["params"] = warm_start.load_pretrained(init, state["params"], state_shardings["params"])
 
   # Compile ahead of time: compile cost and FLOPs are known before the first step.
   train_step = make_train_step(config, loss_fn, tx, state_shardings, mesh, rules)

@@ -63,6 +63,16 @@ def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, stream: int, start: int
   return ds.map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
+def pp_image_shape(cfg: ml_collections.ConfigDict, where: str) -> tuple[int, int] | None:
+  """(height, width) of the images `cfg.pp` makes of the section's examples, where tf.data knows it
+  without reading any (a resize or a crop fixes it); None where it does not, or there are no images."""
+  spec = _preprocess(make_source(cfg, where), cfg.get("pp", ""), 0, 0).element_spec
+  shape = spec.get("image").shape if isinstance(spec, dict) and "image" in spec else None
+  if shape is None or shape.rank != 3 or not shape[:2].is_fully_defined():
+    return None
+  return int(shape[0]), int(shape[1])
+
+
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise UserError(f"batch_size={global_batch_size} does not divide over {process_count} processes.")

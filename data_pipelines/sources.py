@@ -45,6 +45,17 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({**SOURCE_DEFAULTS, **overrides})
 
 
+def data_sections(node, where: str):
+  """(where, section) for every data section (a node with a `source`) in a config section and under it."""
+  if not callable(getattr(node, "items", None)):
+    return
+  if "source" in node:
+    yield where, node
+    return
+  for key, value in node.items():
+    yield from data_sections(value, f"{where}.{key}")
+
+
 def shard_files(pattern: str, key: str) -> list[str]:
   """Sorted files matching a glob (comma-separated globs allowed); an error names the config key (or
   the command's flag, `key` starting with --)."""

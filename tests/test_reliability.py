@@ -177,6 +177,17 @@ def test_unprepared_tfds_dataset_names_it_and_the_folder(tmp_path, capsys):
   assert "config key 'data.train.name' must name a TFDS dataset" in _one_line_error(capsys)
 
 
+def test_images_of_another_size_than_the_model_are_an_error_at_start(tmp_path, capsys):
+  """Trained on 16 px with model.image_size=24, a run's checkpoints would not load in `bigvis eval`; an
+  eval set of another size would fail at its first eval."""
+  assert _train(tmp_path, "total_steps=2", "model.image_size=24") == 2
+  assert "data.train.pp gives 16x16 images but model.image_size is 24; make them alike." in _one_line_error(capsys)
+  assert _train(tmp_path, "total_steps=2", "evals=" + repr(dict(test=dict(
+      type="classification", data=dict(source="digits", split="test", pp="decode|resize(24)|onehot(10)"))))) == 2
+  assert "evals.test.data.pp gives 24x24 images but model.image_size is 16" in _one_line_error(capsys)
+  assert not (tmp_path / "w" / "metrics.jsonl").exists()  # stopped before writing anything
+
+
 def test_wrong_type(tmp_path, capsys):
   assert _train(tmp_path, "total_steps=two") == 2
   assert "total_steps" in _one_line_error(capsys)
