@@ -28,7 +28,7 @@ $(VENV)/.installed-%: pyproject.toml
 install: $(VENV)/.installed-$(EXTRAS)
 
 train: install
-	$(BIN)/bigvis train --config '$(EXP)' --workdir $(WORKDIR) $(ARGS)
+	$(BIN)/bigvis train --config '$(EXP)' --workdir '$(WORKDIR)' $(ARGS)
 
 test: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

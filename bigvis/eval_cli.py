@@ -134,7 +134,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   import jax
   from bigvis import config as config_lib
   from bigvis import evaluators as eval_lib
-  from bigvis import inference, sharding
+  from bigvis import inference, sharding, train
   from bigvis import metrics as metrics_lib
   from bigvis.evaluators import reports, zeroshot
   from bigvis.models import build_model, kernels_for_reading
@@ -151,6 +151,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
     kind = cfg.get("type", name)
     if kind not in eval_lib.EVALUATORS:
       raise UserError(f"evaluator '{name}' has type '{kind}', not one of {', '.join(sorted(eval_lib.EVALUATORS))}.")
+    eval_lib.check_model(kind, f"evaluator '{name}'", config.model.get("name"))
   zeroshot.check_same_tokenizer(config)  # a --set pp or tokenizer must not read the model's text as noise
 
   mesh = eval_mesh(config)
@@ -162,22 +163,27 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   evaluators = eval_lib.build_evaluators(chosen, model=model, mesh=mesh, config=config)
 
   primary = jax.process_index() == 0
-  writer = metrics_lib.MetricWriter(workdir, primary=primary, tensorboard=tensorboard)
   out_dir = os.path.join(workdir, REPORTS_DIR)
   results = {}
-  try:
-    for name, ev in evaluators.items():
-      t0 = time.time()
-      with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
-        metrics = ev.run(params)
-      writer.replace(restored_step, {f"eval/{name}/{k}": v for k, v in metrics.items()})
-      paths = []
-      if primary:
-        paths = reports.write_report(out_dir, name, build_report(name, chosen[name], ev, metrics))
-      logging.info("%s done in %.1fs", name, time.time() - t0)
-      results[name] = {"step": restored_step, "metrics": metrics, "paths": paths}
-  finally:
-    writer.close()
+  with train.workdir_lock(workdir, busy_ok=True) as training:
+    if training:
+      logging.warning("a run is training in %s: its metrics.jsonl and TensorBoard files are appended to, not "
+                      "rewritten, so rows of evals run before at step %d stay beside these.", workdir,
+                      restored_step)
+    writer = metrics_lib.MetricWriter(workdir, primary=primary, tensorboard=tensorboard, append_only=training)
+    try:
+      for name, ev in evaluators.items():
+        t0 = time.time()
+        with sharding.use_mesh(mesh), sharding.activation_rules(mesh, rules):
+          metrics = ev.run(params)
+        writer.replace(restored_step, {f"eval/{name}/{k}": v for k, v in metrics.items()}, (f"eval/{name}/",))
+        paths = []
+        if primary:
+          paths = reports.write_report(out_dir, name, build_report(name, chosen[name], ev, metrics))
+        logging.info("%s done in %.1fs", name, time.time() - t0)
+        results[name] = {"step": restored_step, "metrics": metrics, "paths": paths}
+    finally:
+      writer.close()
   return results
 
 

@@ -121,12 +121,12 @@ def truncate_after(path: str, step: int) -> None:
   _rewrite_rows(path, lambda row: row if row.get("step", 0) <= step else None)
 
 
-def _drop_keys_at(path: str, step: int, keys: set[str]) -> None:
-  """Removes `keys` from the rows at `step` (a row left with only its step goes)."""
+def _drop_keys_at(path: str, step: int, drop: Callable[[str], bool]) -> None:
+  """Removes the keys `drop` accepts from the rows at `step` (a row left with only its step goes)."""
   def keep(row):
-    if row.get("step") != step or not keys & set(row):
+    if row.get("step") != step or not any(drop(k) for k in row if k != "step"):
       return row
-    row = {k: v for k, v in row.items() if k not in keys}
+    row = {k: v for k, v in row.items() if k == "step" or not drop(k)}
     return None if set(row) == {"step"} else row
   _rewrite_rows(path, keep)
 
@@ -191,8 +191,11 @@ def duration(seconds: float) -> str:
 class MetricWriter:
   """Appends to metrics.jsonl, mirrors scalars to TensorBoard, prints progress."""
 
-  def __init__(self, workdir: str, *, primary: bool = True, total_steps: int = 0, tensorboard: bool = True):
-    self.primary, self.total_steps = primary, total_steps
+  def __init__(self, workdir: str, *, primary: bool = True, total_steps: int = 0, tensorboard: bool = True,
+               append_only: bool = False):
+    """`append_only`: never rewrite the files (`bigvis eval` beside a run that is training and writing
+    them: a rewrite renamed over its open event file would lose what it writes next)."""
+    self.primary, self.total_steps, self.append_only = primary, total_steps, append_only
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb, self._earlier_events = None, []
     if primary and tensorboard:
@@ -206,7 +209,7 @@ class MetricWriter:
     """A run resumed at `step` rewrites the rows after it exactly, and redoes its evals at it: those rows
     and events go now (metrics.jsonl and TensorBoard alike); the old eval rows at `step` go when
     the new ones are written (`replace`)."""
-    if self.primary:
+    if self.primary and not self.append_only:
       truncate_after(self.path, step)
       _prune_events(self._earlier_events, lambda at, tag: at <= step)
 
@@ -226,12 +229,15 @@ class MetricWriter:
             tf.summary.scalar(k, v)
       self._tb.flush()
 
-  def replace(self, step: int, metrics: dict[str, Any]) -> None:
-    """Writes `metrics` at `step` in place of the values those keys had there (`bigvis eval` run again on
-    a checkpoint: one row per step and evaluator, not another copy each time)."""
-    if self.primary:
-      _drop_keys_at(self.path, step, set(metrics))
-      _prune_events(self._earlier_events, lambda at, tag: at != step or tag not in metrics)
+  def replace(self, step: int, metrics: dict[str, Any], namespaces: tuple[str, ...] = ()) -> None:
+    """Writes `metrics` at `step` in place of what those keys, and every key under `namespaces` (an
+    evaluator's `eval/<name>/`), held there: `bigvis eval` run again on a checkpoint leaves one row per
+    step and evaluator, and none of the metrics an evaluator configured otherwise no longer gives."""
+    def old(key: str) -> bool:
+      return key in metrics or key.startswith(namespaces)
+    if self.primary and not self.append_only:
+      _drop_keys_at(self.path, step, old)
+      _prune_events(self._earlier_events, lambda at, tag: at != step or not old(tag))
     self.write(step, metrics)
 
   def progress(self, step: int, loss: float, examples_per_sec: float, steps_per_sec: float = 0.0) -> None:

@@ -108,10 +108,12 @@ def prepare_workdir(workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str) -> Iterator[None]:
-  """Holds `WORKDIR/.lock` (an flock, process 0 only) while a run trains there: a second run on the
-  same workdir would interleave metrics.jsonl rows and collide over checkpoint folders. A bucket's
-  workdir (gs://…) and filesystems without locks go unguarded."""
+def workdir_lock(workdir: str, *, busy_ok: bool = False) -> Iterator[bool]:
+  """Holds `WORKDIR/.lock` (an flock, process 0 only) while a run trains there, or `bigvis eval` rewrites
+  its files: a second run on the same workdir would interleave metrics.jsonl rows and collide over
+  checkpoint folders. Yields whether another holds it, which is an error unless `busy_ok` (`bigvis eval`
+  beside a training run then only appends). A bucket's workdir (gs://…) and filesystems without locks
+  go unguarded."""
   import fcntl
   path = os.path.join(workdir, ".lock")
   f = None
@@ -121,6 +123,7 @@ def workdir_lock(workdir: str) -> Iterator[None]:
       f = open(path, "a+")
     except OSError:
       pass  # prepare_workdir names the problem
+  busy = False
   try:
     if f is not None:
       try:
@@ -132,11 +135,13 @@ def workdir_lock(workdir: str) -> Iterator[None]:
       except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "another process"
-        raise UserError(f"workdir '{workdir}' is in use by another bigvis run ({holder}); wait for it to end "
-                        "or pass another --workdir.") from None
+        if not busy_ok:
+          raise UserError(f"workdir '{workdir}' is in use by another bigvis run ({holder}); wait for it to end "
+                          "or pass another --workdir.") from None
+        busy = True
       except OSError:  # no locks on this filesystem
         pass
-    yield
+    yield busy
   finally:
     if f is not None:
       f.close()  # releases the lock
@@ -347,7 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `devices` restricts the mesh to a subset (tests compare 1 device with 8).
   """
   config_lib.check_known(config, TOP_KEYS, "config")
-  eval_lib.check_types(config.get("reports"), "reports")  # run by `bigvis eval`, checked now
+  for section in ("evals", "reports"):  # reports run by `bigvis eval`, checked now
+    eval_lib.check_types(config.get(section), section, config.model.get("name"))
   check_preprocessing(config)
   primary = jax.process_index() == 0
   prepare_workdir(workdir)
@@ -429,7 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           results[f"eval/{name}/{k}"] = v
     if results:
       if step == start_step:
-        writer.replace(step, results)
+        writer.replace(step, results, tuple(f"eval/{name}/" for name in running))
       else:
         writer.write(step, results)
     return results

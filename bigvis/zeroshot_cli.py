@@ -2,10 +2,11 @@
 
     bigvis zeroshot --workdir runs/clip_ti_digits --images my_photos/ --labels "zero,one,two" --top-k 3
 
-Each class name is put into every prompt template (default: the run's zero-shot
-templates, else 7 of CLIP's), the run's text tower embeds the prompts, and each
-image (jpg/png/... in the folder, resized as the run's evaluation did) gets the
-classes whose prompt-ensemble embedding is most similar, with softmax
+Each class name (at least two) is put into every prompt template (default: the
+run's zero-shot templates, else 7 of CLIP's), the run's text tower embeds the
+prompts, and each image (jpg/png/tif/... directly in the folder, read as
+`bigvis translatability` reads them and resized as the run's evaluation did)
+gets the classes whose prompt-ensemble embedding is most similar, with softmax
 probabilities at the run's learned temperature.
 """
 from __future__ import annotations
@@ -16,9 +17,8 @@ import sys
 
 import numpy as np
 
+from bigvis.analysis.translatability import IMAGE_SUFFIXES, is_image_name, load_rgb
 from bigvis.errors import UserError
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -27,11 +27,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
       "zeroshot", help="classify a folder of images with a CLIP run and your class names",
       description="Zero-shot classification of your own images with a trained CLIP run.")
   p.add_argument("--workdir", required=True, help="the --workdir of a CLIP `bigvis train` run")
-  p.add_argument("--images", required=True, metavar="FOLDER", help="folder of jpg/png images")
+  p.add_argument("--images", required=True, metavar="FOLDER",
+                 help=f"folder of {'/'.join(e[1:] for e in IMAGE_SUFFIXES)} images (subfolders are not read)")
   p.add_argument("--labels", required=True,
-                 help="comma-separated class names, e.g. 'cat,dog,car' (or a file with one per line)")
+                 help="at least two comma-separated class names, e.g. 'cat,dog,car' (CSV quoting for a "
+                      "name with a comma: '\"cat, tabby\",dog'), or a file with one name per line")
   p.add_argument("--templates", nargs="+", metavar="TEMPLATE",
-                 help="prompt templates with {} for the class name (default: the run's, else CLIP's)")
+                 help="prompt templates with one {} for the class name, literal braces as {{ and }} "
+                      "(default: the run's, else CLIP's)")
   p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default 3)")
   p.add_argument("--step", type=int, help="checkpoint step to use (default: the newest)")
   p.add_argument("--batch-size", type=int, default=64, help="images per embedding batch")
@@ -39,31 +42,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def image_files(folder: str) -> list[str]:
-  """Sorted image files directly inside `folder`."""
+  """Sorted image files directly inside `folder`, chosen as `bigvis translatability` chooses them; how
+  many other entries (subfolders, dotfiles, other suffixes) were ignored is said on stderr."""
   if not os.path.isdir(folder):
     raise UserError(f"--images '{folder}' is not a folder.")
-  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS)
-                 and os.path.isfile(os.path.join(folder, f)))
+  entries = os.listdir(folder)
+  files = sorted(f for f in entries if is_image_name(f) and os.path.isfile(os.path.join(folder, f)))
+  if len(entries) > len(files):
+    print(f"bigvis: ignoring {len(entries) - len(files)} of the {len(entries)} entries in '{folder}': "
+          "subfolders, hidden files and files without an image suffix are not read.", file=sys.stderr)
   if not files:
-    raise UserError(f"--images '{folder}' holds no {'/'.join(e[1:] for e in IMAGE_EXTS)} files.")
+    raise UserError(f"--images '{folder}' holds no {'/'.join(e[1:] for e in IMAGE_SUFFIXES)} files.")
   return files
 
 
 def read_images(folder: str) -> tuple[list[str], list[np.ndarray]]:
   """(names, uint8 RGB arrays) of the readable images; unreadable ones are reported and skipped."""
-  from PIL import Image
   names, images = [], []
   for name in image_files(folder):
-    try:
-      with Image.open(os.path.join(folder, name)) as im:
-        # 16-bit greyscale (PIL's I;16 or I modes) scaled to 8 bits, as the eval pipeline's decode does;
-        # convert("RGB") would saturate it.
-        images.append(np.clip(np.asarray(im), 0, 65535).astype(np.uint16) if im.mode.startswith("I")
-                      else np.asarray(im.convert("RGB")))
-      names.append(name)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      print(f"bigvis: skipping {os.path.join(folder, name)}: not a readable image ({type(e).__name__}).",
-            file=sys.stderr)
+    image = load_rgb(os.path.join(folder, name))
+    if image is None:
+      print(f"bigvis: skipping {os.path.join(folder, name)}: not a readable image.", file=sys.stderr)
+      continue
+    names.append(name)
+    images.append(image)
   if not images:
     raise UserError(f"none of the images in '{folder}' could be read.")
   return names, images
@@ -79,7 +81,7 @@ def classify(workdir: str, folder: str, labels: str, templates: list[str] | None
     raise UserError(f"--top-k must be at least 1, got {top_k}.")
   if batch_size < 1:
     raise UserError(f"--batch-size must be at least 1, got {batch_size}.")
-  class_names = zeroshot.class_names_from(labels, "--labels")
+  class_names = zeroshot.class_names_from(labels, "--labels", min_names=2)
   if templates:  # usage errors before the (slow) restore
     zeroshot.templates_from(templates, "--templates")
   names, images = read_images(folder)

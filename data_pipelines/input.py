@@ -63,10 +63,15 @@ def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, stream: int, start: int
   return ds.map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
+def pp_element_spec(cfg: ml_collections.ConfigDict, where: str) -> dict[str, tf.TensorSpec]:
+  """What `cfg.pp` makes of one of the section's examples (feature -> spec), known without reading any."""
+  return _preprocess(make_source(cfg, where), cfg.get("pp", ""), 0, 0).element_spec
+
+
 def pp_image_shape(cfg: ml_collections.ConfigDict, where: str) -> tuple[int, int] | None:
-  """(height, width) of the images `cfg.pp` makes of the section's examples, where tf.data knows it
-  without reading any (a resize or a crop fixes it); None where it does not, or there are no images."""
-  spec = _preprocess(make_source(cfg, where), cfg.get("pp", ""), 0, 0).element_spec
+  """(height, width) of the images `cfg.pp` makes, where tf.data knows it without reading any (a resize
+  or a crop fixes it); None where it does not, or there are no images."""
+  spec = pp_element_spec(cfg, where)
   shape = spec.get("image").shape if isinstance(spec, dict) and "image" in spec else None
   if shape is None or shape.rank != 3 or not shape[:2].is_fully_defined():
     return None
@@ -134,7 +139,24 @@ def train_iterator(cfg, *, global_batch_size, seed, start_step=0, process_index=
   """Numpy batches; the pipeline is rebuilt at `start_step` on resume."""
   ds = train_dataset(cfg, global_batch_size=global_batch_size, seed=seed, start_step=start_step,
                      process_index=process_index, process_count=process_count, where=where)
-  return iter(ds.as_numpy_iterator())
+  return numpy_batches(ds, where)
+
+
+def numpy_batches(ds: tf.data.Dataset, where: str) -> Iterator[dict[str, np.ndarray]]:
+  """`ds` as numpy; an op of the section's pp that fails on an example (a label outside `onehot(N)`, a
+  blur wider than the image) is one line naming the section, not TensorFlow's traceback."""
+  it = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError as e:
+      message = e.message.split("\n")[0]
+      if "assertion failed: [" in message:  # tf.debugging's: the op's own words, in the first [...]
+        message = message.split("assertion failed: [", 1)[1].split("]", 1)[0].replace("\\'", "'")
+      raise UserError(f"{where}.pp stopped on an example: {message}") from None
+    yield batch
 
 
 def _padded_to_full_batches(raw: tf.data.Dataset, global_batch_size: int) -> tf.data.Dataset:
@@ -175,7 +197,7 @@ def eval_batches(cfg: ml_collections.ConfigDict, *, global_batch_size: int, proc
   ds = _preprocess(mine, cfg.get("pp", ""), 0, 0, indexed=True)
   seen, t0 = 0, time.time()
   next_log = t0 + EVAL_PROGRESS_EVERY_S
-  for b in ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE).as_numpy_iterator():
+  for b in numpy_batches(ds.batch(batch, drop_remainder=True).prefetch(AUTOTUNE), where):
     seen += global_batch_size
     if process_index == 0 and time.time() >= next_log:
       next_log = time.time() + EVAL_PROGRESS_EVERY_S

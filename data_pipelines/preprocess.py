@@ -81,7 +81,7 @@ def build(spec: str) -> Op:
                       + (f"; did you mean '{match[0]}'?" if match else "."))
     try:
       ops.append(_REGISTRY[name](*args, **kwargs))
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # a missing argument, or rotate('x')'s float('x')
       raise UserError(f"preprocessing op '{part}' got bad arguments: {e}.")
 
   def apply(features: dict, seed: tf.Tensor) -> dict:

@@ -40,7 +40,10 @@ def gaussian_kernel(sigma: float) -> tf.Tensor:
 
 @register("gaussian_blur")
 def gaussian_blur(sigma: float, key: str = "image") -> Op:
-  """Blurs with a Gaussian of `sigma` pixels (separable, edges reflected)."""
+  """Blurs with a Gaussian of `sigma` pixels (separable). Near the edges each pixel is the Gaussian-
+  weighted mean of the pixels inside the image (a normalised convolution): a constant image stays
+  constant, and any sigma works on any image size, where reflecting the edges needs the kernel's
+  radius below the image's side."""
   if not sigma > 0:
     raise UserError(f"gaussian_blur: sigma must be positive, got {sigma}.")
   taps = gaussian_kernel(float(sigma))
@@ -49,12 +52,14 @@ def gaussian_blur(sigma: float, key: str = "image") -> Op:
   def fn(image, seed):
     x = _to_float(image)
     c = tf.shape(x)[-1]
-    x = tf.pad(x[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]], mode="REFLECT")
     rows = tf.tile(tf.reshape(taps, [-1, 1, 1, 1]), [1, 1, c, 1])
     cols = tf.tile(tf.reshape(taps, [1, -1, 1, 1]), [1, 1, c, 1])
-    x = tf.nn.depthwise_conv2d(x, rows, [1, 1, 1, 1], "VALID")
-    x = tf.nn.depthwise_conv2d(x, cols, [1, 1, 1, 1], "VALID")
-    return _like(x[0], image.dtype)
+
+    def blur(z):
+      z = tf.pad(z[None], [[0, 0], [radius, radius], [radius, radius], [0, 0]])
+      z = tf.nn.depthwise_conv2d(z, rows, [1, 1, 1, 1], "VALID")
+      return tf.nn.depthwise_conv2d(z, cols, [1, 1, 1, 1], "VALID")[0]
+    return _like(blur(x) / blur(tf.ones_like(x)), image.dtype)
   return _image_op(fn, key)
 
 

@@ -44,7 +44,12 @@ def test_blur_spreads_an_impulse_into_a_normalised_gaussian():
   var = np.sum(out * (xs - 10) ** 2)
   assert var == pytest.approx(1.5 ** 2, rel=0.02)  # the blur's variance is sigma^2
   flat = np.full((9, 9, 3), 77, np.uint8)
-  np.testing.assert_array_equal(_op("gaussian_blur(2.0)", flat), flat)  # reflected edges: constant stays
+  np.testing.assert_array_equal(_op("gaussian_blur(2.0)", flat), flat)  # normalised at the edges: constant stays
+  # A kernel wider than the image (reflected edges refused it): still a weighted mean of its pixels.
+  np.testing.assert_array_equal(_op("gaussian_blur(6.0)", flat), flat)
+  ramp = np.tile(np.arange(0, 160, 10, dtype=np.uint8)[None, :, None], (16, 1, 3))
+  wide = _op("gaussian_blur(6.0)", ramp)
+  assert wide.shape == ramp.shape and ramp.min() < wide.min() <= wide.max() < ramp.max()
 
 
 def test_noise_is_a_function_of_the_seed_and_has_the_asked_std():
@@ -139,6 +144,15 @@ def test_probe_leaves_unlabelled_examples_out_and_counts_them():
     probe.run(None)
   probe.class_names = None
 
+  # More shots than any class has (besides validation): left out, not reported as if drawn.
+  probe.shots = [1, 4, 500]
+  metrics = probe.run(None)
+  assert "top1_4shot" in metrics and "top1_500shot" not in metrics
+  probe.shots = [500]
+  with pytest.raises(UserError, match=r"evals.lp.shots \[500\]: no class of train_data has that many"):
+    probe.run(None)
+  probe.shots = [1, 4]
+
   train = {"z": x[:4], "label": np.arange(4)}  # one example per class: nothing to validate on
   with pytest.raises(UserError, match="two labelled examples"):
     probe.run(None)
@@ -225,6 +239,15 @@ def test_reports_are_written_whole_without_touching_the_matplotlib_backend(tmp_p
   assert "| name | acc |\n| --- | ---: |\n| a\\|b | 0.5000 |\n| c |  |" in md and "![x](x.png)" in md
   assert (tmp_path / "r" / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert matplotlib.get_backend() == backend and ("matplotlib.pyplot" in sys.modules) == had_pyplot
+
+
+def test_zeroshot_report_writes_templates_plainly():
+  import csv
+  import io
+  rep = reports.zeroshot_report("z", {"top1": .7, "top1_template0": .6, "top1_template1": .5},
+                                ["an image of a {}.", 'a "{}", drawn'])
+  rows = list(csv.DictReader(io.StringIO(reports.to_csv(rep))))
+  assert [r["classifier"] for r in rows[:2]] == ["an image of a {}.", 'a "{}", drawn']
 
 
 def test_zeroshot_report_of_identical_templates():
@@ -399,6 +422,10 @@ def test_eval_cli_errors_name_the_culprit(clip_run, capsys, tmp_path):
   assert cli.main(["eval", "--workdir", clip_run, "--set", "reports.robustness.reference='nope'",
                    "--evaluator", "robustness"]) == 2
   assert "reports.robustness.reference 'nope'" in capsys.readouterr().err
+  cls = dict(cls=dict(type="classification", data=dict(source="digits", split="test", pp="decode|onehot(10)")))
+  assert cli.main(["eval", "--workdir", clip_run, "--set", f"evals={cls!r}", "--evaluator", "cls"]) == 2
+  assert ("evaluator 'cls' is a classification evaluator, which reads a vit model; this run's is clip."
+          in capsys.readouterr().err)
   vit = os.path.join(REPO, "experiments", "vit_ti_digits.py")
   assert cli.main(["eval", "--workdir", clip_run, "--config", vit]) == 2
   assert "another model than the run's" in capsys.readouterr().err
@@ -406,3 +433,37 @@ def test_eval_cli_errors_name_the_culprit(clip_run, capsys, tmp_path):
   assert cli.main(["eval", "--workdir", clip_run, "--no-tensorboard", "--evaluator", "retrieval",
                    "--config", os.path.join(REPO, "experiments", "clip_ti_digits.py")]) == 0
   assert os.path.exists(os.path.join(clip_run, "reports", "retrieval.md"))
+
+
+@pytest.mark.slow
+def test_eval_run_again_keeps_no_stale_metric_or_chart_and_beside_a_training_run_only_appends(clip_run, capsys,
+                                                                                            caplog):
+  """Run again with fewer templates, the old per-template rows and the old chart stayed beside the new
+  results. Run during training, eval renamed rewritten files over the trainer's open ones, whose
+  later rows and TensorBoard points were lost."""
+  from bigvis import cli, train
+
+  def zeroshot(*templates):
+    return cli.main(["eval", "--workdir", clip_run, "--no-tensorboard", "--evaluator", "zeroshot",
+                     "--set", f"evals.zeroshot.prompts={list(templates)!r}"])
+  assert zeroshot("a {}.", "the {}.") == 0
+  assert os.path.exists(os.path.join(clip_run, "reports", "zeroshot.png"))
+  assert zeroshot("an image of a {}.") == 0
+  keys = {k for (s, k) in _metrics(clip_run) if s == 60 and k.startswith("eval/zeroshot/")}
+  assert keys and not any("template" in k for k in keys), keys
+  assert not os.path.exists(os.path.join(clip_run, "reports", "zeroshot.png"))  # none for one template
+  before = open(os.path.join(clip_run, "metrics.jsonl")).read()
+  with caplog.at_level("WARNING"), train.workdir_lock(clip_run):  # as a training run holds it
+    assert zeroshot("an image of a {}.") == 0
+  after = open(os.path.join(clip_run, "metrics.jsonl")).read()
+  assert after.startswith(before) and after.count("\n") == before.count("\n") + 1
+  assert f"a run is training in {clip_run}" in caplog.text
+
+
+def test_probe_shots_must_be_whole_numbers():
+  from data_pipelines.sources import data_config
+  cfg = ml_collections.ConfigDict(dict(type="linear_probe", shots=[1.5, 4], train_data=data_config(split="train"),
+                                       data=data_config(split="test")))
+  with pytest.raises(UserError, match=r"reports.lp.shots must be positive integers, got \[1.5, 4\]"):
+    linear_probe.Evaluator(cfg, name="lp", model=None, mesh=None, config=ml_collections.ConfigDict(
+        dict(reports=dict(lp=cfg.to_dict()))))

@@ -175,10 +175,21 @@ def test_tpu_warns_about_a_local_workdir_on_a_multi_host_slice():
     (["--name", "n", "--zone", "z", "--accelerator-type", "v4-8"], "--exp is required"),
     (["--name", "n", "--zone", "z", "--accelerator-type", "tpu7x", "--exp", "e"], "--num-workers"),
     (["--bogus"], "unknown option '--bogus'"),
+    (["--name", "my pod", "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e"], "is not a TPU name"),
+    (["--name", "Pod", "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e"], "is not a TPU name"),
+    (["--name", "1pod", "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e"], "is not a TPU name"),
+    (["--name", "pod-", "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e"], "is not a TPU name"),
+    (["--name", "p" * 64, "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e"], "is not a TPU name"),
 ])
 def test_tpu_usage_errors(args, message):
   result = _run(TPU_POD, *args, "--dry-run", check=False)
   assert result.returncode == 2 and message in result.stderr and not result.stdout
+
+
+@pytest.mark.parametrize("name", ["p", "my-pod-2", "p" * 63])
+def test_tpu_names_gcloud_accepts(name):
+  _, cmds = _tpu("--name", name, "--accelerator-type", "v4-8")
+  assert cmds[0][5] == name
 
 
 def test_help():
@@ -392,6 +403,19 @@ def test_slurm_dry_run_prints_the_batch_script_and_the_sbatch_command(tmp_path):
   assert not (tmp_path / "logs").exists()  # dry run: nothing written
 
 
+def test_slurm_dry_run_says_the_batch_script_is_not_written_and_where_it_would_go(tmp_path):
+  """The `sbatch PATH` it prints names a file a dry run does not write: the output must say so."""
+  result = _run(SLURM_GPU, "--exp", "vit_ti_digits", "--logs", str(tmp_path / "logs"), "--dry-run")
+  out = result.stdout
+  path = _commands(out)[-1][1]
+  header = out[:out.index("#!/bin/bash")]
+  assert "nothing is written or submitted" in header and path in header.replace("\n# ", " ")
+  after = out[out.index("# ---- end of batch script"):]
+  assert f"# (here the batch script above is written to {path})" in after.splitlines()
+  assert after.index("+ mkdir") < after.index("# (here") < after.index("+ sbatch")
+  assert not (tmp_path / "logs").exists()
+
+
 def test_slurm_single_node_needs_no_coordinator():
   script, _ = _slurm("--gpus-per-node", "1")
   assert "--coordinator-address" not in script and "#SBATCH --nodes=1" in script
@@ -453,10 +477,48 @@ def test_slurm_submits_with_sbatch(fake):
 @pytest.mark.parametrize("args, message", [
     ([], "--exp is required"), (["--exp", "e", "--nodes", "0"], "--nodes"),
     (["--exp", "e", "--time", "soon"], "--time"), (["--exp", "e", "--what"], "unknown option"),
+    (["--exp", "e", "--port", "99999"], "--port must be an integer from 1 to 65535"),
+    (["--exp", "e", "--port", "0"], "--port must be"), (["--exp", "e", "--port", "8080x"], "--port must be"),
+    (["--exp", "e", "--job-name", "a b"], "SLURM names"),
 ])
 def test_slurm_usage_errors(args, message):
   result = _run(SLURM_GPU, *args, "--dry-run", check=False)
   assert result.returncode == 2 and message in result.stderr
+
+
+def test_slurm_port_limits_are_accepted():
+  script, _ = _slurm("--nodes", "2", "--port", "65535")
+  assert "awk 'NR == 1'):65535\"" in script
+
+
+# ---- a value left out: the next flag is not taken as the value -----------------------------
+
+@pytest.mark.parametrize("script, args", [
+    (SLURM_GPU, ["--exp", "vit_ti_digits", "--args", "--dry-run"]),
+    (SLURM_GPU, ["--exp", "vit_ti_digits", "--workdir", "--dry-run"]),
+    (SLURM_GPU, ["--exp", "--dry-run", "--nodes", "2"]),
+    (TPU_POD, ["--name", "pod", "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e", "--args", "--dry-run"]),
+    (TPU_POD, ["--name", "pod", "--zone", "z", "--accelerator-type", "v4-8", "--exp", "e", "--logs", "--dry-run"]),
+], ids=lambda v: v.name if isinstance(v, pathlib.Path) else " ".join(v[-2:]))
+def test_a_flag_is_not_taken_as_a_missing_value(fake, script, args):
+  """`--args --dry-run` used to set ARGS=--dry-run and then submit the job (or create the TPU)."""
+  root, env, read = fake
+  _stub(root / "bin", "sbatch", shell_source='echo "$@" > "$FAKE_ROOT/sbatch.args"\n')
+  result = _run(script, *args, env=env, check=False)
+  option, flag = args[-2:] if args[-1] == "--dry-run" else args[-4:-2]
+  assert result.returncode == 2, result.stdout
+  assert result.stderr.strip() == f"{script.name}: {option} needs a value; got the flag {flag}"
+  assert not result.stdout and not read("gcloud.jsonl") and not (root / "sbatch.args").exists()
+
+
+@pytest.mark.parametrize("value", ["--set x=1", "", "-v"])
+def test_args_may_start_with_a_dash_or_be_empty(value):
+  script, _ = _slurm("--args", value)
+  [export] = [l for l in script.splitlines() if l.startswith("export BIGVIS_ARGS=")]
+  assert shlex.split(export) == ["export", f"BIGVIS_ARGS={value}"]
+  _, cmds = _tpu("--accelerator-type", "v4-8", "--args", value)
+  argv = _make_train_argv(_opt(cmds[-1], "--command"))
+  assert argv[-1] == (f"ARGS={value}" if value else "EXP=vit_ti_digits")
 
 
 # ---- static checks ---------------------------------------------------------------------------------
@@ -477,6 +539,16 @@ def test_shellcheck(tmp_path):
   assert result.returncode == 0, result.stdout
 
 
+def test_make_train_passes_a_workdir_with_spaces_as_one_argument():
+  make = subprocess.run(["make", "-n", "train", "WORKDIR=/shared/runs/a b", "EXP=clip_vitb16:tokenizer=/t/k.model",
+                         "ARGS=--set total_steps=10"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert make.returncode == 0, make.stderr
+  [line] = [l for l in make.stdout.splitlines() if "bigvis train" in l]
+  argv = shlex.split(line)
+  assert argv[1:] == ["train", "--config", "clip_vitb16:tokenizer=/t/k.model", "--workdir", "/shared/runs/a b",
+                      "--set", "total_steps=10"]
+
+
 def test_an_experiment_argument_travels_with_exp_and_names_stay_plain(tmp_path):
   """CLIP's experiments take their tokenizer as an argument (`clip_vitb16:tokenizer=PATH`): `make
   train EXP=…`, tpu_pod.sh and slurm_gpu.sh pass it on whole, while the default workdir, log and job
@@ -485,7 +557,7 @@ def test_an_experiment_argument_travels_with_exp_and_names_stay_plain(tmp_path):
   make = subprocess.run(["make", "-n", "train", f"EXP={exp}"], cwd=ROOT, capture_output=True, text=True,
                         timeout=60)
   assert make.returncode == 0, make.stderr
-  assert f"train --config '{exp}' --workdir runs/clip_vith14" in make.stdout
+  assert f"train --config '{exp}' --workdir 'runs/clip_vith14'" in make.stdout
   _, cmds = _tpu("--exp", exp, "--accelerator-type", "v5p-32", "--workdir", "gs://b/runs/x", "--logs", "out/logs")
   remote = _opt(next(c for c in cmds if _kind(c) == "ssh" and "make train" in _opt(c, "--command")), "--command")
   assert f"EXP={exp}" in _make_train_argv(remote)
@@ -493,3 +565,6 @@ def test_an_experiment_argument_travels_with_exp_and_names_stay_plain(tmp_path):
   assert all(c[6].startswith("out/logs/clip_vith14-") for c in cmds if _kind(c) == "scp-down")
   script, _ = _slurm("--exp", exp.replace("vith14", "vitb16"), "--logs", str(tmp_path / "logs"))
   assert "#SBATCH --job-name=bigvis-clip_vitb16" in script.splitlines()
+  # The default workdir is make's, runs/NAME, so that `make train EXP=…` resumes the run.
+  assert "export BIGVIS_WORKDIR=runs/clip_vitb16" in script.splitlines()
+  assert "export BIGVIS_EXP=clip_vitb16:tokenizer=gs://b/tok.model" in script.splitlines()

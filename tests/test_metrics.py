@@ -66,6 +66,28 @@ def test_an_eval_run_again_replaces_its_row(tmp_path):
   assert [json.loads(line)["step"] for line in open(writer.path)] == [10, 10, 10]
 
 
+def test_an_evaluator_run_again_replaces_its_whole_namespace_unless_appending(tmp_path):
+  """Keys an evaluator no longer gives (a template dropped) go too; beside a training run (append_only)
+  nothing is rewritten."""
+  import json
+  import time
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write(10, {"eval/zs/top1": 0.1, "eval/zs/top1_template1": 0.2, "eval/test/accuracy": 0.5})
+  writer.close()
+  time.sleep(1.1)  # event file names carry the second they were made
+  again = metrics.MetricWriter(str(tmp_path))
+  again.replace(10, {"eval/zs/top1": 0.3}, ("eval/zs/",))
+  again.close()
+  rows = [json.loads(line) for line in open(writer.path)]
+  assert rows == [{"step": 10, "eval/test/accuracy": 0.5}, {"step": 10, "eval/zs/top1": 0.3}]
+  assert sorted(_events(tmp_path / "tensorboard")) == [(10, "eval/test/accuracy"), (10, "eval/zs/top1")]
+  before = open(writer.path).read()
+  beside = metrics.MetricWriter(str(tmp_path), append_only=True, tensorboard=False)
+  beside.resume_at(0)
+  beside.replace(10, {"eval/zs/top1": 0.4}, ("eval/zs/",))
+  assert open(writer.path).read() == before + json.dumps({"step": 10, "eval/zs/top1": 0.4}) + "\n"
+
+
 def _events(directory):
   """(step, tag) of every scalar in every event file, in file order."""
   import glob

@@ -8,6 +8,7 @@ from PIL import Image
 
 from bigvis.errors import UserError
 from data_pipelines import preprocess
+from data_pipelines import shifts as _shifts  # noqa: F401  registers rotate, used below
 
 
 def _png(h=20, w=30, channels=3):
@@ -75,6 +76,7 @@ def test_keep_drops_other_features():
     ("decode|resise(32)", "did you mean 'resize'"),
     ("decode|resize(", "not of the form"),
     ("resize(size=x)", "not literals"),
+    ("rotate('x')", "got bad arguments: could not convert string to float"),
 ])
 def test_bad_specs_are_user_errors(spec, fragment):
   with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
@@ -144,3 +146,14 @@ def test_onehot_refuses_labels_outside_its_depth(label):
     op({"label": tf.constant(label, tf.int64)}, SEED)
   padded = op({"label": tf.constant([3, 5, -1], tf.int64)}, SEED)["labels"].numpy()
   np.testing.assert_array_equal(padded, np.eye(10)[3] + np.eye(10)[5])
+
+
+def test_a_pp_op_failing_on_an_example_is_one_line_naming_the_section():
+  from data_pipelines import input as data_input
+  ds = tf.data.Dataset.from_tensor_slices({"label": tf.constant([1, 12], tf.int64)}).map(
+      lambda x: preprocess.build("onehot(10)")(x, SEED)).batch(1)
+  batches = data_input.numpy_batches(ds, "evals.test.data")
+  assert next(batches)["labels"].shape == (1, 10)
+  with pytest.raises(UserError, match=r"^evals.test.data.pp stopped on an example: onehot\(10\): a 'label' is 10 "
+                                      r"or more$"):
+    next(batches)

@@ -188,6 +188,12 @@ def test_images_of_another_size_than_the_model_are_an_error_at_start(tmp_path, c
   assert not (tmp_path / "w" / "metrics.jsonl").exists()  # stopped before writing anything
 
 
+def test_an_evaluator_for_another_model_is_an_error_at_start(tmp_path, capsys):
+  zeroshot = dict(zs=dict(type="zeroshot", class_names="a,b", data=dict(source="digits", split="test")))
+  assert _train(tmp_path, "total_steps=2", f"evals={zeroshot!r}") == 2
+  assert "evals.zs is a zeroshot evaluator, which reads a clip model; this run's is vit." in _one_line_error(capsys)
+
+
 def test_wrong_type(tmp_path, capsys):
   assert _train(tmp_path, "total_steps=two") == 2
   assert "total_steps" in _one_line_error(capsys)

@@ -210,6 +210,47 @@ def test_read_pairs_tsv_dict_and_errors(tmp_path):
     tr.read_pairs(str(tmp_path / "missing.tsv"))
 
 
+def test_undecodable_index_lines_are_skipped_but_pairs_files_are_refused(tmp_path):
+  """One bad byte in MMID's index.tsv (data) skips that line; in a pairs file (the user's) it is an error."""
+  (tmp_path / "fr").mkdir()
+  (tmp_path / "fr" / "index.tsv").write_bytes(b"chat\t1\ncaf\xe9\t0\nchien\t2\n")
+  skips = tr.SkipLog()
+  assert tr.read_index(str(tmp_path / "fr"), skips, "fr") == {"chat": "1", "chien": "2"}
+  assert skips.entries == [("index", "fr", "line 2", "index.tsv line is not UTF-8")]
+  pairs = tmp_path / "p.tsv"
+  pairs.write_bytes(b"fr\tchat\ten\tcat\nfr\tcaf\xe9\ten\tcoffee\n")
+  with pytest.raises(UserError, match=r"p.tsv:2 is not UTF-8 text"):
+    tr.read_pairs(str(pairs))
+
+
+# ---------------------------------------------------------------- images and features
+
+
+def test_sixteen_bit_images_read_as_their_eight_bit_copies(tmp_path):
+  """A 16-bit greyscale PNG (PIL mode I;16) is scaled by 1/257, as the eval pipeline decodes it;
+  convert("RGB") clipped every value above 255 to white."""
+  grey8 = np.arange(0, 256, 4, dtype=np.uint8).reshape(8, 8)
+  Image.fromarray(grey8).save(tmp_path / "g8.png")
+  Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "g16.png")
+  with Image.open(tmp_path / "g16.png") as im:
+    assert im.mode.startswith("I")
+  eight, sixteen = tr.load_rgb(str(tmp_path / "g8.png")), tr.load_rgb(str(tmp_path / "g16.png"))
+  assert sixteen.dtype == np.uint8 and sixteen.shape == (8, 8, 3)
+  np.testing.assert_array_equal(sixteen, eight)
+  np.testing.assert_array_equal(sixteen[..., 1], grey8)
+
+
+def test_skipped_images_are_counted_one_by_one():
+  """Six all-NaN feature rows of one word are six skipped images, not one log entry."""
+  rng = np.random.default_rng(0)
+  bad = np.concatenate([np.full((6, 3), np.nan), rng.normal(size=(2, 3))])
+  skips = tr.SkipLog()
+  clean = tr.clean_features({("fr", "chat"): bad, ("en", "cat"): rng.normal(size=(3, 3))}, skips)
+  assert len(clean[("fr", "chat")]) == 2
+  assert skips.count("image") == 6
+  assert skips.counts() == {("image", "non-finite or zero embedding"): 6}
+
+
 # ---------------------------------------------------------------- pipeline
 
 
@@ -303,6 +344,22 @@ def test_pickled_features_are_refused(mmid, tmp_path):
     tr.run_translatability(mmid, [str(pairs)], str(tmp_path / "o"), features_dir=str(feats))
 
 
+def test_out_is_checked_before_any_image_is_embedded(mmid, tmp_path):
+  notes = tmp_path / "notes.txt"
+  notes.write_text("mine")
+  pairs = tmp_path / "p.tsv"
+  pairs.write_text("fr\tchat\ten\tcat\n", encoding="utf-8")
+
+  def embed(images):
+    raise AssertionError("embedded before --out was checked")
+
+  with pytest.raises(UserError, match=r"^--out '.*notes.txt' is a file, not a folder\.$"):
+    tr.run_translatability(mmid, [str(pairs)], str(notes), embed_fn=embed, progress=False)
+  with pytest.raises(UserError, match=r"^--out '.*notes.txt/o' cannot be created as a folder"):
+    tr.run_translatability(mmid, [str(pairs)], str(notes / "o"), embed_fn=embed, progress=False)
+  assert notes.read_text() == "mine"
+
+
 def test_no_usable_pair_still_writes_the_report(mmid, tmp_path):
   pairs = tmp_path / "p.tsv"
   pairs.write_text("en\tghost\tfr\tchat\n", encoding="utf-8")
@@ -326,7 +383,9 @@ def test_cli_parser_and_main(mmid, tmp_path, capsys, monkeypatch):
   _write_features(mmid, str(feats), npz_langs=set())
   args = parser.parse_args(base + ["--features", str(feats), "--random-pairs", "20"])
   assert args.fn(args) == 0
-  assert "fr->en: 6 pairs" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "fr->en: 6 pairs" in out
+  assert "skipped 0 image(s), 4 word(s), 4 pair(s), 0 index.tsv line(s)" in out
   fake_inference = types.ModuleType("bigvis.inference")
   fake_inference.load_image_embedder = lambda workdir: fake_embed
   monkeypatch.setitem(sys.modules, "bigvis.inference", fake_inference)

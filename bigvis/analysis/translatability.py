@@ -318,15 +318,31 @@ def _read_dict(path: str, lang: str, tgt_lang: str) -> list[Pair]:
   return pairs
 
 
-def _tsv_lines(path: str) -> Iterator[tuple[int, list[str]]]:
-  """(1-based line number, stripped fields) of the non-blank lines of a UTF-8 TSV file."""
+def _tsv_lines(path: str, on_bad_line: Callable[[int], None] | None = None
+               ) -> Iterator[tuple[int, list[str]]]:
+  """(1-based line number, stripped fields) of the non-blank lines of a UTF-8 TSV file.
+
+  A line that is not UTF-8 goes to `on_bad_line(lineno)` when given (data such as
+  MMID's index.tsv, where one bad byte must not stop the run), else is an error
+  naming the file and line (a file the user passes).
+  """
+  with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    for lineno, line in enumerate(f, 1):
+      if not _is_utf8(line):
+        if on_bad_line is None:
+          raise UserError(f"{path}:{lineno} is not UTF-8 text.")
+        on_bad_line(lineno)
+      elif line.strip():
+        yield lineno, [c.strip() for c in line.rstrip("\r\n").split("\t")]
+
+
+def _is_utf8(line: str) -> bool:
+  """False for a line read with errors="surrogateescape" that held bytes UTF-8 cannot decode."""
   try:
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        if line.strip():
-          yield lineno, [c.strip() for c in line.rstrip("\r\n").split("\t")]
-  except UnicodeDecodeError as e:
-    raise UserError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+    line.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
 
 
 def _check_lang(lang: str, path: str, lineno: int) -> None:
@@ -371,7 +387,8 @@ def read_concreteness(path: str) -> dict[str, float]:
 def read_index(lang_dir: str, skips: SkipLog, lang: str) -> dict[str, str]:
   """MMID `index.tsv`: word -> image folder name (first occurrence wins; bad lines logged)."""
   index = {}
-  for lineno, fields in _tsv_lines(os.path.join(lang_dir, "index.tsv")):
+  bad_line = lambda lineno: skips.add("index", lang, f"line {lineno}", "index.tsv line is not UTF-8")
+  for lineno, fields in _tsv_lines(os.path.join(lang_dir, "index.tsv"), bad_line):
     if len(fields) < 2 or not fields[0] or not fields[1]:
       skips.add("index", lang, f"line {lineno}", "malformed index.tsv line")
       continue
@@ -405,21 +422,34 @@ def resolve_word_folders(mmid_root: str, keys: Iterable[WordKey],
 # Features: from images through embed_fn, or precomputed .npy/.npz
 
 
+def is_image_name(name: str) -> bool:
+  """Whether a file name is one of IMAGE_SUFFIXES and not hidden: the one rule `bigvis translatability`
+  and `bigvis zeroshot` use to pick images from a folder."""
+  return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
 def list_images(folder: str, max_images: int) -> list[str]:
   """The first max_images image files of a word folder, sorted by name."""
   if not os.path.isdir(folder):
     return []
-  names = sorted(f for f in os.listdir(folder)
-                 if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+  names = sorted(f for f in os.listdir(folder) if is_image_name(f))
   return [os.path.join(folder, f) for f in names[:max_images]]
 
 
 def load_rgb(path: str) -> np.ndarray | None:
-  """uint8 [H, W, 3] RGB pixels, or None when the file is not a readable image."""
+  """uint8 [H, W, 3] RGB pixels, or None when the file is not a readable image.
+
+  16-bit greyscale (PIL's I;16 and I modes) is scaled to 8 bits (divided by 257,
+  rounded), as the eval pipeline's decode scales it: convert("RGB") would clip
+  every value above 255 to white. `bigvis zeroshot` reads its images here too.
+  """
   from PIL import Image
 
   try:
     with Image.open(path) as im:
+      if im.mode.startswith("I"):
+        grey = np.round(np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
       return np.asarray(im.convert("RGB"), dtype=np.uint8)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
     return None
@@ -548,8 +578,8 @@ def clean_features(raw: Mapping[WordKey, np.ndarray], skips: SkipLog,
   for (lang, word), x in raw.items():
     norms = np.linalg.norm(x, axis=1) if len(x) else np.zeros(0)
     good = np.isfinite(norms) & (norms > 0)
-    if (~good).any():
-      skips.add("image", lang, word, f"{int((~good).sum())} non-finite or zero embedding(s)")
+    for row in np.flatnonzero(~good):  # one entry per image, so the image counts count images
+      skips.add("image", lang, f"{word} (feature row {row})", "non-finite or zero embedding")
     x = x[good]
     if len(x) == 0:
       skips.add("word", lang, word, "no readable images")
@@ -731,6 +761,7 @@ def run_translatability(mmid_root: str, pair_paths: Sequence[str], out_dir: str,
   if (embed_fn is None) == (features_dir is None):
     raise ValueError("pass exactly one of embed_fn and features_dir")
   _check_settings(random_pairs, percentile, batch_size, max_images)
+  _make_out_dir(out_dir)  # before the slow part, which a bad --out would waste
   pairs = [p for path in expand_pair_paths(pair_paths) for p in read_pairs(path, dict_target_lang)]
   if not pairs:
     raise UserError(f"the pairs file(s) {', '.join(pair_paths)} hold no translation pairs.")
@@ -763,6 +794,18 @@ def _check_settings(random_pairs: int, percentile: float, batch_size: int, max_i
     raise UserError(f"--batch-size must be at least 1, not {batch_size}.")
   if max_images < MIN_IMAGES:
     raise UserError(f"--max-images must be at least {MIN_IMAGES}, not {max_images}.")
+
+
+def _make_out_dir(out_dir: str) -> None:
+  """Creates --out (or accepts an existing folder), with a one-line error when it cannot be one."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise UserError(f"--out '{out_dir}' is a file, not a folder.")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f"--out '{out_dir}' cannot be created as a folder ({e.strerror}).") from None
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise UserError(f"--out '{out_dir}' is a folder you cannot write to.")
 
 
 def write_outputs(report: Report, out_dir: str) -> None:
@@ -945,7 +988,7 @@ def main(args: argparse.Namespace) -> int:
   for s in report.language_pairs:
     print(f"{s.src_lang}->{s.tgt_lang}: {s.n_pairs} pairs, ratio {_fmt(s.ratio_all) or '-'} "
           f"(random pairs {_fmt(s.random_ratio) or '-'}), MRR {_fmt(s.mrr) or '-'}")
-  skipped = {k: report.skips.count(k) for k in ("image", "word", "pair")}
-  print(f"skipped {skipped['image']} image(s), {skipped['word']} word(s), "
-        f"{skipped['pair']} pair(s); reports in {args.out}")
+  skipped = {k: report.skips.count(k) for k in ("image", "word", "pair", "index")}
+  print(f"skipped {skipped['image']} image(s), {skipped['word']} word(s), {skipped['pair']} pair(s), "
+        f"{skipped['index']} index.tsv line(s); reports in {args.out}")
   return 0

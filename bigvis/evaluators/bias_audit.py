@@ -72,8 +72,6 @@ class Evaluator:
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, config=None, **_):
     where = feat.open_section(cfg, KEYS, name, config)
     self.name, self.where = name, where
-    if not feat.is_clip(config, model):
-      raise UserError(f"{where} needs a CLIP run (model.name='clip'): it classifies images zero-shot.")
     self.task, self.text = feat.zeroshot_classifier(model, mesh, feat.inherit(cfg, config, where), config, where,
                                                     required=True)
     self.flagged = zeroshot.class_names_from(cfg.get("flagged") or [], f"{where}.flagged")

@@ -6,7 +6,9 @@ import ml_collections
 import numpy as np
 
 from bigvis.config import check_known
+from bigvis.errors import UserError
 from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, split_batches
+from data_pipelines import input as data_input
 
 KEYS = EVAL_KEYS
 
@@ -17,6 +19,15 @@ class Evaluator:
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, **_):
     check_known(cfg, KEYS, f"evals.{name}")
     self.cfg, self.name, self.mesh = cfg, name, mesh
+    # Labels the head can be scored against, checked now rather than failing in numpy after the pass.
+    where = f"evals.{name}.data"
+    labels = data_input.pp_element_spec(cfg.data, where).get("labels")
+    if labels is None:
+      raise UserError(f"{where}.pp gives no 'labels' to score the classifier against; end it with onehot(N).")
+    classes = getattr(model, "num_classes", None)
+    if classes and labels.shape[-1] is not None and labels.shape[-1] != classes:
+      raise UserError(f"{where}.pp gives {labels.shape[-1]}-way labels, but the model's head has {classes} "
+                      "classes.")
 
     @jax.jit
     def predict(params, batch):

@@ -46,7 +46,7 @@ def zeroshot_classifier(model, mesh, settings: dict, config: ml_collections.Conf
     if required:
       raise UserError(f"{where}.class_names is not set and there is no zeroshot entry in evals to take it from.")
     return None, None
-  names = zeroshot.class_names_from(settings["class_names"], f"{where}.class_names")
+  names = zeroshot.class_names_from(settings["class_names"], f"{where}.class_names", min_names=2)
   return names, TextClassifier(model, mesh, settings, config, where)
 
 

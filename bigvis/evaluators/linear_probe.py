@@ -136,9 +136,10 @@ class Evaluator:
     if feat.same_split(self.train_data, self.data):
       logging.warning("%s.train_data is the split the probes are tested on: their accuracy is not a held-out "
                       "one.", where)
-    self.shots = sorted({int(k) for k in (cfg.get("shots") or DEFAULT_SHOTS)})
-    if not self.shots or self.shots[0] < 1:
-      raise UserError(f"{where}.shots must be positive integers, got {list(cfg.get('shots'))}.")
+    shots = list(cfg.get("shots") or DEFAULT_SHOTS)
+    if not all(isinstance(k, (int, float)) and float(k).is_integer() and k >= 1 for k in shots):
+      raise UserError(f"{where}.shots must be positive integers, got {shots}.")
+    self.shots = sorted({int(k) for k in shots})
     self.seeds = int(cfg.get("seeds", 3))
     self.val_fraction = float(cfg.get("val_fraction", 0.2))
     if self.seeds < 1 or not 0 < self.val_fraction < 1:
@@ -170,8 +171,18 @@ class Evaluator:
     if self.class_names is not None:
       zeroshot.check_labels(test["label"], len(self.class_names), f"{self.where}.data")
     x, y = train["z"].astype(np.float32), train["label"]
+    # A k above every class's examples would draw them all: the full-data probe, reported as k shots.
+    most = int(np.bincount(y[pool]).max())
+    shots = [k for k in self.shots if k <= most]
+    if len(shots) < len(self.shots):
+      left_out = [k for k in self.shots if k > most]
+      if not shots:
+        raise UserError(f"{self.where}.shots {left_out}: no class of train_data has that many examples besides "
+                        f"the validation split (at most {most}).")
+      logging.warning("%s: shots %s left out, no class of train_data has that many examples besides the "
+                      "validation split (at most %d).", self.where, left_out, most)
     rows = []
-    for k in self.shots:
+    for k in shots:
       accs, cs, sizes = [], [], []
       for seed in range(self.seeds):
         idx = sample_shots(y, pool, k, seed)
@@ -249,6 +260,7 @@ class Evaluator:
              f"from ({self.seeds} seeds; mean and std over seeds). Test: {r['num_test']} images.")
     ks, accs = self._curve()
     cross = self._crossing() if zs is not None else None
+    title = f"{self.name}: few-shot linear probes" + (" vs zero-shot" if zs is not None else "")
 
     def draw(fig):
       ax = fig.subplots()
@@ -279,7 +291,7 @@ class Evaluator:
       ax.set_ylim(max(0.0, low - max(0.05, 0.15 * (1 - low))), 1.0 + 0.01)
       ax.grid(alpha=0.3)
       ax.legend(loc="lower right")
-      ax.set_title(f"{self.name}: few-shot linear probes vs zero-shot")
+      ax.set_title(title)
 
-    return reports.Report(title=f"{self.name}: few-shot linear probes vs zero-shot", columns=columns, rows=table,
+    return reports.Report(title=title, columns=columns, rows=table,
                           intro=intro, notes=notes, draw=draw)

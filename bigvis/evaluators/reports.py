@@ -114,9 +114,12 @@ def write_report(directory: str, name: str, report: Report) -> list[str]:
   tf.io.gfile.makedirs(directory)
   paths = []
   png = render_png(report) if report.draw is not None else None
+  chart = os.path.join(directory, f"{name}.png")
   if png is not None:
-    paths.append(os.path.join(directory, f"{name}.png"))
-    _atomic_write(paths[-1], png)
+    paths.append(chart)
+    _atomic_write(chart, png)
+  elif tf.io.gfile.exists(chart):  # an earlier run's chart would sit beside this report as if its own
+    tf.io.gfile.remove(chart)
   paths.insert(0, os.path.join(directory, f"{name}.csv"))
   _atomic_write(paths[0], to_csv(report).encode())
   paths.insert(1, os.path.join(directory, f"{name}.md"))
@@ -137,9 +140,9 @@ def zeroshot_report(name: str, metrics: dict[str, Any], templates: Sequence[str]
   for i, t in enumerate(templates):
     key = f"top1_template{i}"
     if key in metrics:
-      rows.append({"classifier": f'"{t}"', "templates": 1, "top1": metrics[key]})
+      rows.append({"classifier": t, "templates": 1, "top1": metrics[key]})
   rows.append({"classifier": "ensemble (mean of normalised prompt embeddings)" if len(templates) > 1
-               else f'"{templates[0]}"' if templates else "ensemble",
+               else templates[0] if templates else "ensemble",
                "templates": len(templates), "top1": metrics.get("top1"), "top5": metrics.get("top5")})
   notes = []
   single = [r["top1"] for r in rows[:-1]]
@@ -155,7 +158,7 @@ def zeroshot_report(name: str, metrics: dict[str, Any], templates: Sequence[str]
 
   def draw(fig):
     ax = fig.subplots()
-    labels = [r["classifier"].strip('"') for r in rows[:-1]] + [f"ensemble of {len(templates)}"]
+    labels = [r["classifier"] for r in rows[:-1]] + [f"ensemble of {len(templates)}"]
     values = [r["top1"] for r in rows]
     colors = ["#9ecae1"] * (len(rows) - 1) + ["#3182bd"]
     ax.barh(range(len(rows)), values, color=colors)

@@ -9,16 +9,20 @@ the per-template classifiers come for free from the same text embeddings,
 `top1_template<i>` for each template when there are several.
 
 Config (`evals.<name>`): `data` (the split; labels from an integer `label`
-feature or one-hot `labels`), `class_names` (a list, a comma-separated string,
-or a text file with one name per line), `prompts` (templates containing `{}`),
+feature or one-hot `labels`), `class_names` (at least two: a list, a
+comma-separated string with CSV quoting for names holding commas, or a text
+file with one name per line), `prompts` (templates with exactly one `{}` for the
+class name and no other `{...}` field; literal braces as `{{` and `}}`),
 `tokenizer` (a SentencePiece model path or `bundled:<name>`) and
 `context_length`; the last two default to the `tokenize` op of `data.train.pp`
 and the text tower's context length.
 """
 from __future__ import annotations
 
+import csv
 import inspect
 import os
+import string
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -41,22 +45,27 @@ DEFAULT_TEMPLATES = ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
 TOP_K = 5
 
 
-def class_names_from(value: Any, where: str) -> list[str]:
-  """Class names from a list, a comma-separated string, or a file with one name per line."""
+# A --labels value without a comma that ends so is taken for a file name when it is no file.
+LABEL_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst", ".list", ".names")
+
+
+def class_names_from(value: Any, where: str, min_names: int = 1) -> list[str]:
+  """Class names from a list, a comma-separated string (CSV quoting: `"a, b",c`), or a file with one
+  name per line; at least `min_names` of them (2 to classify: one class always gets probability 1)."""
   if isinstance(value, str):
-    if os.path.isfile(value):
-      with open(value, encoding="utf-8") as f:
-        names = [line.strip() for line in f]
-    else:
-      names = value.split(",")
+    names = _names_in_file(value, where) if os.path.isfile(value) else _split_names(value, where)
   elif isinstance(value, (list, tuple)):
     names = [str(v) for v in value]
   else:
     raise UserError(f"{where} must be a list of class names, a comma-separated string or a file, "
                     f"got {type(value).__name__}.")
   names = [n.strip() for n in names if n and n.strip()]
-  if not names:
-    raise UserError(f"{where} names no classes.")
+  if isinstance(value, str) and len(names) < 2 and _looks_like_a_file(value):
+    raise UserError(f"{where} '{value}' is not a file; give a file of class names, one per line, or "
+                    "comma-separated names.")
+  if len(names) < min_names:
+    raise UserError(f"{where} names {len(names)} class(es) but needs at least {min_names}"
+                    + (" (zero-shot classification chooses among classes)." if min_names > 1 else "."))
   seen = set()
   for n in names:
     if n in seen:
@@ -65,15 +74,51 @@ def class_names_from(value: Any, where: str) -> list[str]:
   return names
 
 
+def _names_in_file(path: str, where: str) -> list[str]:
+  """The lines of a UTF-8 class-name file."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return [line.strip() for line in f]
+  except UnicodeDecodeError as e:
+    raise UserError(f"{where} file '{path}' is not UTF-8 text (byte {e.start}).") from None
+
+
+def _split_names(value: str, where: str) -> list[str]:
+  """Comma-separated names, read as one CSV row so that a quoted name may hold commas."""
+  try:
+    return next(csv.reader([value], skipinitialspace=True), [])
+  except csv.Error as e:
+    raise UserError(f"{where} '{value}' is not a valid comma-separated list ({e}).") from None
+
+
+def _looks_like_a_file(value: str) -> bool:
+  """A single name with a path separator or a text-file suffix: meant as a file of class names."""
+  return "," not in value and ("/" in value or os.sep in value
+                               or value.strip().lower().endswith(LABEL_FILE_SUFFIXES))
+
+
 def templates_from(value: Any, where: str) -> list[str]:
   """Prompt templates, each with exactly one `{}` where the class name goes."""
   if value is None or value == "" or value == ():
     return list(DEFAULT_TEMPLATES)
   templates = [value] if isinstance(value, str) else [str(v) for v in value]
   for t in templates:
-    if t.count("{}") != 1:
-      raise UserError(f"{where} template '{t}' must contain exactly one '{{}}' for the class name.")
+    check_template(t, where)
   return templates
+
+
+def check_template(template: str, where: str) -> None:
+  """One `{}` and no other replacement field (`{style}`, `{0}`, `{:>9}`, a lone brace), which
+  `str.format` would fail on or fill with something else; literal braces are written `{{` and `}}`."""
+  try:
+    fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)
+              if name is not None]
+  except ValueError as e:
+    raise UserError(f"{where} template '{template}' is not a valid template ({e}); write a literal brace "
+                    "as '{{' or '}}'.") from None
+  if fields != [("", "", None)]:
+    raise UserError(f"{where} template '{template}' must contain exactly one '{{}}' for the class name "
+                    "and no other '{...}' field; write a literal brace as '{{' or '}}'.")
 
 
 def pp_tokenize_args(pp: str, where: str) -> dict:
@@ -224,7 +269,7 @@ class Evaluator:
       raise UserError(f"{where}.data is not set; give the labelled image split to classify.")
     self.cfg, self.name, self.mesh = cfg, name, mesh
     self._metrics: dict[str, float] | None = None
-    self.class_names = class_names_from(cfg.get("class_names"), f"{where}.class_names")
+    self.class_names = class_names_from(cfg.get("class_names"), f"{where}.class_names", min_names=2)
     self.templates = templates_from(cfg.get("prompts"), f"{where}.prompts")
     tokenizer = text_tokenizer(cfg, config, where)
     self.tokens = tokenizer.encode(prompt_texts(self.class_names, self.templates))

@@ -2,9 +2,10 @@
 # Train a bigvis experiment on GPU nodes of a SLURM cluster.
 #
 # Writes a batch script (one task per node, every GPU of the node driven by that
-# task) into --logs and submits it with sbatch; --dry-run prints the script and
-# the sbatch command instead. Assumes the repository (and so .venv/) is on a
-# file system shared by all nodes, as usual on SLURM clusters.
+# task) into --logs and submits it with sbatch; --dry-run prints the script, the
+# path it would be written to and the commands instead, and writes nothing. Assumes
+# the repository (and so .venv/) is on a file system shared by all nodes, as usual
+# on SLURM clusters.
 #
 # Run `experiments/launch/slurm_gpu.sh --help` for the options.
 set -euo pipefail
@@ -22,17 +23,20 @@ Usage: experiments/launch/slurm_gpu.sh --exp EXP [options]
   --account A            SLURM account
   --time HH:MM:SS        time limit (default 24:00:00; D-HH:MM:SS also accepted)
   --job-name NAME        job name (default bigvis-EXP)
-  --workdir DIR          run directory on the shared file system (default runs/EXP;
-                         relative paths are relative to the repository root)
+  --workdir DIR          run directory on the shared file system (default runs/NAME, NAME being
+                         EXP up to its first colon, as in `make train`; relative paths are
+                         relative to the repository root)
   --args "ARGS"          extra arguments for `bigvis train`, e.g. "--set total_steps=1000"
   --logs DIR             batch script and logs: DIR/%x-%j.out, one DIR/%x-%j-%t.log per node
                          (default runs/slurm)
   --venv-setup           run `make install EXTRAS=gpu` once in the job before training
                          (default: check that .venv is installed with EXTRAS=gpu and stop if not)
   --prelude "CMDS"       shell lines run first in the job, e.g. "module load python/3.11"
-  --port PORT            JAX coordinator port on the first node (default 20000 + job id % 20000)
+  --port PORT            JAX coordinator port on the first node, 1-65535
+                         (default 20000 + job id % 20000)
   --sbatch-opt OPT       extra #SBATCH option, repeatable, e.g. --sbatch-opt --exclusive
-  --dry-run              print the batch script and the sbatch command; submit nothing
+  --dry-run              print the batch script, where it would be written and the commands
+                         that would run; write and submit nothing
   -h, --help             show this help
 
 Example:
@@ -42,7 +46,16 @@ EOF
 }
 
 die() { echo "slurm_gpu.sh: $*" >&2; exit 2; }
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+# This script's own flags. A value that is one of them was forgotten: `--args --dry-run`
+# taken as ARGS=--dry-run would submit the job.
+FLAGS=(--exp --nodes --gpus-per-node --cpus-per-task --partition --account --time --job-name --workdir
+       --args --logs --prelude --port --sbatch-opt --venv-setup --dry-run -h --help)
+# need_value OPT [VALUE...]: OPT has a non-empty value that is not one of our flags (--args may be "").
+need_value() {
+  [[ $# -ge 2 && ( -n $2 || $1 == --args ) ]] || die "$1 needs a value"
+  local flag
+  for flag in "${FLAGS[@]}"; do [[ $2 != "$flag" ]] || die "$1 needs a value; got the flag $2"; done
+}
 
 EXP="" NODES=1 GPUS=8 CPUS="" PARTITION="" ACCOUNT="" TIME=24:00:00 JOB_NAME="" WORKDIR="" ARGS=""
 LOGS="" PRELUDE="" PORT="" VENV_SETUP=0 DRY_RUN=0
@@ -59,7 +72,7 @@ while [[ $# -gt 0 ]]; do
     --time) need_value "$@"; TIME=$2; shift 2 ;;
     --job-name) need_value "$@"; JOB_NAME=$2; shift 2 ;;
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --args) [[ $# -ge 2 ]] || die "--args needs a value"; ARGS=$2; shift 2 ;;
+    --args) need_value "$@"; ARGS=$2; shift 2 ;;
     --logs) need_value "$@"; LOGS=$2; shift 2 ;;
     --prelude) need_value "$@"; PRELUDE=$2; shift 2 ;;
     --port) need_value "$@"; PORT=$2; shift 2 ;;
@@ -75,7 +88,8 @@ done
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive integer, not '$NODES'"
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive integer, not '$GPUS'"
 [[ -z $CPUS || $CPUS =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive integer, not '$CPUS'"
-[[ -z $PORT || $PORT =~ ^[1-9][0-9]*$ ]] || die "--port must be a number, not '$PORT'"
+[[ -z $PORT || ( $PORT =~ ^[1-9][0-9]{0,4}$ && $PORT -le 65535 ) ]] ||
+  die "--port must be an integer from 1 to 65535, not '$PORT'"
 [[ $TIME =~ ^([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}$ ]] || die "--time must look like HH:MM:SS, not '$TIME'"
 EXP_NAME=${EXP%%:*}  # EXP may carry the experiment's argument: clip_vitb16:tokenizer=/shared/tok.model
 for v in "$EXP_NAME" "${JOB_NAME:-x}" "$PARTITION" "$ACCOUNT"; do
@@ -132,11 +146,9 @@ EOF
   fi
   echo
   echo "export BIGVIS_EXP=$(printf %q "$EXP")"
-  if [[ -n $WORKDIR ]]; then
-    echo "export BIGVIS_WORKDIR=$(printf %q "$WORKDIR")"
-  else
-    echo "export BIGVIS_WORKDIR=runs/\$BIGVIS_EXP"
-  fi
+  # The default is make's: runs/ and the experiment's name without its argument, so that a
+  # later `make train EXP=…` resumes the run.
+  echo "export BIGVIS_WORKDIR=$(printf %q "${WORKDIR:-runs/$EXP_NAME}")"
   echo "export BIGVIS_ARGS=$(printf %q "$ARGS")"
   local dist="" cpus=""
   if [[ -n $CPUS ]]; then cpus=" --cpus-per-task=$CPUS"; fi  # srun does not inherit it from sbatch
@@ -160,10 +172,14 @@ EOF
 
 SCRIPT=$LOGS/$JOB_NAME-$(date -u +%Y%m%d-%H%M%S).sbatch
 if (( DRY_RUN )); then
+  # Writes nothing: the "+ " lines are what a real run runs, around writing $SCRIPT.
+  printf '# dry run: nothing is written or submitted. A real run writes the batch script below to\n'
+  printf '# %q and submits it with the "+ " commands after it.\n' "$SCRIPT"
   echo "# ---- batch script ($SCRIPT) ----"
   batch_script
   echo "# ---- end of batch script ----"
   printf '+ mkdir -p %q\n' "$LOGS"
+  printf '# (here the batch script above is written to %q)\n' "$SCRIPT"
   printf '+ sbatch %q\n' "$SCRIPT"
 else
   mkdir -p "$LOGS"

@@ -15,7 +15,8 @@ usage() {
 Usage: experiments/launch/tpu_pod.sh --name NAME --zone ZONE --accelerator-type TYPE --exp EXP [options]
 
 Required:
-  --name NAME              TPU VM name (also the queued-resource name with --queued)
+  --name NAME              TPU VM name (also the queued-resource name with --queued): lowercase
+                           letters, digits and hyphens, starting with a letter, at most 63
   --zone ZONE              e.g. us-central2-b
   --accelerator-type TYPE  e.g. v4-32, v5litepod-16, v5p-256, v6e-64
   --exp EXP                experiment in experiments/EXP.py, with its argument if it takes one:
@@ -31,7 +32,8 @@ Options:
   --repo URL               clone URL on every worker instead of copying this checkout
   --branch BRANCH          branch or tag to clone (with --repo; default: the remote's default)
   --workdir DIR            run directory; use gs://BUCKET/PATH on multi-host slices so every
-                           worker writes checkpoints to the same place (default: runs/EXP on each worker)
+                           worker writes checkpoints to the same place (default: runs/NAME on each
+                           worker, NAME being EXP up to its first colon, as in `make train`)
   --args "ARGS"            extra arguments for `bigvis train`, e.g. "--set total_steps=1000"
   --logs DIR               copy each worker's log into DIR at the end
   --num-workers N          hosts in the slice (default: derived from --accelerator-type)
@@ -52,7 +54,16 @@ NAME="" ZONE="" PROJECT="" ACCEL="" VERSION="" EXP="" WORKDIR="" ARGS="" LOGS=""
 REPO="" BRANCH="" NUM_WORKERS=""
 QUEUED=0 SPOT=0 REUSE=0 DELETE=0 DRY_RUN=0
 
-need_value() { [[ $# -ge 2 && -n $2 ]] || die "$1 needs a value"; }
+# This script's own flags. A value that is one of them was forgotten: `--args --dry-run`
+# taken as ARGS=--dry-run would create a TPU.
+FLAGS=(--name --zone --project --accelerator-type --version --exp --workdir --args --logs --repo --branch
+       --num-workers --queued --spot --reuse --delete --dry-run -h --help)
+# need_value OPT [VALUE...]: OPT has a non-empty value that is not one of our flags (--args may be "").
+need_value() {
+  [[ $# -ge 2 && ( -n $2 || $1 == --args ) ]] || die "$1 needs a value"
+  local flag
+  for flag in "${FLAGS[@]}"; do [[ $2 != "$flag" ]] || die "$1 needs a value; got the flag $2"; done
+}
 
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -63,7 +74,7 @@ while [[ $# -gt 0 ]]; do
     --version) need_value "$@"; VERSION=$2; shift 2 ;;
     --exp) need_value "$@"; EXP=$2; shift 2 ;;
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
-    --args) [[ $# -ge 2 ]] || die "--args needs a value"; ARGS=$2; shift 2 ;;
+    --args) need_value "$@"; ARGS=$2; shift 2 ;;
     --logs) need_value "$@"; LOGS=$2; shift 2 ;;
     --repo) need_value "$@"; REPO=$2; shift 2 ;;
     --branch) need_value "$@"; BRANCH=$2; shift 2 ;;
@@ -83,6 +94,11 @@ done
 [[ -n $ACCEL ]] || die "--accelerator-type is required"
 [[ -n $EXP ]] || die "--exp is required"
 [[ -z $BRANCH || -n $REPO ]] || die "--branch needs --repo"
+# Cloud TPU (and queued-resource) names: lowercase letters, digits and hyphens, starting with
+# a letter, not ending with a hyphen, at most 63 characters. gcloud rejects other names:
+# say so before anything runs.
+[[ $NAME =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+  die "--name '$NAME' is not a TPU name (lowercase letters, digits, hyphens; a letter first, no hyphen last; at most 63)"
 
 # Hosts in the slice: v2-v5p names count TensorCores (2 per chip, 4 chips per host);
 # v5litepod and v6e names count chips (up to 8 on one host, 4 per host in multi-host slices).
