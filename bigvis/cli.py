@@ -26,9 +26,12 @@ def init_distributed(args) -> None:
   """Starts JAX's distributed runtime from flags, or auto-detects it on TPU VMs and under SLURM."""
   import jax
   if args.coordinator_address:
+    from bigvis.errors import UserError
     if args.num_processes is None or args.process_id is None:
-      from bigvis.errors import UserError
       raise UserError("--coordinator-address needs --num-processes and --process-id.")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+      raise UserError(f"--process-id {args.process_id} is not one of 0 to {args.num_processes - 1} "
+                      f"(--num-processes {args.num_processes}).")
     # CPU-only runs (tests, laptops) need a collectives backend across processes.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
@@ -52,7 +55,8 @@ def cmd_train(args) -> int:
   config = config_lib.load(args.config, args.overrides)
   init_distributed(args)
   from bigvis import train
-  with train.workdir_lock(args.workdir):
+  with train.workdir_lock(args.workdir, busy_ok=True) as holder:
+    train.check_processes_agree(config, args.workdir, holder)
     final = train.train_and_evaluate(config, args.workdir)
   summary = ", ".join(f"{k}={v:.4g}" for k, v in final.items() if isinstance(v, float) and k.startswith("eval/"))
   print(f"done: {summary}" if summary else "done.")

@@ -165,12 +165,13 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
   primary = jax.process_index() == 0
   out_dir = os.path.join(workdir, REPORTS_DIR)
   results = {}
-  with train.workdir_lock(workdir, busy_ok=True) as training:
+  with train.workdir_lock(workdir, busy_ok=True) as training:  # the training run's pid and host, or None
     if training:
       logging.warning("a run is training in %s: its metrics.jsonl and TensorBoard files are appended to, not "
                       "rewritten, so rows of evals run before at step %d stay beside these.", workdir,
                       restored_step)
-    writer = metrics_lib.MetricWriter(workdir, primary=primary, tensorboard=tensorboard, append_only=training)
+    writer = metrics_lib.MetricWriter(workdir, primary=primary, tensorboard=tensorboard,
+                                      append_only=training is not None)
     try:
       for name, ev in evaluators.items():
         t0 = time.time()

@@ -87,7 +87,18 @@ def check_same_experiment(ckpt: ckpt_lib.Checkpointer, config: ml_collections.Co
       logging.warning("batch_size is %d, but the run that wrote step %d used %d: it resumes with the new size, "
                       "and its data continues at example %d × %d rather than where that run stopped.",
                       config.batch_size, step, meta["batch_size"], step, config.batch_size)
+    if meta.get("readers") not in (None, data_readers(config)):
+      logging.warning("the training data is read by %d readers, but the run that wrote step %d had %d: each reader "
+                      "takes its own share of the files, so the batches from here on differ from those that run "
+                      "would have read (set data.train.num_readers to keep the readers whatever the processes).",
+                      data_readers(config), step, meta["readers"])
     return
+
+
+def data_readers(config: ml_collections.ConfigDict) -> int:
+  """How many readers split data.train (its num_readers, else one per process): the data order follows it."""
+  train = (config.get("data") or {}).get("train") or {}
+  return int(train.get("num_readers") or jax.process_count())
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -108,12 +119,13 @@ def prepare_workdir(workdir: str) -> None:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, *, busy_ok: bool = False) -> Iterator[bool]:
+def workdir_lock(workdir: str, *, busy_ok: bool = False) -> Iterator[str | None]:
   """Holds `WORKDIR/.lock` (an flock, process 0 only) while a run trains there, or `bigvis eval` rewrites
   its files: a second run on the same workdir would interleave metrics.jsonl rows and collide over
-  checkpoint folders. Yields whether another holds it, which is an error unless `busy_ok` (`bigvis eval`
-  beside a training run then only appends). A bucket's workdir (gs://…) and filesystems without locks
-  go unguarded."""
+  checkpoint folders. Another holder is an error, unless `busy_ok`: it is then yielded (the pid and
+  host it wrote), else None (`bigvis eval` beside a training run only appends; a multi-process run
+  tells every process, `check_processes_agree`). A bucket's workdir (gs://…) and filesystems without
+  locks go unguarded."""
   import fcntl
   path = os.path.join(workdir, ".lock")
   f = None
@@ -123,7 +135,7 @@ def workdir_lock(workdir: str, *, busy_ok: bool = False) -> Iterator[bool]:
       f = open(path, "a+")
     except OSError:
       pass  # prepare_workdir names the problem
-  busy = False
+  busy = None
   try:
     if f is not None:
       try:
@@ -136,15 +148,39 @@ def workdir_lock(workdir: str, *, busy_ok: bool = False) -> Iterator[bool]:
         f.seek(0)
         holder = f.read().strip() or "another process"
         if not busy_ok:
-          raise UserError(f"workdir '{workdir}' is in use by another bigvis run ({holder}); wait for it to end "
-                          "or pass another --workdir.") from None
-        busy = True
+          raise UserError(_busy_message(workdir, holder)) from None
+        busy = holder
       except OSError:  # no locks on this filesystem
         pass
     yield busy
   finally:
     if f is not None:
       f.close()  # releases the lock
+
+
+def _busy_message(workdir: str, holder: str) -> str:
+  return (f"workdir '{workdir}' is in use by another bigvis run ({holder}); wait for it to end or pass another "
+          "--workdir.")
+
+
+def check_processes_agree(config: ml_collections.ConfigDict, workdir: str, holder: str | None) -> None:
+  """Every process of a run must have been started alike, on a workdir no other run uses (process 0
+  holds its lock). Each learns what all found, so all stop with the same line; otherwise the ones
+  that went on would wait in a collective for ever, or fail later with a stack trace."""
+  if jax.process_count() == 1:
+    if holder:
+      raise UserError(_busy_message(workdir, holder))
+    return
+  from jax.experimental import multihost_utils
+  digest = hashlib.sha256(json.dumps([config.to_dict(), workdir], sort_keys=True, default=str).encode()).digest()
+  mine = np.concatenate([np.frombuffer(digest[:16], np.int32), [int(bool(holder))]]).astype(np.int32)
+  every = np.asarray(multihost_utils.process_allgather(mine))
+  if every[0, -1]:
+    raise UserError(_busy_message(workdir, holder or "its .lock is held, as process 0 found"))
+  other = [i for i in range(len(every)) if not np.array_equal(every[i, :-1], every[0, :-1])]
+  if other:
+    raise UserError(f"process {other[0]} was started with another config or --workdir than process 0; start "
+                    "every process with the same command but --process-id.")
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -451,7 +487,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # What every checkpoint's record says of the run, besides its step (computed once).
   record = {"fingerprint": fingerprint(config), "model_fingerprint": model_fingerprint(config),
-            "experiment": config.get("experiment", ""), "batch_size": config.batch_size}
+            "experiment": config.get("experiment", ""), "batch_size": config.batch_size,
+            "readers": data_readers(config)}
 
   def save(step: int) -> None:
     check_finite()

@@ -98,3 +98,25 @@ def test_sigterm_to_one_process_stops_both_at_the_same_checkpoint(tmp_path):
   steps = sorted(int(d) for d in os.listdir(os.path.join(work, "checkpoints")) if d.isdigit())
   assert len(steps) == 1 and steps[0] >= 3
   assert steps[0] == _rows(work)[-1]["step"]
+
+
+def test_processes_started_otherwise_or_on_a_busy_workdir_all_stop_with_one_line(tmp_path):
+  """A process with another config waited for ever in the first collective; on a workdir another run
+  holds, process 0 stopped and process 1 failed a minute later with a gloo stack trace."""
+  from bigvis import train
+
+  def two(extra_for_1=()):
+    port = _free_port()
+    procs = [_start(str(tmp_path / "w"), 1, ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                                             "--process-id", str(i), *(extra_for_1 if i else ())]) for i in range(2)]
+    return [(pr.communicate(timeout=300)[1], pr.returncode) for pr in procs]
+
+  for err, rc in two(["--set", "total_steps=20"]):
+    assert rc == 2 and "bigvis: error: process 1 was started with another config or --workdir than process 0" in err
+  with train.workdir_lock(str(tmp_path / "w")):  # another run holds it
+    for err, rc in two():
+      assert rc == 2 and f"bigvis: error: workdir '{tmp_path / 'w'}' is in use by another bigvis run" in err, err
+  bad = subprocess.run([sys.executable, "-m", "bigvis.cli", "train", "--config", "vit_ti_digits", "--workdir",
+                        str(tmp_path / "x"), "--coordinator-address", "127.0.0.1:1", "--num-processes", "2",
+                        "--process-id", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "--process-id 2 is not one of 0 to 1 (--num-processes 2)." in bad.stderr

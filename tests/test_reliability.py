@@ -60,12 +60,13 @@ def test_a_step_skipped_before_a_resume_does_not_stop_the_resumed_run(tmp_path, 
   ckpt.close()
   capsys.readouterr()
   assert "batch_size is" not in caplog.text
-  # Resumed with another batch size too, which went on without a word (its data moved).
-  assert _train(tmp_path, "total_steps=4", "checkpoint_every_steps=2", "batch_size=32") == 0, \
-      capsys.readouterr().err[-800:]
+  # Resumed with another batch size and number of readers too, which went on without a word (its data moved).
+  assert _train(tmp_path, "total_steps=4", "checkpoint_every_steps=2", "batch_size=32",
+                "data.train.num_readers=2") == 0, capsys.readouterr().err[-800:]
   rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl") if '"train/loss"' in l]
   assert [r["train/nonfinite_steps"] for r in rows][-2:] == [1, 1]  # the count itself carries on
   assert "batch_size is 32, but the run that wrote step 2 used 16" in caplog.text
+  assert "the training data is read by 2 readers, but the run that wrote step 2 had 1" in caplog.text
 
 
 def test_fingerprints_leave_out_how_the_last_block_is_computed():
