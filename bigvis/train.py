@@ -209,20 +209,23 @@ def check_preprocessing(config: ml_collections.ConfigDict) -> None:
         raise UserError(f"{where}: {e}") from None
 
 
-def check_image_size(config: ml_collections.ConfigDict, batch: dict) -> None:
-  """data.train.pp's images, and those of every eval and report set, must be the image tower's
-  `image_size` square. The position embedding is made for the images trained on; `bigvis eval`,
+def check_image_size(config: ml_collections.ConfigDict, batch: dict | None,
+                     sections: tuple[str, ...] = ("evals",)) -> None:
+  """data.train.pp's images (from `batch`), and those of the eval sets in `sections`, must be the image
+  tower's `image_size` square. The position embedding is made for the images trained on; `bigvis eval`,
   `params`, `aot` and `bench` read the size from the config and would meet a checkpoint of another
-  shape; an eval set of another size would fail at its first eval, after hours."""
+  shape; an eval set of another size would fail at its first eval, after hours. (`bigvis eval` checks
+  the reports it runs.)"""
   from data_pipelines import input as data_input
   from data_pipelines.sources import data_sections
   tower = config.model.image if config.model.get("name") == "clip" else config.model
   key = "model.image.image_size" if config.model.get("name") == "clip" else "model.image_size"
   size = int(tower.get("image_size", 224))
-  shapes = [("data.train.pp", tuple(np.shape(batch["image"])[1:3]))] if np.ndim(batch.get("image")) == 4 else []
-  for section in ("evals", "reports"):
-    shapes += [(f"{where}.pp", data_input.pp_image_shape(data, where))
-               for where, data in data_sections(config.get(section) or {}, section)]
+  shapes = []
+  if batch is not None and np.ndim(batch.get("image")) == 4:
+    shapes.append(("data.train.pp", tuple(np.shape(batch["image"])[1:3])))
+  sets = [(where, data) for section in sections for where, data in data_sections(config.get(section) or {}, section)]
+  shapes += zip((f"{where}.pp" for where, _ in sets), data_input.pp_image_shapes(sets))
   for where, shape in shapes:
     if shape is not None and shape != (size, size):
       raise UserError(f"{where} gives {shape[0]}x{shape[1]} images but {key} is {size}; make them alike.")

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from bigvis.analysis.translatability import IMAGE_SUFFIXES, is_image_name, load_rgb
+from bigvis.image_files import IMAGE_SUFFIXES, is_image_name, load_rgb
 from bigvis.errors import UserError
 
 

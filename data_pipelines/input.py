@@ -8,6 +8,7 @@ yields exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Iterator
@@ -63,19 +64,28 @@ def _preprocess(ds: tf.data.Dataset, pp: str, seed: int, stream: int, start: int
   return ds.map(apply, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
-def pp_element_spec(cfg: ml_collections.ConfigDict, where: str) -> dict[str, tf.TensorSpec]:
-  """What `cfg.pp` makes of one of the section's examples (feature -> spec), known without reading any."""
-  return _preprocess(make_source(cfg, where), cfg.get("pp", ""), 0, 0).element_spec
+def pp_element_spec(cfg: ml_collections.ConfigDict, where: str,
+                    source: tf.data.Dataset | None = None) -> dict[str, tf.TensorSpec]:
+  """What `cfg.pp` makes of one of the section's examples (feature -> spec), known without reading any.
+  `source`: the section's raw examples, where already made."""
+  source = make_source(cfg, where) if source is None else source
+  return _preprocess(source, cfg.get("pp", ""), 0, 0).element_spec
 
 
-def pp_image_shape(cfg: ml_collections.ConfigDict, where: str) -> tuple[int, int] | None:
-  """(height, width) of the images `cfg.pp` makes, where tf.data knows it without reading any (a resize
-  or a crop fixes it); None where it does not, or there are no images."""
-  spec = pp_element_spec(cfg, where)
-  shape = spec.get("image").shape if isinstance(spec, dict) and "image" in spec else None
-  if shape is None or shape.rank != 3 or not shape[:2].is_fully_defined():
-    return None
-  return int(shape[0]), int(shape[1])
+def pp_image_shapes(sets: list[tuple[str, ml_collections.ConfigDict]]) -> list[tuple[int, int] | None]:
+  """For each (where, data section): the (height, width) of the images its pp makes, where tf.data
+  knows it without reading any (a resize or a crop fixes it), else None. Sections that read the same
+  data share one source (making one costs about a second)."""
+  sources, out = {}, []
+  for where, cfg in sets:
+    same = json.dumps({k: v for k, v in cfg.to_dict().items() if k != "pp"}, sort_keys=True, default=str)
+    if same not in sources:
+      sources[same] = make_source(cfg, where)
+    spec = pp_element_spec(cfg, where, sources[same])
+    shape = spec.get("image").shape if isinstance(spec, dict) and "image" in spec else None
+    ok = shape is not None and shape.rank == 3 and shape[:2].is_fully_defined()
+    out.append((int(shape[0]), int(shape[1])) if ok else None)
+  return out
 
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:

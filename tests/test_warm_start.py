@@ -34,8 +34,10 @@ def test_fine_tuning_at_24px_loads_every_shared_parameter_resizes_the_grid_and_k
     pretrained, tmp_path, caplog):
   workdir, before = pretrained
   # lr 0 (weight decay is scaled by it too): the checkpoint after one step holds the loaded parameters.
-  overrides = ("optim.lr=0.0", *AT_24PX, f"init.workdir='{workdir}'", "init.skip='^head/'")
-  train.train_and_evaluate(_config("total_steps=1", *overrides), str(tmp_path))  # loaded onto 8 devices
+  overrides = ("optim.lr=0.0", *AT_24PX, f"init.workdir='{workdir}'", "init.skip='^head/'", "mesh.data=1",
+               "mesh.fsdp=2")
+  two = jax.devices()[:2]  # loaded into FSDP shardings
+  train.train_and_evaluate(_config("total_steps=1", *overrides), str(tmp_path), devices=two)
   _, _, params = inference.load_run(str(tmp_path))
   after = traverse_util.flatten_dict(jax.device_get(params), sep="/")
   assert set(after) == set(before)
@@ -46,7 +48,7 @@ def test_fine_tuning_at_24px_loads_every_shared_parameter_resizes_the_grid_and_k
     np.testing.assert_array_equal(after[path], before[path], err_msg=path)
   # Run again, longer: it resumes from its own checkpoint, not from init.workdir's.
   with caplog.at_level("INFO"):
-    train.train_and_evaluate(_config("total_steps=2", *overrides), str(tmp_path))
+    train.train_and_evaluate(_config("total_steps=2", *overrides), str(tmp_path), devices=two)
   assert "resumed from step 1" in caplog.text and "initialised" not in caplog.text
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bigvis import cli, zeroshot_cli
+from bigvis import cli, image_files, zeroshot_cli
 from bigvis.analysis import translatability
 from bigvis.errors import UserError
 from bigvis.evaluators import zeroshot
@@ -84,8 +84,7 @@ def test_the_evaluator_checks_prompts_and_class_count_before_building_anything()
 
 
 def test_images_are_chosen_and_read_as_translatability_does(tmp_path, capsys):
-  assert zeroshot_cli.load_rgb is translatability.load_rgb
-  assert zeroshot_cli.IMAGE_SUFFIXES is translatability.IMAGE_SUFFIXES
+  assert zeroshot_cli.load_rgb is translatability.load_rgb is image_files.load_rgb
   ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1024
   Image.fromarray(ramp).save(tmp_path / "a16.png")  # mode I;16
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "b.tif")

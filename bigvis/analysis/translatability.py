@@ -26,11 +26,11 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from bigvis.errors import UserError
+from bigvis.image_files import is_image_name, load_rgb
 
 EmbedFn = Callable[[list[np.ndarray]], np.ndarray]
 WordKey = tuple[str, str]  # (language, word)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 PAIR_HEADER = ("src_lang", "src_word", "tgt_lang", "tgt_word")
 PAIRS_TSV_COLUMNS = (
     "src_lang", "tgt_lang", "src_word", "tgt_word", "intra_src", "intra_tgt",
@@ -422,37 +422,12 @@ def resolve_word_folders(mmid_root: str, keys: Iterable[WordKey],
 # Features: from images through embed_fn, or precomputed .npy/.npz
 
 
-def is_image_name(name: str) -> bool:
-  """Whether a file name is one of IMAGE_SUFFIXES and not hidden: the one rule `bigvis translatability`
-  and `bigvis zeroshot` use to pick images from a folder."""
-  return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
-
-
 def list_images(folder: str, max_images: int) -> list[str]:
   """The first max_images image files of a word folder, sorted by name."""
   if not os.path.isdir(folder):
     return []
   names = sorted(f for f in os.listdir(folder) if is_image_name(f))
   return [os.path.join(folder, f) for f in names[:max_images]]
-
-
-def load_rgb(path: str) -> np.ndarray | None:
-  """uint8 [H, W, 3] RGB pixels, or None when the file is not a readable image.
-
-  16-bit greyscale (PIL's I;16 and I modes) is scaled to 8 bits (divided by 257,
-  rounded), as the eval pipeline's decode scales it: convert("RGB") would clip
-  every value above 255 to white. `bigvis zeroshot` reads its images here too.
-  """
-  from PIL import Image
-
-  try:
-    with Image.open(path) as im:
-      if im.mode.startswith("I"):
-        grey = np.round(np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257.0).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-      return np.asarray(im.convert("RGB"), dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-    return None
 
 
 def embed_image_folders(folders: Mapping[WordKey, str], embed_fn: EmbedFn, skips: SkipLog,
