@@ -132,7 +132,6 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
                  experiment: str | None = None) -> dict[str, dict[str, Any]]:
   """Runs the chosen evaluators on a checkpoint of `workdir`; returns name -> {step, metrics, paths}."""
   import jax
-  import ml_collections
   from bigvis import config as config_lib
   from bigvis import evaluators as eval_lib
   from bigvis import inference, sharding, train
@@ -154,10 +153,7 @@ def evaluate_run(workdir: str, names: Sequence[str] | None = None, step: int | N
       raise UserError(f"evaluator '{name}' has type '{kind}', not one of {', '.join(sorted(eval_lib.EVALUATORS))}.")
     eval_lib.check_model(kind, f"evaluator '{name}'", config.model.get("name"))
   zeroshot.check_same_tokenizer(config)  # a --set pp or tokenizer must not read the model's text as noise
-  train.check_image_size(ml_collections.ConfigDict(  # the chosen sets' images fit the model, before the restore
-      {"model": config.model.to_dict(), **{section: {n: c for n, c in (config.get(section) or {}).items()
-                                                     if n in chosen} for section in ("evals", "reports")}}),
-      None, ("evals", "reports"))
+  train.check_image_size(config, None, ("evals", "reports"), only=chosen)  # before the (slow) restore
 
   mesh = eval_mesh(config)
   rules = sharding.rules_from_config(config)

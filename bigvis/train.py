@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator
 
 import flax.linen as nn
 import jax
@@ -201,21 +201,22 @@ def check_preprocessing(config: ml_collections.ConfigDict) -> None:
   a one-line error at start, not at the first eval (after hours, or after a resume has rewritten files)."""
   from data_pipelines import input as data_input  # noqa: F401  registers every op
   from data_pipelines import preprocess
+  from data_pipelines.sources import data_sections
   for section in ("data", "evals", "reports"):
-    for where, pp in preprocess.pp_strings(config.get(section) or {}, section):
+    for where, data in data_sections(config.get(section) or {}, section):
       try:
-        preprocess.build(pp)
+        preprocess.build(data.get("pp") or "")
       except UserError as e:
-        raise UserError(f"{where}: {e}") from None
+        raise UserError(f"{where}.pp: {e}") from None
 
 
 def check_image_size(config: ml_collections.ConfigDict, batch: dict | None,
-                     sections: tuple[str, ...] = ("evals",)) -> None:
-  """data.train.pp's images (from `batch`), and those of the eval sets in `sections`, must be the image
-  tower's `image_size` square. The position embedding is made for the images trained on; `bigvis eval`,
-  `params`, `aot` and `bench` read the size from the config and would meet a checkpoint of another
-  shape; an eval set of another size would fail at its first eval, after hours. (`bigvis eval` checks
-  the reports it runs.)"""
+                     sections: tuple[str, ...] = ("evals",), only: Collection[str] | None = None) -> None:
+  """data.train.pp's images (from `batch`), and those of the eval sets in `sections` (the entries named in
+  `only`, if given), must be the image tower's `image_size` square. The position embedding is made for
+  the images trained on; `bigvis eval`, `params`, `aot` and `bench` read the size from the config and
+  would meet a checkpoint of another shape; an eval set of another size would fail at its first eval,
+  after hours."""
   from data_pipelines import input as data_input
   from data_pipelines.sources import data_sections
   tower = config.model.image if config.model.get("name") == "clip" else config.model
@@ -224,7 +225,8 @@ def check_image_size(config: ml_collections.ConfigDict, batch: dict | None,
   shapes = []
   if batch is not None and np.ndim(batch.get("image")) == 4:
     shapes.append(("data.train.pp", tuple(np.shape(batch["image"])[1:3])))
-  sets = [(where, data) for section in sections for where, data in data_sections(config.get(section) or {}, section)]
+  sets = [(where, data) for section in sections for name, entry in (config.get(section) or {}).items()
+          if only is None or name in only for where, data in data_sections(entry, f"{section}.{name}")]
   shapes += zip((f"{where}.pp" for where, _ in sets), data_input.pp_image_shapes(sets))
   for where, shape in shapes:
     if shape is not None and shape != (size, size):

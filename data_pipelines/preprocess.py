@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import tensorflow as tf
 
@@ -57,17 +57,6 @@ def parse_op(text: str) -> tuple[str, tuple, dict]:
       raise UserError(f"preprocessing op '{text}' has arguments that are not literals.")
     return node.func.id, args, kwargs
   raise UserError(f"preprocessing op '{text}' is not of the form name or name(args).")
-
-
-def pp_strings(node: Any, where: str) -> Iterator[tuple[str, str]]:
-  """(where, pp) for every `pp` string in a config section (a dict or ConfigDict) and those under it."""
-  if not callable(getattr(node, "items", None)):
-    return
-  for key, value in node.items():
-    if key == "pp" and isinstance(value, str):
-      yield f"{where}.{key}", value
-    else:
-      yield from pp_strings(value, f"{where}.{key}")
 
 
 def build(spec: str) -> Op:

@@ -46,10 +46,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def data_sections(node, where: str):
-  """(where, section) for every data section (a node with a `source`) in a config section and under it."""
+  """(where, section) for every data section (a node with a `source` or a `pp`) in a config section and
+  under it: what start-up checks (ops, tokenizers, image sizes) walk."""
   if not callable(getattr(node, "items", None)):
     return
-  if "source" in node:
+  if "source" in node or "pp" in node:
     yield where, node
     return
   for key, value in node.items():

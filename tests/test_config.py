@@ -208,3 +208,15 @@ def test_commands_start_without_tensorflows_start_up_notes():
   noise = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
            "I0000 00:00:1795873712.4 port.cc:153] oneDNN custom operations are on. You may see ...\n")
   assert cli.without_start_up_noise(noise + kept + noise) == kept
+
+
+def test_vit_b16_i1k_resolution_argument_sets_the_model_and_every_crop():
+  from bigvis.errors import UserError
+  c = config_lib.load("vit_b16_i1k:res=384", [])
+  assert c.model.image_size == 384
+  assert c.data.train.pp.startswith("decode_jpeg_and_inception_crop(384)|")
+  for name in ("val", "test"):
+    assert "|resize_small(438)|central_crop(384)|" in c.evals[name].data.pp
+  assert config_lib.load("vit_b16_i1k", []).model.image_size == 224
+  with pytest.raises(UserError, match="experiment argument 'size=384' is not res=N"):
+    config_lib.load("vit_b16_i1k:size=384", [])

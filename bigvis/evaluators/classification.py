@@ -18,9 +18,9 @@ class Evaluator:
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, name: str, model, mesh, **_):
     check_known(cfg, KEYS, f"evals.{name}")
-    self.cfg, self.name, self.mesh = cfg, name, mesh
+    self.cfg, self.name, self.mesh, self.where = cfg, name, mesh, f"evals.{name}.data"
     # Labels the head can be scored against, checked now rather than failing in numpy after the pass.
-    where = f"evals.{name}.data"
+    where = self.where
     labels = data_input.pp_element_spec(cfg.data, where).get("labels")
     if labels is None:
       raise UserError(f"{where}.pp gives no 'labels' to score the classifier against; end it with onehot(N).")
@@ -36,7 +36,7 @@ class Evaluator:
     self._predict = predict
 
   def run(self, params) -> dict[str, float]:
-    out = batched_outputs(self._predict, params, split_batches(self.cfg, self.mesh, f"evals.{self.name}.data"),
+    out = batched_outputs(self._predict, params, split_batches(self.cfg, self.mesh, self.where),
                           self.mesh)
     logits, labels = out["logits"].astype(np.float64), out["labels"]
     logp = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1, keepdims=True)) \

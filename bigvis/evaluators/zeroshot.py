@@ -146,14 +146,14 @@ def train_tokenize_args(config: ml_collections.ConfigDict | None) -> dict:
 def _eval_tokenizers(section: Any, where: str) -> Iterator[tuple[str, str, bool | None]]:
   """(where, model, lower) for each tokenizer the entries of `evals` or `reports` name: an entry's
   `tokenizer` key and every `tokenize` op in a `pp` under it (`lower` None where training's applies)."""
-  from data_pipelines.preprocess import pp_strings
+  from data_pipelines.sources import data_sections
   for name, entry in section.items():
     if entry.get("tokenizer"):
       yield f"{where}.{name}.tokenizer", entry["tokenizer"], None
-    for at, pp in pp_strings(entry, f"{where}.{name}"):
-      args = pp_tokenize_args(pp, at)
+    for at, data in data_sections(entry, f"{where}.{name}"):
+      args = pp_tokenize_args(data.get("pp") or "", f"{at}.pp")
       if args.get("model"):
-        yield at, args["model"], bool(args.get("lower", True))
+        yield f"{at}.pp", args["model"], bool(args.get("lower", True))
 
 
 def check_same_tokenizer(config: ml_collections.ConfigDict) -> None:
