@@ -196,7 +196,7 @@ def _padded(length: int) -> int:
 # Alternatives to pallas_kernels.TILES that --sweep times, per kernel (the current setting first); the
 # newest kernels first, so that a sweep cut short has timed them. Attention's loops over blocks are
 # unrolled, which leaves Triton's software pipelining (stages) nothing to do.
-SWEEP = {
+_SWEEP = {
     "attention_forward": [dict(rows=r, keys=k, warps=w, stages=1)
                           for r, k, w in ((64, 64, 4), (128, 64, 8), (64, 128, 4), (32, 64, 4), (64, 32, 4),
                                           (128, 128, 8), (64, 64, 8))],
@@ -209,6 +209,9 @@ SWEEP = {
     "bias_gelu_backward": [dict(rows=r, step_rows=s, cols=256, warps=w, stages=st)
                            for r, s in ((64, 8), (128, 8), (64, 16), (32, 8)) for w in (4, 8) for st in (1, 2)],
 }
+# Each kernel's current tiling (pallas_kernels.TILES) first: the reference of every other's results.
+SWEEP = {kernel: [pallas_kernels.TILES[kernel]] + [t for t in tilings if t != pallas_kernels.TILES[kernel]]
+         for kernel, tilings in _SWEEP.items()}
 # Outputs of a kernel from this index on are partial sums with a row per program, which the tiling
 # sets: the sweep compares their totals.
 PARTIAL_SUMS_FROM = {"layernorm_backward": 1, "bias_gelu_backward": 1, "attention_backward": 3}

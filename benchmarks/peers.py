@@ -260,7 +260,9 @@ def table(results: list[dict]) -> str:
   """A fixed-width summary: throughput, TFLOP/s, fraction of the matmul ceiling, ratio to the peer."""
   ceiling = next((r.get("tflops_per_sec") for r in results if r["kind"] == "jax_matmul" and "error" not in r),
                  None)
-  peers = {r["family"]: r.get("examples_per_sec") for r in results if r["kind"] == "torch" and "error" not in r}
+  # A run is compared with its family's peer at its own batch, so a batch-512 pair shares the table.
+  peers = {(r["family"], r.get("batch_size")): r.get("examples_per_sec")
+           for r in results if r["kind"] == "torch" and "error" not in r}
   lines = [f"{'run':<32} {'ex/s':>9} {'step ms':>9} {'TFLOP/s':>8} {'ceiling':>8} {'MFU':>6} {'vs peer':>8}"]
   for r in results:
     if r["kind"] == "jax_matmul":
@@ -273,7 +275,10 @@ def table(results: list[dict]) -> str:
       continue
     tflops = r.get("tflops_per_sec")
     frac = tflops / ceiling if tflops and ceiling else None
-    peer = peers.get(r["family"]) if r["kind"] == "bigvis" else None
+    peer = None
+    if r["kind"] == "bigvis":  # the peer at the same batch, else (older files) the family's only one
+      peer = peers.get((r["family"], r.get("batch_size"))) or next(
+          (v for (fam, _), v in peers.items() if fam == r["family"]), None)
     ratio = r["examples_per_sec"] / peer if peer else None
     lines.append(f"{r['name']:<32} {r['examples_per_sec']:>9.1f} {_fmt(r.get('step_ms'), 9, 1)} "
                  f"{_fmt(tflops, 8, 2)} {_fmt(frac, 8, 2)} {_fmt(r.get('mfu'), 6, 2)} "

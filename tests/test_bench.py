@@ -238,6 +238,17 @@ def test_peers_table_of_the_kept_gpu_runs():
   assert rows["bigvis_clip_b16_default_text_pallas_attention"][1:3] == ["3506.7", "73.0"]
   assert rows["bigvis_clip_b16_default_text_pallas_attention"][-1] == "1.26"
   assert rows["bigvis_vit_b16_default_whole_last_block"][2] == "62.7"
+  # The twenty-first session's: timm at batches 256 and 512 in one file, each bigvis run against
+  # timm at its own batch (against the 512 one, the 256 default would read 1.21).
+  rows = rows_of("h200_2026-11-28_s21.jsonl")
+  assert rows["bigvis_vit_b16_default"][1:3] == ["4292.0", "59.6"] and rows["bigvis_vit_b16_default"][-1] == "1.25"
+  assert rows["bigvis_vit_b16_default_tuned_tiles"][1:3] == ["4357.0", "58.8"]
+  assert rows["bigvis_vit_b16_default_tuned_tiles"][-1] == "1.27"
+  assert rows["bigvis_vit_b16_default_b512"][1:3] == ["4410.1", "116.1"] and rows["bigvis_vit_b16_default_b512"][-1] == "1.25"
+  assert rows["bigvis_clip_b16_default"][1:3] == ["3513.9", "72.9"] and rows["bigvis_clip_b16_default"][-1] == "1.28"
+  rows = rows_of("h200_2026-11-28_s21_confirm.jsonl")
+  assert rows["bigvis_vit_b16_default_new_tiles"][1:3] == ["4315.5", "59.3"]
+  assert rows["bigvis_vit_b16_default_new_tiles"][-1] == "1.26"
 
 
 def test_model_flops_ignore_how_the_model_is_computed():
@@ -437,14 +448,14 @@ def test_kernel_sweep_times_other_tilings_with_the_same_results(capsys, monkeypa
   before = {k: dict(v) for k, v in pallas_kernels.TILES.items()}
   # The real sweep starts from the current setting, every other setting's `max_abs_diff` reference.
   assert {k: v[0] for k, v in check.SWEEP.items()} == pallas_kernels.TILES
-  small = {"layernorm_forward": [dict(rows=4, warps=4, stages=1), dict(rows=16, warps=2, stages=1)],
-           "layernorm_backward": [dict(rows=64, step_rows=4, warps=4, stages=1),
-                                  dict(rows=32, step_rows=8, warps=8, stages=2)],
-           "bias_gelu_forward": [dict(rows=32, cols=256, warps=4, stages=1), dict(rows=8, cols=128, warps=4, stages=1)],
-           "bias_gelu_backward": [dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
-                                  dict(rows=16, step_rows=4, cols=128, warps=4, stages=1)],
-           "attention_forward": [dict(rows=64, keys=64, warps=4, stages=1), dict(rows=32, keys=16, warps=8, stages=2)],
-           "attention_backward": [dict(rows=64, warps=4, stages=1), dict(rows=16, warps=8, stages=1)]}
+  others = {"layernorm_forward": dict(rows=16, warps=2, stages=1),
+            "layernorm_backward": dict(rows=32, step_rows=8, warps=8, stages=2),
+            "bias_gelu_forward": dict(rows=8, cols=128, warps=4, stages=1),
+            "bias_gelu_backward": dict(rows=16, step_rows=4, cols=128, warps=4, stages=1),
+            "attention_forward": dict(rows=32, keys=16, warps=8, stages=2),
+            "attention_backward": dict(rows=16, warps=8, stages=1)}
+  small = {k: [dict(before[k]), other] for k, other in others.items()}
+  assert all(other != before[k] for k, other in others.items())
   monkeypatch.setattr(check, "SWEEP", small)
   traced = []
   real = pallas_kernels.pl.pallas_call

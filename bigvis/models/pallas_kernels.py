@@ -43,15 +43,17 @@ from bigvis.sharding import per_device
 # Each kernel's tiling and Triton parameters: rows per program, rows per step of a backward's loop,
 # columns per program (GELU's; a LayerNorm program takes whole rows), warps and software-pipeline
 # stages. A backward's programs each write one row of partial sums, so they take more rows (51,200
-# rows of ViT-B/16 at batch 256 -> 800 LayerNorm programs, 4.9 MB of partials). Chosen without a
-# profile; `benchmarks/pallas_kernels_check.py --sweep` times alternatives on a GPU, and `set_tiles`
-# puts its fastest in place for a run (benchmarks/peers.py --kernel-tiles).
+# rows of ViT-B/16 at batch 256 -> 800 LayerNorm programs, 4.9 MB of partials). The LayerNorm and
+# GELU tilings are the fastest of `benchmarks/pallas_kernels_check.py --sweep` at ViT-B/16's shapes on
+# an H200 (twenty-first session: the B/16 step 59.6 -> 58.8 ms); `set_tiles` puts another sweep's in
+# place for a run (benchmarks/peers.py --kernel-tiles).
 TILES = {
-    "layernorm_forward": dict(rows=4, warps=4, stages=1),
-    "layernorm_backward": dict(rows=64, step_rows=4, warps=4, stages=1),
-    "bias_gelu_forward": dict(rows=32, cols=256, warps=4, stages=1),
-    "bias_gelu_backward": dict(rows=64, step_rows=8, cols=256, warps=4, stages=1),
+    "layernorm_forward": dict(rows=1, warps=1, stages=1),
+    "layernorm_backward": dict(rows=64, step_rows=2, warps=4, stages=2),
+    "bias_gelu_forward": dict(rows=8, cols=1024, warps=4, stages=1),
+    "bias_gelu_backward": dict(rows=64, step_rows=16, cols=256, warps=4, stages=1),
     # Attention (`pallas_attention`): query rows and keys per block; the backward's blocks are both.
+    # Not from the sweep: its fastest (keys=128) was timed at 197 tokens, and CLIP's text tower runs 77.
     "attention_forward": dict(rows=64, keys=64, warps=4, stages=1),
     "attention_backward": dict(rows=64, warps=4, stages=1),
 }
