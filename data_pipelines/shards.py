@@ -28,6 +28,7 @@ cumulative per-reason count `_skipped`, which the input pipeline reports as
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -570,6 +571,22 @@ def validate_example(features: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
   true = tf.ones_like(image, tf.bool)
   has_image = tf.reshape(features.get("_has_image", true), [-1])
   has_text = tf.reshape(features.get("_has_text", true), [-1])
+  ok, reason = _checks(int(max_pixels), bool(require_text))(image, text, has_image, has_text)
+  return tf.reshape(ok, shape), tf.reshape(reason, shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _checks(max_pixels: int, require_text: bool):
+  """`validate_example`'s checks of vectors as one tf.function, traced once per process and setting:
+  inlined, its graph (the JPEG walk above all) took about a second to build in every pipeline."""
+  spec = lambda dtype: tf.TensorSpec([None], dtype)  # noqa: E731
+  return tf.function(functools.partial(_vector_checks, max_pixels=max_pixels, require_text=require_text),
+                     input_signature=[spec(tf.string), spec(tf.string), spec(tf.bool), spec(tf.bool)],
+                     autograph=False)
+
+
+def _vector_checks(image: tf.Tensor, text: tf.Tensor, has_image: tf.Tensor, has_text: tf.Tensor, *,
+                   max_pixels: int, require_text: bool) -> tuple[tf.Tensor, tf.Tensor]:
   header_ok, pixels = _image_header(image)
   utf8 = tf.equal(tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace"), text)
   need = tf.constant(require_text)
@@ -583,8 +600,7 @@ def validate_example(features: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
   }
   bad = tf.stack([checks[r] for r in SKIP_REASONS], axis=1)
   ok = ~tf.reduce_any(bad, axis=1)
-  reason = tf.where(ok, -1, tf.cast(tf.argmax(tf.cast(bad, tf.int32), axis=1), tf.int32))
-  return tf.reshape(ok, shape), tf.reshape(reason, shape)
+  return ok, tf.where(ok, -1, tf.cast(tf.argmax(tf.cast(bad, tf.int32), axis=1), tf.int32))
 
 
 def read_shards(files: list[str] | list[tuple[str, int, int, int]], max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -7,8 +7,7 @@ import numpy as np
 
 from bigvis.config import check_known
 from bigvis.errors import UserError
-from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, split_batches
-from data_pipelines import input as data_input
+from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, eval_split
 
 KEYS = EVAL_KEYS
 
@@ -21,7 +20,8 @@ class Evaluator:
     self.cfg, self.name, self.mesh, self.where = cfg, name, mesh, f"evals.{name}.data"
     # Labels the head can be scored against, checked now rather than failing in numpy after the pass.
     where = self.where
-    labels = data_input.pp_element_spec(cfg.data, where).get("labels")
+    self._split = eval_split(cfg, mesh, where)
+    labels = self._split.dataset.element_spec.get("labels")
     if labels is None:
       raise UserError(f"{where}.pp gives no 'labels' to score the classifier against; end it with onehot(N).")
     classes = getattr(model, "num_classes", None)
@@ -36,8 +36,7 @@ class Evaluator:
     self._predict = predict
 
   def run(self, params) -> dict[str, float]:
-    out = batched_outputs(self._predict, params, split_batches(self.cfg, self.mesh, self.where),
-                          self.mesh)
+    out = batched_outputs(self._predict, params, self._split.batches(), self.mesh)
     logits, labels = out["logits"].astype(np.float64), out["labels"]
     logp = logits - np.log(np.sum(np.exp(logits - logits.max(1, keepdims=True)), 1, keepdims=True)) \
         - logits.max(1, keepdims=True)

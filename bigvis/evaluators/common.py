@@ -41,10 +41,11 @@ def batched_outputs(fn: Callable, params: Any, batches: Iterator[dict], mesh) ->
   return {k: v[mask] for k, v in cat.items()}
 
 
-def split_batches(cfg: ml_collections.ConfigDict, mesh, where: str) -> Iterator[dict]:
-  return data_input.eval_batches(cfg.data, global_batch_size=eval_batch_size(cfg, mesh),
-                                 process_index=jax.process_index(), process_count=jax.process_count(),
-                                 where=where)
+def eval_split(cfg: ml_collections.ConfigDict, mesh, where: str) -> data_input.EvalSplit:
+  """An evaluator's split, built when the evaluator is (a bad path or pp stops the run at its start),
+  and kept: each eval is one `batches()` pass over it."""
+  return data_input.EvalSplit(cfg.data, global_batch_size=eval_batch_size(cfg, mesh),
+                              process_index=jax.process_index(), process_count=jax.process_count(), where=where)
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:

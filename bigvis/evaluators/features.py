@@ -10,6 +10,7 @@ report's zero-shot numbers agree with `eval/zeroshot/top1`.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import zeroshot
-from bigvis.evaluators.common import ZEROSHOT_KEYS, batched_outputs, eval_batch_size
+from bigvis.evaluators.common import ZEROSHOT_KEYS, batched_outputs, eval_batch_size, eval_split
 from data_pipelines import input as data_input
 
 
@@ -98,6 +99,7 @@ class ImageFeatures:
 
   def __init__(self, model, mesh, *, clip: bool, extra_keys: Sequence[str] = ()):
     self.mesh, self.clip, self.extra_keys = mesh, clip, tuple(extra_keys)
+    self._splits: dict[tuple, data_input.EvalSplit] = {}  # built at a section's first pass, then reused
 
     @jax.jit
     def embed(params, batch):
@@ -124,10 +126,11 @@ class ImageFeatures:
     `samples` > 0 adds `sample_images`: the first preprocessed images this process saw, for figures.
     """
     data = ml_collections.ConfigDict(dict(data))
-    cfg = ml_collections.ConfigDict({"batch_size": batch_size})
-    batches = data_input.eval_batches(data, global_batch_size=eval_batch_size(cfg, self.mesh),
-                                      process_index=jax.process_index(), process_count=jax.process_count(),
-                                      where=where)
+    cfg = ml_collections.ConfigDict({"batch_size": batch_size, "data": data})
+    key = (where, batch_size, json.dumps(data.to_dict(), sort_keys=True, default=str))
+    if key not in self._splits:
+      self._splits[key] = eval_split(cfg, self.mesh, where)
+    batches = self._splits[key].batches()
     first = next(batches, None)
     if first is None:
       raise UserError(f"{where} yielded no examples.")

@@ -27,7 +27,7 @@ import numpy as np
 
 from bigvis.config import check_known
 from bigvis.errors import UserError
-from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, split_batches
+from bigvis.evaluators.common import EVAL_KEYS, batched_outputs, eval_split
 
 KEYS = EVAL_KEYS
 KS = (1, 5, 10)
@@ -85,6 +85,7 @@ class Evaluator:
     if "data" not in cfg:
       raise UserError(f"{where}.data is not set; give a split of image-caption pairs.")
     self.cfg, self.name, self.mesh = cfg, name, mesh
+    self._split = eval_split(cfg, mesh, f"{where}.data")
 
     @jax.jit
     def embed(params, batch):
@@ -97,8 +98,7 @@ class Evaluator:
 
   def run(self, params) -> dict[str, float]:
     """Embeds every pair of the split with the current params and scores both directions."""
-    out = batched_outputs(self._embed, params, split_batches(self.cfg, self.mesh, f"evals.{self.name}.data"),
-                          self.mesh)
+    out = batched_outputs(self._embed, params, self._split.batches(), self.mesh)
     if not out:
       raise UserError(f"evals.{self.name}.data yielded no examples.")
     metrics = recall_at_k(out["zimg"], out["ztxt"], text_ids=out["tokens"])

@@ -34,7 +34,7 @@ from bigvis import sharding
 from bigvis.config import check_known
 from bigvis.errors import UserError
 from bigvis.evaluators import reports
-from bigvis.evaluators.common import EVAL_KEYS, ZEROSHOT_KEYS, batched_outputs, eval_batch_size, split_batches
+from bigvis.evaluators.common import EVAL_KEYS, ZEROSHOT_KEYS, batched_outputs, eval_batch_size, eval_split
 
 KEYS = EVAL_KEYS + ZEROSHOT_KEYS
 
@@ -273,6 +273,7 @@ class Evaluator:
     self.templates = templates_from(cfg.get("prompts"), f"{where}.prompts")
     tokenizer = text_tokenizer(cfg, config, where)
     self.tokens = tokenizer.encode(prompt_texts(self.class_names, self.templates))
+    self._split = eval_split(cfg, mesh, f"{where}.data")
     num_classes, k = len(self.class_names), min(TOP_K, len(self.class_names))
 
     @jax.jit
@@ -300,7 +301,7 @@ class Evaluator:
     classifier = jax.device_put(ensemble(ztxt), replicated)
     per_template = jax.device_put(np.ascontiguousarray(ztxt.transpose(1, 0, 2)), replicated)
     out = batched_outputs(lambda p, b: self._classify(p, b, classifier, per_template), params,
-                          split_batches(self.cfg, self.mesh, f"evals.{self.name}.data"), self.mesh)
+                          self._split.batches(), self.mesh)
     if not out:
       raise UserError(f"evals.{self.name}.data yielded no examples.")
     labels = out["label"]
