@@ -407,7 +407,6 @@ def test_an_evaluator_builds_its_split_once_and_every_eval_passes_over_the_same_
       source="digits", split="test", pp="decode|gaussian_noise(20.0)|onehot(10)|keep('image','labels')")))
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
 
-
   class Brightness:  # a "classifier" whose logits are the images' mean brightness, for every class
     num_classes = 10
 
